@@ -1,0 +1,44 @@
+# Set-up and entry points. Everything goes into .venv/ at the repository root; each step leaves a
+# stamp so that re-running `make demo` / `make test` costs nothing when nothing changed.
+SHELL := /bin/bash
+PYTHON_BOOT ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMPS := $(VENV)/.wsis_stamps
+CSRC := $(shell find wsis_d2/layers/csrc -type f 2>/dev/null)
+OUTPUT ?= output
+
+# Compile the CUDA kernels when a toolkit is present, even without a GPU (compile-only check).
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+export FORCE_CUDA ?= 1
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+endif
+
+.PHONY: install demo test benchmark clean-build
+
+install: $(STAMPS)/wsis_d2
+
+$(STAMPS)/venv: requirements.txt
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/detectron2: $(STAMPS)/venv tools/install_detectron2.py
+	$(PY) tools/install_detectron2.py
+	touch $@
+
+$(STAMPS)/wsis_d2: $(STAMPS)/detectron2 setup.py $(CSRC)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# The main job: train and evaluate on the embedded synthetic data (generated on first use).
+demo: install
+	$(PY) tools/train_net.py --config-file configs/demo/mask_rcnn_R_50_FPN_synthetic.yaml \
+		OUTPUT_DIR $(OUTPUT)/demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean-build:
+	rm -rf build/temp* build/lib* wsis_d2/_C*.so $(STAMPS)/wsis_d2

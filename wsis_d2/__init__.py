@@ -1,0 +1,15 @@
+"""
+wsis_d2: weakly supervised counting and instance segmentation as Detectron2 parts.
+
+Importing the package registers its datasets (DatasetCatalog / MetadataCatalog), meta-architectures
+and backbones (detectron2 registries).
+"""
+from .config import add_wsis_config
+
+# imported for their side effect of registering datasets, models and evaluators
+from . import data  # noqa: F401  (registers builtin datasets)
+from . import modeling  # noqa: F401  (registers META_ARCH / BACKBONE entries)
+from . import evaluation  # noqa: F401
+
+__version__ = "0.1.0"
+__all__ = ["add_wsis_config"]
