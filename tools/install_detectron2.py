@@ -134,6 +134,14 @@ PATCHES = {
     "detectron2/structures/masks.py": [(NUMPY_ALIASES, r"\1", 3)],
     "detectron2/utils/visualizer.py": [(NUMPY_ALIASES, r"\1", 3)],
     "detectron2/utils/video_visualizer.py": [(NUMPY_ALIASES, r"\1", 1)],
+    # rotated NMS goes through torch.ops, which the stand-in _C cannot register: ask _C directly
+    "detectron2/layers/nms.py": [
+        (
+            r"return torch\.ops\.detectron2\.nms_rotated\(boxes, scores, iou_threshold\)",
+            "from detectron2 import _C\n\n    return _C.nms_rotated(boxes, scores, iou_threshold)",
+            1,
+        )
+    ],
     "detectron2/model_zoo/model_zoo.py": [
         (r"(?m)^import pkg_resources\n", "", 1),
         (

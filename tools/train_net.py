@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""
+Train and evaluate wsis_d2 models (LC/ILC, density counting, CCGR, and the stock Mask R-CNN
+reference) with detectron2's DefaultTrainer.
+
+    python tools/train_net.py --config-file configs/lc_r50.yaml
+    python tools/train_net.py --config-file configs/lc_r50.yaml --eval-only MODEL.WEIGHTS model.pth
+"""
+import os
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, PascalVOCDetectionEvaluator
+
+import wsis_d2  # noqa: F401  (registers datasets, models and mappers)
+from wsis_d2 import add_wsis_config
+from wsis_d2.data import build_dataset_mapper
+from wsis_d2.evaluation import CountingEvaluator, DensityEvaluator, InstanceAPEvaluator
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with wsis_d2's mappers and an evaluator per dataset ``evaluator_type``."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+        evaluators = []
+        if evaluator_type == "wsis_instance":
+            # image-level-supervised models add counts; mask models are scored by both protocols
+            evaluators.append(InstanceAPEvaluator(dataset_name, output_dir=output_folder))
+            evaluators.append(CountingEvaluator(dataset_name, output_dir=output_folder))
+            if cfg.TEST.WSIS_COCO_EVAL:
+                # the fast COCOeval needs detectron2._C, which source-release builds lack
+                evaluators.append(
+                    COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+                )
+        elif evaluator_type == "counting":
+            evaluators.append(CountingEvaluator(dataset_name, output_dir=output_folder))
+        elif evaluator_type == "density":
+            evaluators.append(DensityEvaluator(dataset_name, output_dir=output_folder))
+        elif evaluator_type == "coco":
+            evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
+        elif evaluator_type == "pascal_voc":
+            evaluators.append(PascalVOCDetectionEvaluator(dataset_name))
+        else:
+            raise ValueError(
+                f"dataset {dataset_name!r}: no evaluator for evaluator_type={evaluator_type!r}"
+            )
+        return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        mapper = build_dataset_mapper(cfg, is_train=False)
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_wsis_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
