@@ -1,0 +1,232 @@
+"""
+COCO-format user datasets: conversion to the shared dataset dicts, counts, points, validation.
+"""
+
+import copy
+import json
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+
+from wsis_d2.data.datasets.coco_counts import (
+    load_coco_counts_json,
+    point_in_mask,
+    register_coco_counts_instances,
+)
+
+H, W = 40, 60
+
+
+def _ring_mask():
+    yy, xx = np.mgrid[0:H, 0:W]
+    r2 = (yy - 20.0) ** 2 + (xx - 30.0) ** 2
+    return (r2 <= 12**2) & (r2 >= 7**2)
+
+
+def _rle(mask):
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [H, W], "counts": rle["counts"].decode()}
+
+
+def _uncompressed_rle(mask):
+    """Column-major run lengths starting with zeros, as in COCO crowd annotations."""
+    flat = mask.flatten(order="F").astype(int)
+    runs, current, n = [], 0, 0
+    for v in flat:
+        if v == current:
+            n += 1
+        else:
+            runs.append(n)
+            current, n = v, 1
+    runs.append(n)
+    return {"size": [H, W], "counts": runs}
+
+
+def _coco():
+    block = np.zeros((H, W), bool)
+    block[5:15, 40:52] = True
+    return {
+        "images": [
+            {"id": 10, "file_name": "a.png", "height": H, "width": W},
+            {"id": 11, "file_name": "sub/b.png", "height": H, "width": W},  # no annotations
+            {"id": 12, "file_name": "c.png", "height": H, "width": W},
+        ],
+        "categories": [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}],  # unsorted ids
+        "annotations": [
+            # square polygon covering pixels 2..11 x 4..13, no point: derived from the mask
+            {
+                "id": 1,
+                "image_id": 10,
+                "category_id": 7,
+                "iscrowd": 0,
+                "bbox": [2, 4, 10, 10],
+                "segmentation": [[2, 4, 12, 4, 12, 14, 2, 14]],
+            },
+            # ring as compressed RLE with its own point
+            {
+                "id": 2,
+                "image_id": 10,
+                "category_id": 3,
+                "iscrowd": 0,
+                "bbox": [18, 8, 25, 25],
+                "segmentation": _rle(_ring_mask()),
+                "point": [21.25, 20.0],
+            },
+            # ring again, no point, no bbox: both derived from the mask
+            {"id": 3, "image_id": 12, "category_id": 3, "segmentation": _rle(_ring_mask())},
+            # crowd region (uncompressed RLE): kept but not counted
+            {
+                "id": 4,
+                "image_id": 12,
+                "category_id": 7,
+                "iscrowd": 1,
+                "bbox": [40, 5, 12, 10],
+                "segmentation": _uncompressed_rle(block),
+            },
+            # box only: the point is the box centre
+            {"id": 5, "image_id": 12, "category_id": 7, "bbox": [10.0, 20.0, 8.0, 6.0]},
+        ],
+    }
+
+
+def _write(tmp_path, data, name="ann.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_load_counts_points_boxes(tmp_path):
+    name = "test_coco_counts_load"
+    path = _write(tmp_path, _coco())
+    try:
+        dicts = load_coco_counts_json(path, "/imgs", dataset_name=name)
+        meta = MetadataCatalog.get(name)
+        assert meta.thing_classes == ["cat", "dog"]
+        assert meta.thing_dataset_id_to_contiguous_id == {3: 0, 7: 1}
+    finally:
+        MetadataCatalog.remove(name)
+    assert [d["image_id"] for d in dicts] == [10, 11, 12]
+    assert [d["file_name"] for d in dicts] == ["/imgs/a.png", "/imgs/sub/b.png", "/imgs/c.png"]
+    assert [d["class_counts"] for d in dicts] == [[1, 1], [0, 0], [1, 1]]
+    assert dicts[1]["annotations"] == []
+
+    square, ring = dicts[0]["annotations"]
+    assert square["category_id"] == 1 and ring["category_id"] == 0
+    assert square["bbox_mode"] == BoxMode.XYXY_ABS
+    assert square["bbox"] == [2.0, 4.0, 12.0, 14.0]
+    sq = mask_util.decode({"size": [H, W], "counts": square["segmentation"]["counts"].encode()})
+    assert isinstance(square["segmentation"]["counts"], str)
+    ys, xs = np.nonzero(sq)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (2, 11, 4, 13)
+    # centroid of pixels 2..11 x 4..13 is (6.5, 8.5): its pixel (6, 8), reported at the centre
+    assert square["point"] == [6.5, 8.5]
+    assert ring["point"] == [21.25, 20.0]  # given in the file: kept as is
+    assert ring["bbox"] == [18.0, 8.0, 43.0, 33.0]
+
+    ring2, crowd, box_only = dicts[2]["annotations"]
+    # the ring's centroid (30, 20) is in the hole: the nearest ring pixel is 7 px away
+    x, y = ring2["point"]
+    assert _ring_mask()[int(y), int(x)]
+    assert (int(x) - 30) ** 2 + (int(y) - 20) ** 2 == 49
+    ring_ys, ring_xs = np.nonzero(_ring_mask())
+    assert ring2["bbox"] == [ring_xs.min(), ring_ys.min(), ring_xs.max() + 1, ring_ys.max() + 1]
+    assert crowd["iscrowd"] == 1 and crowd["category_id"] == 1
+    decoded = mask_util.decode({"size": [H, W], "counts": crowd["segmentation"]["counts"].encode()})
+    assert decoded[5:15, 40:52].all() and decoded.sum() == 120
+    assert box_only["point"] == [14.0, 23.0] and "segmentation" not in box_only
+    assert box_only["bbox"] == [10.0, 20.0, 18.0, 26.0]
+
+
+def test_point_in_mask():
+    assert point_in_mask(np.zeros((4, 4), bool)) is None
+    m = np.zeros((5, 7), bool)
+    m[1, 5] = True
+    assert point_in_mask(m) == (5, 1)
+    # "C" shape: centroid falls in the opening, answer is the nearest mask pixel
+    c = np.zeros((9, 9), bool)
+    c[1, 1:8] = c[7, 1:8] = c[1:8, 1] = True
+    x, y = point_in_mask(c)
+    ys, xs = np.nonzero(c)
+    d2 = (ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2
+    assert c[y, x] and (y - ys.mean()) ** 2 + (x - xs.mean()) ** 2 == pytest.approx(d2.min())
+
+
+MALFORMED = [
+    ("no_images", lambda d: d.pop("images"), "'images'"),
+    ("no_annotations", lambda d: d.pop("annotations"), "'annotations'"),
+    ("no_categories", lambda d: d.pop("categories"), "'categories'"),
+    ("unknown_image", lambda d: d["annotations"][0].update(image_id=99), "image_id"),
+    ("unknown_category", lambda d: d["annotations"][1].update(category_id=5), "category_id"),
+    ("bbox_len", lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), "bbox"),
+    ("bbox_negative", lambda d: d["annotations"][0].update(bbox=[1, 2, -3, 4]), "bbox"),
+    ("negative_height", lambda d: d["images"][0].update(height=-5), "height"),
+    ("zero_width", lambda d: d["images"][2].update(width=0), "width"),
+    ("segm_type", lambda d: d["annotations"][0].update(segmentation="abc"), "segmentation"),
+    (
+        "polygon_odd",
+        lambda d: d["annotations"][0].update(segmentation=[[1, 2, 3, 4, 5]]),
+        "segmentation",
+    ),
+    (
+        "rle_size",
+        lambda d: d["annotations"][2]["segmentation"].update(size=[W, H]),
+        "segmentation.size",
+    ),
+    (
+        "rle_counts",
+        lambda d: d["annotations"][2]["segmentation"].update(counts=3),
+        "segmentation.counts",
+    ),
+    ("dup_image", lambda d: d["images"][1].update(id=10), "duplicate image id"),
+    ("dup_category", lambda d: d["categories"][1].update(id=7), "duplicate category id"),
+    ("dup_annotation", lambda d: d["annotations"][1].update(id=1), "duplicate annotation id"),
+    ("point_len", lambda d: d["annotations"][1].update(point=[1, 2, 3]), "point"),
+    ("point_outside", lambda d: d["annotations"][1].update(point=[W + 1, 2]), "point"),
+    ("iscrowd", lambda d: d["annotations"][0].update(iscrowd=2), "iscrowd"),
+    ("no_geometry", lambda d: d["annotations"][4].pop("bbox"), "bbox"),
+    ("file_name", lambda d: d["images"][0].pop("file_name"), "file_name"),
+    ("category_name", lambda d: d["categories"][0].pop("name"), "name"),
+]
+
+
+@pytest.mark.parametrize("case,mutate,field", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_json_names_file_and_field(tmp_path, case, mutate, field):
+    data = copy.deepcopy(_coco())
+    mutate(data)
+    path = _write(tmp_path, data, f"{case}.json")
+    with pytest.raises(ValueError) as e:
+        load_coco_counts_json(path, "/imgs")
+    assert path in str(e.value) and field in str(e.value), str(e.value)
+
+
+def test_invalid_json_text(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"images": [')
+    with pytest.raises(ValueError, match="broken.json"):
+        load_coco_counts_json(str(path), "/imgs")
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="json object"):
+        load_coco_counts_json(str(path), "/imgs")
+
+
+def test_register_coco_counts_instances(tmp_path):
+    path = _write(tmp_path, _coco())
+    names = ["test_coco_counts_reg_a", "test_coco_counts_reg_b"]
+    try:
+        register_coco_counts_instances(names[0], {}, path, str(tmp_path))
+        register_coco_counts_instances(names[1], {"evaluator_type": "counting"}, path, "/x")
+        dicts = DatasetCatalog.get(names[0])
+        assert len(dicts) == 3 and dicts[0]["file_name"] == str(tmp_path / "a.png")
+        meta = MetadataCatalog.get(names[0])
+        assert meta.evaluator_type == "wsis_instance"
+        assert (meta.json_file, meta.image_root) == (path, str(tmp_path))
+        assert meta.thing_classes == ["cat", "dog"]  # set by the loader
+        assert MetadataCatalog.get(names[1]).evaluator_type == "counting"
+    finally:
+        for n in names:
+            DatasetCatalog.remove(n)
+            MetadataCatalog.remove(n)

@@ -1,0 +1,383 @@
+"""
+User datasets in COCO instance format, loaded into the dataset dicts shared by wsis_d2.
+
+Every image dict carries ``"class_counts"`` (number of non-crowd instances per contiguous class)
+and every annotation one ``"point"`` (the annotation's own ``"point"`` field when present, else the
+centre of a pixel inside its mask, else its box centre), so that the same file serves image-level
+(LC/ILC), point (density) and mask (Mask R-CNN) supervision. Masks are returned as compressed RLE
+(counts as str).
+
+Points are ``[x, y]`` in detectron2's continuous pixel coordinates (pixel ``j`` covers
+``[j, j + 1)``, so its centre is ``j + 0.5``; index masks with ``int(y), int(x)``), which keeps them
+right under detectron2's resize and flip transforms.
+
+The whole file is validated first; a malformed file raises ``ValueError`` naming the file, the entry
+and the field.
+"""
+
+import json
+import logging
+import math
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import pycocotools.mask as mask_util
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+from detectron2.utils.file_io import PathManager
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "load_coco_counts_json",
+    "register_coco_counts_instances",
+    "mask_to_rle",
+    "point_in_mask",
+]
+
+
+def mask_to_rle(mask: np.ndarray) -> Dict[str, Any]:
+    """
+    Args:
+        mask: (H, W) bool or uint8 array.
+
+    Returns:
+        compressed COCO RLE ``{"size": [H, W], "counts": str}`` (json-serialisable).
+    """
+    rle = mask_util.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def point_in_mask(mask: np.ndarray) -> Optional[Tuple[int, int]]:
+    """
+    One representative pixel of an instance: the pixel holding the mask's centroid when it belongs
+    to the mask, else the mask pixel nearest to the centroid (non-convex or occluded shapes).
+
+    Args:
+        mask: (H, W) bool array.
+
+    Returns:
+        ``(x, y)`` integer pixel indices with ``mask[y, x]`` true, or None for an empty mask.
+    """
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return None
+    cy, cx = ys.mean(), xs.mean()
+    iy, ix = int(cy), int(cx)  # the pixel [iy, iy+1) x [ix, ix+1) containing the centroid
+    if mask[iy, ix]:
+        return ix, iy
+    k = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
+    return int(xs[k]), int(ys[k])
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class _Checker:
+    """Builds ValueErrors that name the json file, the entry and the field."""
+
+    def __init__(self, json_file: str):
+        self.json_file = json_file
+
+    def fail(self, where: str, msg: str):
+        raise ValueError(f"{self.json_file}: {where}: {msg}")
+
+    def field(self, entry: dict, key: str, where: str, check, expected: str):
+        if key not in entry:
+            self.fail(where, f"missing field {key!r}")
+        value = entry[key]
+        if not check(value):
+            self.fail(where, f"field {key!r} must be {expected}, got {value!r:.80}")
+        return value
+
+
+def _segmentation_to_rle(segm, height: int, width: int, chk: _Checker, where: str) -> dict:
+    """Polygons / uncompressed RLE / compressed RLE -> compressed RLE with str counts."""
+    if isinstance(segm, list):
+        if not all(isinstance(p, list) and all(_is_number(v) for v in p) for p in segm):
+            chk.fail(
+                where,
+                "field 'segmentation' is a list but not a list of polygons " "(lists of numbers)",
+            )
+        if any(len(p) % 2 for p in segm):
+            chk.fail(where, "field 'segmentation' has a polygon with an odd number of coordinates")
+        # like detectron2, ignore degenerate pieces (< 3 points) but not a wholly degenerate mask
+        polygons = [[float(v) for v in p] for p in segm if len(p) >= 6]
+        if not polygons:
+            chk.fail(where, "field 'segmentation' has no polygon with at least 3 points")
+        rle = mask_util.merge(mask_util.frPyObjects(polygons, height, width))
+    elif isinstance(segm, dict):
+        size = segm.get("size")
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(_is_int, size))):
+            chk.fail(where, f"field 'segmentation.size' must be [height, width], got {size!r}")
+        if list(size) != [height, width]:
+            chk.fail(
+                where,
+                f"field 'segmentation.size' {list(size)} differs from the image size "
+                f"[{height}, {width}]",
+            )
+        counts = segm.get("counts")
+        if isinstance(counts, list):
+            if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
+                chk.fail(
+                    where,
+                    "field 'segmentation.counts' (uncompressed RLE) must be "
+                    "non-negative ints summing to height * width",
+                )
+            rle = mask_util.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+        elif isinstance(counts, (str, bytes)):
+            rle = {"size": [height, width], "counts": counts}
+            if isinstance(counts, str):
+                rle["counts"] = counts.encode("ascii")
+        else:
+            chk.fail(
+                where,
+                "field 'segmentation.counts' must be a str (compressed RLE) or a "
+                f"list of ints (uncompressed RLE), got {type(counts).__name__}",
+            )
+    else:
+        chk.fail(
+            where,
+            "field 'segmentation' of unknown type "
+            f"{type(segm).__name__} (expected polygons or an RLE dict)",
+        )
+    counts = rle["counts"]
+    return {
+        "size": [height, width],
+        "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+    }
+
+
+def _parse_categories(data: dict, chk: _Checker) -> Tuple[List[int], List[str]]:
+    cats = data["categories"]
+    if not isinstance(cats, list) or not cats:
+        chk.fail("'categories'", "must be a non-empty list")
+    seen = {}
+    for i, cat in enumerate(cats):
+        where = f"categories[{i}]"
+        if not isinstance(cat, dict):
+            chk.fail(where, "must be a dict")
+        cid = chk.field(cat, "id", where, _is_int, "an int")
+        name = chk.field(cat, "name", where, lambda v: isinstance(v, str), "a str")
+        if cid in seen:
+            chk.fail(where, f"duplicate category id {cid}")
+        seen[cid] = name
+    ids = sorted(seen)
+    return ids, [seen[c] for c in ids]
+
+
+def _parse_images(data: dict, chk: _Checker) -> Dict[Any, dict]:
+    imgs = data["images"]
+    if not isinstance(imgs, list):
+        chk.fail("'images'", "must be a list")
+    out = {}
+    for i, img in enumerate(imgs):
+        where = f"images[{i}]"
+        if not isinstance(img, dict):
+            chk.fail(where, "must be a dict")
+        iid = chk.field(
+            img, "id", where, lambda v: _is_int(v) or isinstance(v, str), "an int or a str"
+        )
+        where = f"images[{i}] (id={iid!r})"
+        chk.field(img, "file_name", where, lambda v: isinstance(v, str) and v, "a non-empty str")
+        for key in ("height", "width"):
+            chk.field(img, key, where, lambda v: _is_int(v) and v > 0, "a positive int")
+        if iid in out:
+            chk.fail(where, f"duplicate image id {iid!r}")
+        out[iid] = img
+    return out
+
+
+def _parse_annotation(
+    ann, i: int, images: Dict[Any, dict], cat_to_contiguous: Dict[int, int], chk: _Checker
+) -> Tuple[Any, dict]:
+    """Validate one json annotation; return (image_id, annotation dict of the shared convention)."""
+    where = f"annotations[{i}]"
+    if not isinstance(ann, dict):
+        chk.fail(where, "must be a dict")
+    if "id" in ann:
+        where = f"annotations[{i}] (id={ann['id']!r})"
+    image_id = chk.field(
+        ann, "image_id", where, lambda v: _is_int(v) or isinstance(v, str), "an int or a str"
+    )
+    if image_id not in images:
+        chk.fail(where, f"field 'image_id' refers to unknown image id {image_id!r}")
+    cat_id = chk.field(ann, "category_id", where, _is_int, "an int")
+    if cat_id not in cat_to_contiguous:
+        chk.fail(where, f"field 'category_id' refers to unknown category id {cat_id}")
+    iscrowd = ann.get("iscrowd", 0)
+    if iscrowd not in (0, 1) or isinstance(iscrowd, float):
+        chk.fail(where, f"field 'iscrowd' must be 0 or 1, got {iscrowd!r}")
+    height, width = images[image_id]["height"], images[image_id]["width"]
+
+    if not any(k in ann for k in ("bbox", "segmentation", "point")):
+        chk.fail(where, "needs at least one of the fields 'bbox', 'segmentation', 'point'")
+    out = {"category_id": cat_to_contiguous[cat_id], "iscrowd": int(iscrowd)}
+
+    rle = None
+    if "segmentation" in ann:
+        rle = _segmentation_to_rle(ann["segmentation"], height, width, chk, where)
+        out["segmentation"] = rle
+    if "bbox" in ann:
+        bbox = ann["bbox"]
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+            n = len(bbox) if isinstance(bbox, (list, tuple)) else type(bbox).__name__
+            chk.fail(where, f"field 'bbox' must be [x, y, w, h] (4 numbers), got {n}")
+        if not all(_is_number(v) for v in bbox):
+            chk.fail(where, f"field 'bbox' must hold finite numbers, got {bbox!r}")
+        if bbox[2] < 0 or bbox[3] < 0:
+            chk.fail(where, f"field 'bbox' has a negative width or height: {bbox!r}")
+        xywh = [float(v) for v in bbox]
+    elif rle is not None:
+        xywh = [float(v) for v in mask_util.toBbox(_bytes_rle(rle))]
+    else:
+        xywh = None
+    if xywh is not None:
+        out["bbox"] = BoxMode.convert(xywh, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
+        out["bbox_mode"] = BoxMode.XYXY_ABS
+
+    if "point" in ann:
+        point = ann["point"]
+        if not (
+            isinstance(point, (list, tuple))
+            and len(point) == 2
+            and all(_is_number(v) for v in point)
+        ):
+            chk.fail(where, f"field 'point' must be [x, y] (2 numbers), got {point!r:.80}")
+        if not (0 <= point[0] <= width and 0 <= point[1] <= height):
+            chk.fail(where, f"field 'point' {list(point)} lies outside the {width}x{height} image")
+        out["point"] = [float(point[0]), float(point[1])]
+    else:
+        xy = None
+        if rle is not None:
+            xy = point_in_mask(mask_util.decode(_bytes_rle(rle)).astype(bool))
+            if xy is not None:  # centre of that pixel, continuous coordinates
+                xy = (xy[0] + 0.5, xy[1] + 0.5)
+        if xy is None and xywh is not None:
+            x, y, w, h = xywh
+            xy = (min(max(x + w / 2, 0.0), width - 1.0), min(max(y + h / 2, 0.0), height - 1.0))
+        if xy is None:
+            chk.fail(where, "cannot derive a 'point': the mask is empty and there is no 'bbox'")
+        out["point"] = [float(xy[0]), float(xy[1])]
+    return image_id, out
+
+
+def _bytes_rle(rle: dict) -> dict:
+    counts = rle["counts"]
+    return {
+        "size": rle["size"],
+        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+    }
+
+
+def load_coco_counts_json(
+    json_file: str, image_root: str, dataset_name: Optional[str] = None
+) -> List[dict]:
+    """
+    Load a COCO-format instance json into the dataset dicts shared by wsis_d2.
+
+    Args:
+        json_file: path of the COCO json ("images", "annotations", "categories"; annotations may
+            carry an extra "point": [x, y] in pixel coordinates).
+        image_root: directory that the images' "file_name" are relative to.
+        dataset_name: when given, sets ``thing_classes`` and ``thing_dataset_id_to_contiguous_id``
+            in the dataset's metadata.
+
+    Returns:
+        list of dicts ``{"file_name", "height", "width", "image_id", "class_counts": [int] * C,
+        "annotations": [{"bbox" (XYXY_ABS), "bbox_mode", "category_id" in 0..C-1,
+        "segmentation" (RLE, counts str), "point": [x, y], "iscrowd"}]}``, one per image in file
+        order, images without annotations included. Category ids are made contiguous in the order
+        of the json ids. Crowd annotations are kept (``iscrowd=1``) but not counted. Annotations
+        with neither "bbox" nor "segmentation" (point-only data) have neither key.
+    """
+    chk = _Checker(json_file)
+    with PathManager.open(json_file, "r") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{json_file}: not a valid json file: {e}") from e
+    if not isinstance(data, dict):
+        chk.fail("top level", f"must be a json object, got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            chk.fail("top level", f"missing field {key!r}")
+    if not isinstance(data["annotations"], list):
+        chk.fail("'annotations'", "must be a list")
+
+    cat_ids, thing_classes = _parse_categories(data, chk)
+    cat_to_contiguous = {c: i for i, c in enumerate(cat_ids)}
+    images = _parse_images(data, chk)
+
+    per_image: Dict[Any, List[dict]] = {iid: [] for iid in images}
+    ann_ids = set()
+    for i, ann in enumerate(data["annotations"]):
+        image_id, out = _parse_annotation(ann, i, images, cat_to_contiguous, chk)
+        if "id" in ann:
+            if ann["id"] in ann_ids:
+                chk.fail(f"annotations[{i}]", f"duplicate annotation id {ann['id']!r}")
+            ann_ids.add(ann["id"])
+        per_image[image_id].append(out)
+
+    if dataset_name is not None:
+        meta = MetadataCatalog.get(dataset_name)
+        meta.thing_classes = thing_classes
+        meta.thing_dataset_id_to_contiguous_id = cat_to_contiguous
+
+    num_classes = len(cat_ids)
+    dataset_dicts = []
+    for iid, img in images.items():
+        anns = per_image[iid]
+        counts = [0] * num_classes
+        for a in anns:
+            if not a["iscrowd"]:
+                counts[a["category_id"]] += 1
+        dataset_dicts.append(
+            {
+                "file_name": os.path.join(image_root, img["file_name"]),
+                "height": img["height"],
+                "width": img["width"],
+                "image_id": iid,
+                "annotations": anns,
+                "class_counts": counts,
+            }
+        )
+    logger.info(
+        f"Loaded {len(dataset_dicts)} images and {len(data['annotations'])} annotations "
+        f"({num_classes} classes) from {json_file}"
+    )
+    return dataset_dicts
+
+
+def register_coco_counts_instances(
+    name: str, metadata: Dict[str, Any], json_file: str, image_root: str
+) -> None:
+    """
+    Register a COCO-format user dataset (see :func:`load_coco_counts_json`) under ``name``.
+
+    Args:
+        name: dataset name, e.g. "my_cells_train".
+        metadata: extra metadata; ``evaluator_type`` defaults to "wsis_instance".
+        json_file: path of the COCO json.
+        image_root: directory holding the images.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"dataset name must be a non-empty str, got {name!r}")
+    DatasetCatalog.register(
+        name,
+        lambda json_file=json_file, image_root=image_root, name=name: load_coco_counts_json(
+            json_file, image_root, name
+        ),
+    )
+    MetadataCatalog.get(name).set(
+        **{"evaluator_type": "wsis_instance", **metadata},
+        json_file=json_file,
+        image_root=image_root,
+    )
