@@ -1,0 +1,253 @@
+"""
+Counting metrics of "Counting everyday objects in everyday scenes" (Chattopadhyay et al.,
+CVPR 2017), used by LC / ILC (Cholakkal et al., CVPR 2019): mRMSE, mRMSE-nz, m-relRMSE,
+m-relRMSE-nz and MAE.
+"""
+
+import json
+import logging
+import os
+from collections import OrderedDict
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import create_small_table
+
+__all__ = ["CountingEvaluator", "counting_metrics", "load_count_ground_truth"]
+
+logger = logging.getLogger(__name__)
+
+
+def _nanmean(values: np.ndarray) -> float:
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def counting_metrics(pred: np.ndarray, gt: np.ndarray) -> Dict[str, object]:
+    """
+    Per-class and mean counting errors over N images and C classes, with ĉ_ic the predicted and
+    c_ic the true count of class c in image i:
+
+        RMSE_c        = sqrt( 1/N sum_i (ĉ_ic - c_ic)^2 )
+        relRMSE_c     = sqrt( 1/N sum_i (ĉ_ic - c_ic)^2 / (c_ic + 1) )
+        RMSE-nz_c     = RMSE_c restricted to the images with c_ic > 0
+        relRMSE-nz_c  = relRMSE_c restricted to the images with c_ic > 0
+        MAE_c         = 1/N sum_i |ĉ_ic - c_ic|
+
+    mRMSE, m_relRMSE and MAE average over all C classes; mRMSE_nz and m_relRMSE_nz over the classes
+    with at least one image where c_ic > 0 (the others are NaN per class and left out). Predictions
+    are used as given (no rounding).
+
+    Args:
+        pred: (N, C) predicted counts.
+        gt: (N, C) ground-truth counts, >= 0.
+
+    Returns:
+        dict with floats "mRMSE", "mRMSE_nz", "m_relRMSE", "m_relRMSE_nz", "MAE" and (C,) float64
+        arrays "RMSE_c", "RMSE_nz_c", "relRMSE_c", "relRMSE_nz_c", "MAE_c".
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    gt = np.asarray(gt, dtype=np.float64)
+    if pred.ndim != 2 or pred.shape != gt.shape:
+        raise ValueError(
+            f"counting_metrics: 'pred' and 'gt' must both be (N, C), got {pred.shape} and "
+            f"{gt.shape}"
+        )
+    if pred.shape[0] == 0:
+        raise ValueError("counting_metrics: no images (N = 0)")
+    if not np.isfinite(pred).all():
+        raise ValueError("counting_metrics: 'pred' contains NaN or inf")
+    if (gt < 0).any() or not np.isfinite(gt).all():
+        raise ValueError("counting_metrics: 'gt' must be finite and >= 0")
+
+    sq_err = (pred - gt) ** 2
+    rel_sq_err = sq_err / (gt + 1.0)
+    nonzero = gt > 0
+    num_nonzero = nonzero.sum(axis=0)
+    has_nonzero = num_nonzero > 0
+    safe_den = np.maximum(num_nonzero, 1)
+
+    rmse = np.sqrt(sq_err.mean(axis=0))
+    rel_rmse = np.sqrt(rel_sq_err.mean(axis=0))
+    rmse_nz = np.where(has_nonzero, np.sqrt((sq_err * nonzero).sum(axis=0) / safe_den), np.nan)
+    rel_rmse_nz = np.where(
+        has_nonzero, np.sqrt((rel_sq_err * nonzero).sum(axis=0) / safe_den), np.nan
+    )
+    mae = np.abs(pred - gt).mean(axis=0)
+    return {
+        "mRMSE": float(rmse.mean()),
+        "mRMSE_nz": _nanmean(rmse_nz),
+        "m_relRMSE": float(rel_rmse.mean()),
+        "m_relRMSE_nz": _nanmean(rel_rmse_nz),
+        "MAE": float(mae.mean()),
+        "RMSE_c": rmse,
+        "RMSE_nz_c": rmse_nz,
+        "relRMSE_c": rel_rmse,
+        "relRMSE_nz_c": rel_rmse_nz,
+        "MAE_c": mae,
+    }
+
+
+def load_count_ground_truth(dataset_name: str) -> Dict[object, tuple]:
+    """
+    Per-image GT counts of a registered dataset: ``class_counts`` when present, otherwise the number
+    of non-crowd annotations per ``category_id``.
+
+    Args:
+        dataset_name: a name registered in DatasetCatalog whose metadata has ``thing_classes``.
+
+    Returns:
+        {image_id: (index in the dataset, (C,) float64 counts)}.
+    """
+    num_classes = len(MetadataCatalog.get(dataset_name).thing_classes)
+    gt = {}
+    for index, record in enumerate(DatasetCatalog.get(dataset_name)):
+        where = f"dataset '{dataset_name}', file {record.get('file_name', '?')}"
+        if "image_id" not in record:
+            raise ValueError(f"{where}: missing field 'image_id'")
+        if "class_counts" in record:
+            counts = np.asarray(record["class_counts"], dtype=np.float64).reshape(-1)
+            if counts.shape != (num_classes,) or (counts < 0).any():
+                raise ValueError(
+                    f"{where}: 'class_counts' must hold {num_classes} non-negative numbers, "
+                    f"got {record['class_counts']}"
+                )
+        elif "annotations" in record:
+            counts = np.zeros(num_classes, dtype=np.float64)
+            for k, ann in enumerate(record["annotations"]):
+                if ann.get("iscrowd", 0):
+                    continue
+                cls = int(ann["category_id"])
+                if not 0 <= cls < num_classes:
+                    raise ValueError(
+                        f"{where}, annotation {k}: 'category_id' {cls} outside "
+                        f"[0, {num_classes - 1}]"
+                    )
+                counts[cls] += 1
+        else:
+            raise ValueError(f"{where}: neither 'class_counts' nor 'annotations' is present")
+        if record["image_id"] in gt:
+            raise ValueError(f"{where}: duplicate 'image_id' {record['image_id']!r}")
+        gt[record["image_id"]] = (index, counts)
+    return gt
+
+
+class CountingEvaluator(DatasetEvaluator):
+    """
+    Counting errors (see :func:`counting_metrics`) of per-image predicted counts
+    ``outputs[i]["counts"]`` (C,) against the dataset's GT counts. Results under the task
+    "counting": "mRMSE", "mRMSE_nz", "m_relRMSE", "m_relRMSE_nz", "MAE" and "MAE/<class>".
+    The evaluated set is the set of images passed to :meth:`process`.
+    """
+
+    def __init__(
+        self, dataset_name: str, distributed: bool = True, output_dir: Optional[str] = None
+    ):
+        """
+        Args:
+            dataset_name: registered dataset; GT is read from ``DatasetCatalog.get(dataset_name)``.
+            distributed: gather predictions from all ranks; only the main process returns results.
+            output_dir: if given, all per-class metrics go to ``output_dir/counting.json``.
+        """
+        self._dataset_name = dataset_name
+        self._distributed = distributed
+        self._output_dir = output_dir
+        metadata = MetadataCatalog.get(dataset_name)
+        if not hasattr(metadata, "thing_classes"):
+            raise ValueError(f"metadata of dataset '{dataset_name}' has no field 'thing_classes'")
+        self._class_names = list(metadata.thing_classes)
+        self._gt = None  # loaded lazily, on the main process only
+        self.reset()
+
+    def reset(self):
+        self._predictions = []
+        self._warned_missing = False
+
+    def process(self, inputs, outputs):
+        """
+        Args:
+            inputs: list of dataset dicts, each with "image_id".
+            outputs: list of dicts with "counts": (C,) tensor of predicted counts.
+        """
+        for inp, out in zip(inputs, outputs):
+            if "counts" not in out:
+                if not self._warned_missing:
+                    logger.warning(
+                        "CountingEvaluator: a model output has no 'counts'; such outputs are "
+                        "skipped and their images left out of the evaluated set."
+                    )
+                    self._warned_missing = True
+                continue
+            if "image_id" not in inp:
+                raise ValueError(
+                    f"CountingEvaluator: input {inp.get('file_name', '?')} has no field 'image_id'"
+                )
+            counts = out["counts"]
+            if isinstance(counts, torch.Tensor):
+                counts = counts.detach().to("cpu", torch.float64).numpy()
+            counts = np.asarray(counts, dtype=np.float64).reshape(-1)
+            if counts.shape != (len(self._class_names),):
+                raise ValueError(
+                    f"CountingEvaluator: 'counts' of image_id {inp['image_id']!r} has shape "
+                    f"{counts.shape}, expected ({len(self._class_names)},)"
+                )
+            self._predictions.append((inp["image_id"], counts))
+
+    def evaluate(self):
+        if self._distributed:
+            comm.synchronize()
+            predictions = [p for part in comm.gather(self._predictions, dst=0) for p in part]
+            if not comm.is_main_process():
+                return {}
+        else:
+            predictions = self._predictions
+        if len(predictions) == 0:
+            logger.warning("CountingEvaluator: no predictions were processed.")
+            return {}
+        if self._gt is None:
+            self._gt = load_count_ground_truth(self._dataset_name)
+
+        unique = {}
+        for image_id, counts in predictions:
+            if image_id not in self._gt:
+                raise ValueError(
+                    f"CountingEvaluator: image_id {image_id!r} is not in dataset "
+                    f"'{self._dataset_name}'"
+                )
+            unique.setdefault(image_id, counts)
+        if len(unique) < len(predictions):
+            logger.warning(
+                f"CountingEvaluator: {len(predictions) - len(unique)} duplicate image(s) "
+                "were evaluated once."
+            )
+        image_ids = sorted(unique, key=lambda i: self._gt[i][0])
+        pred = np.stack([unique[i] for i in image_ids])
+        gt = np.stack([self._gt[i][1] for i in image_ids])
+        metrics = counting_metrics(pred, gt)
+
+        results = OrderedDict(
+            (k, metrics[k]) for k in ("mRMSE", "mRMSE_nz", "m_relRMSE", "m_relRMSE_nz", "MAE")
+        )
+        for name, value in zip(self._class_names, metrics["MAE_c"]):
+            results[f"MAE/{name}"] = float(value)
+        logger.info(
+            "Counting on '{}' ({} images):\n{}".format(
+                self._dataset_name,
+                len(image_ids),
+                create_small_table({k: v for k, v in results.items() if "/" not in k}),
+            )
+        )
+        if self._output_dir:
+            PathManager.mkdirs(self._output_dir)
+            per_class = {
+                key: {n: float(v) for n, v in zip(self._class_names, metrics[key])}
+                for key in ("RMSE_c", "RMSE_nz_c", "relRMSE_c", "relRMSE_nz_c", "MAE_c")
+            }
+            with PathManager.open(os.path.join(self._output_dir, "counting.json"), "w") as f:
+                json.dump({"results": results, "per_class": per_class}, f, indent=2)
+        return OrderedDict({"counting": results})
