@@ -12,7 +12,10 @@ OUTPUT ?= output
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 export FORCE_CUDA ?= 1
+# without a visible GPU torch cannot pick the architecture: compile for Hopper (nvcc 13 needs >= 7.5)
+ifeq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),)
 export TORCH_CUDA_ARCH_LIST ?= 9.0
+endif
 endif
 
 .PHONY: install demo test benchmark clean-build

@@ -1,0 +1,121 @@
+"""
+End-to-end: tools/train_net.py trains the supervised Mask R-CNN reference on the tiny synthetic
+splits, evaluates it with the evaluators chosen by evaluator_type, saves, resumes, and the saved
+model loads in detectron2's DefaultPredictor.
+"""
+import importlib.util
+import os
+import tempfile
+import unittest
+
+import numpy as np
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import DefaultPredictor
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+
+from wsis_d2.evaluation import CountingEvaluator, InstanceAPEvaluator
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _load_train_net():
+    spec = importlib.util.spec_from_file_location(
+        "wsis_train_net", os.path.join(REPO, "tools", "train_net.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Args:
+    def __init__(self, config_file, opts, resume=False, eval_only=False):
+        self.config_file = config_file
+        self.opts = opts
+        self.resume = resume
+        self.eval_only = eval_only
+        self.num_gpus = 0
+
+
+class TestTrainNet(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.train_net = _load_train_net()
+        cls.tmp = tempfile.TemporaryDirectory()
+        # tiny splits are generated into this temporary data root
+        cls._old_root = os.environ.get("DETECTRON2_DATASETS")
+        os.environ["DETECTRON2_DATASETS"] = os.path.join(cls.tmp.name, "data")
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls._old_root is None:
+            os.environ.pop("DETECTRON2_DATASETS", None)
+        else:
+            os.environ["DETECTRON2_DATASETS"] = cls._old_root
+        cls.tmp.cleanup()
+
+    def _opts(self, out, max_iter):
+        return [
+            "OUTPUT_DIR", out, "SOLVER.MAX_ITER", str(max_iter), "SOLVER.CHECKPOINT_PERIOD", "2",
+            "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
+            "DATASETS.TRAIN", "('wsis_synth_mini_train',)", "DATASETS.TEST", "('wsis_synth_mini_val',)",
+            "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "160",
+            "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "160",
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+            "DATALOADER.NUM_WORKERS", "0", "TEST.WSIS_COCO_EVAL", "False",
+        ]
+
+    def test_train_eval_resume_predict(self):
+        cfg_file = os.path.join(REPO, "configs", "demo", "mask_rcnn_R_18_FPN_synthetic.yaml")
+        out = os.path.join(self.tmp.name, "run")
+        self.train_net.main(_Args(cfg_file, self._opts(out, 2)))
+        with open(os.path.join(out, "last_checkpoint")) as f:
+            self.assertEqual(f.read().strip(), "model_final.pth")
+        weights = os.path.join(out, "model_final.pth")
+        results = self.train_net.main(
+            _Args(cfg_file, self._opts(out, 2) + ["MODEL.WEIGHTS", weights], eval_only=True)
+        )
+        self.assertIn("wsis_instance", results)
+        self.assertNotIn("counting", results)  # Mask R-CNN outputs no "counts": skipped
+        for key in ("mAP_r25", "mAP_r50", "mAP_r75", "mAP_b50"):
+            value = results["wsis_instance"][key]
+            self.assertTrue(0.0 <= value <= 100.0, (key, value))
+
+        # --resume continues from the saved iteration instead of starting over
+        cfg = self.train_net.setup(_Args(cfg_file, self._opts(out, 3), resume=True))
+        trainer = self.train_net.Trainer(cfg)
+        trainer.resume_or_load(resume=True)
+        self.assertEqual(trainer.start_iter, 2)
+
+        # the checkpoint loads in an unmodified DefaultPredictor; odd-sized BGR input
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.WEIGHTS = weights
+        predictor = DefaultPredictor(cfg)
+        image = np.random.RandomState(0).randint(0, 255, (97, 131, 3)).astype(np.uint8)
+        instances = predictor(image)["instances"]
+        self.assertEqual(instances.image_size, (97, 131))
+
+    def test_evaluators_follow_evaluator_type(self):
+        cfg_file = os.path.join(REPO, "configs", "demo", "mask_rcnn_R_18_FPN_synthetic.yaml")
+        out = os.path.join(self.tmp.name, "evals")
+        cfg = self.train_net.setup(_Args(cfg_file, self._opts(out, 1) + ["TEST.WSIS_COCO_EVAL", "True"]))
+        evaluator = self.train_net.Trainer.build_evaluator(cfg, "wsis_synth_mini_val")
+        self.assertIsInstance(evaluator, DatasetEvaluators)
+        kinds = {type(e) for e in evaluator._evaluators}
+        self.assertEqual(kinds, {InstanceAPEvaluator, CountingEvaluator, COCOEvaluator})
+
+        name = "wsis_test_unknown_evaluator_type"
+        DatasetCatalog.register(name, lambda: [])
+        MetadataCatalog.get(name).set(evaluator_type="no_such_type")
+        try:
+            with self.assertRaisesRegex(ValueError, "no_such_type"):
+                self.train_net.Trainer.build_evaluator(cfg, name)
+        finally:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    unittest.main()
