@@ -1,1 +1,33 @@
+"""Custom ops of wsis_d2 (compiled in ``wsis_d2._C``) with their pure-PyTorch references."""
+from ._ext import compiled_ops_available, cuda_ops_available
+from .box_score import (
+    IntegralImage,
+    box_context_gap,
+    box_mean,
+    box_sum,
+    box_sum_reference,
+    context_boxes,
+)
+from .peaks import (
+    Peaks,
+    find_peaks,
+    find_peaks_reference,
+    kth_peak_value,
+    peak_mask_reference,
+)
 
+__all__ = [
+    "Peaks",
+    "find_peaks",
+    "find_peaks_reference",
+    "kth_peak_value",
+    "peak_mask_reference",
+    "IntegralImage",
+    "box_sum",
+    "box_mean",
+    "box_context_gap",
+    "box_sum_reference",
+    "context_boxes",
+    "compiled_ops_available",
+    "cuda_ops_available",
+]

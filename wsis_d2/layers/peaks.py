@@ -1,0 +1,140 @@
+"""
+Peak finding on class response maps: peak stimulation (ILC), peak response maps (PRM), CCGR bags.
+
+Definition (shared by the compiled op and the reference): for maps M of shape (N, C, H, W) and
+radius r, pixel (y, x) of map (n, c) is a *peak* iff M[n, c, y, x] is not NaN and is >= every value
+in its (2r+1) x (2r+1) window, the window clipped at the image border (out-of-image positions never
+win: the same as padding with -inf). Plateaus therefore give several peaks, and r = 0 makes every
+non-NaN pixel a peak. A threshold keeps peaks with value >= t, where t is None (no threshold), a
+float (absolute), or "median": the per-map median of M (the lower median of the H*W values, as
+``torch.median``; PRM's peak filter). Peaks of a map are listed by value, descending; equal values
+by ascending flat index y*W + x; maps are ordered n-major, then c.
+
+Complexity: O(N*C*H*W*(2r+1)^2) for the mask, plus O(P log P) to sort P peaks.
+"""
+from typing import NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from ._ext import compiled_ops_available
+
+Threshold = Optional[Union[float, str]]
+
+
+class Peaks(NamedTuple):
+    """
+    mask: (N, C, H, W) bool, True at peaks that pass the threshold.
+    indices: (P, 4) long, rows (n, c, y, x), sorted as described in the module docstring.
+    values: (P,) peak values (no gradient: gather ``maps[n, c, y, x]`` when gradients must flow).
+    counts: (N, C) long, number of peaks per map.
+    """
+
+    mask: torch.Tensor
+    indices: torch.Tensor
+    values: torch.Tensor
+    counts: torch.Tensor
+
+
+def _check(maps: torch.Tensor, radius: int) -> None:
+    if not isinstance(maps, torch.Tensor) or maps.dim() != 4:
+        raise ValueError(f"maps must be a (N, C, H, W) tensor, got {getattr(maps, 'shape', maps)}")
+    if not maps.is_floating_point():
+        raise ValueError(f"maps must be floating point, got {maps.dtype}")
+    if int(radius) != radius or radius < 0:
+        raise ValueError(f"radius must be a non-negative integer, got {radius}")
+
+
+def _thresholds(maps: torch.Tensor, threshold: Threshold) -> torch.Tensor:
+    """(N, C) per-map thresholds; -inf for none."""
+    n, c = maps.shape[:2]
+    if threshold is None:
+        return maps.new_full((n, c), float("-inf"))
+    if isinstance(threshold, str):
+        if threshold != "median":
+            raise ValueError(f"threshold must be None, a number or 'median', got {threshold!r}")
+        if maps.shape[2] * maps.shape[3] == 0:
+            return maps.new_full((n, c), float("inf"))
+        return maps.detach().flatten(2).median(dim=2).values
+    return maps.new_full((n, c), float(threshold))
+
+
+def peak_mask_reference(maps: torch.Tensor, radius: int = 1) -> torch.Tensor:
+    """Pure-PyTorch peak mask (max-pool with -inf padding). Same contract as the op."""
+    _check(maps, radius)
+    x = maps.detach()
+    # NaNs must not win the max-pool: replace them by -inf for the window maximum only
+    filled = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+    padded = F.pad(filled, (radius,) * 4, value=float("-inf"))
+    window_max = F.max_pool2d(padded, kernel_size=2 * radius + 1, stride=1)
+    return (x >= window_max) & ~torch.isnan(x)
+
+
+def find_peaks_reference(maps: torch.Tensor, radius: int = 1, threshold: Threshold = None) -> Peaks:
+    """Pure-PyTorch ``find_peaks`` (max-pool + nonzero + stable sorts). Same contract."""
+    mask = peak_mask_reference(maps, radius)
+    x = maps.detach()
+    n, c, h, w = x.shape
+    mask = mask & (x >= _thresholds(x, threshold)[:, :, None, None])
+    flat = mask.view(n * c, h * w)
+    m_idx, p_idx = flat.nonzero(as_tuple=True)
+    values = x.reshape(n * c, h * w)[m_idx, p_idx]
+    order = torch.sort(values, descending=True, stable=True).indices
+    order = order[torch.sort(m_idx[order], stable=True).indices]
+    m_idx, p_idx, values = m_idx[order], p_idx[order], values[order]
+    indices = torch.stack([m_idx // c, m_idx % c, p_idx // w, p_idx % w], dim=1)
+    return Peaks(mask, indices, values, flat.sum(1).view(n, c))
+
+
+def find_peaks(maps: torch.Tensor, radius: int = 1, threshold: Threshold = None) -> Peaks:
+    """
+    Local maxima of each map (see the module docstring for the exact definition).
+
+    Args:
+        maps: (N, C, H, W) float tensor (class response maps M).
+        radius: window radius r; the window is (2r+1) x (2r+1).
+        threshold: None, an absolute value, or "median" (per-map median, PRM).
+
+    Returns:
+        Peaks(mask (N, C, H, W) bool, indices (P, 4) long, values (P,), counts (N, C) long).
+    """
+    _check(maps, radius)
+    if not compiled_ops_available():
+        return find_peaks_reference(maps, radius, threshold)
+    x = maps.detach().contiguous()
+    mask = torch.ops.wsis_d2.peak_mask(x, int(radius))
+    thr = _thresholds(x, threshold)
+    indices, values, counts = torch.ops.wsis_d2.peak_list(x, mask, thr)
+    if threshold is not None:
+        mask = mask & (x >= thr[:, :, None, None])
+    return Peaks(mask, indices, values, counts)
+
+
+def kth_peak_value(
+    maps: torch.Tensor, k: torch.Tensor, radius: int = 1, threshold: Threshold = None
+) -> torch.Tensor:
+    """
+    The k-th highest peak value of each map: h_c, the t_c-th peak of the hard spatial guidance
+    (ILC, Sec. 3.2). Where a map has fewer than k peaks it is the lowest peak value (all peaks
+    kept); where it has no peak it is +inf; k <= 0 gives +inf (no peak selected).
+
+    Args:
+        maps: (N, C, H, W).
+        k: (N, C) long, 1-based ranks.
+
+    Returns:
+        (N, C) tensor of values of ``maps``' dtype, no gradient.
+    """
+    peaks = find_peaks(maps, radius, threshold)
+    n, c = maps.shape[:2]
+    k = torch.as_tensor(k, device=maps.device).long()
+    if k.shape != (n, c):
+        raise ValueError(f"k must have shape {(n, c)}, got {tuple(k.shape)}")
+    counts = peaks.counts.to(maps.device)
+    starts = torch.cumsum(counts.flatten(), 0) - counts.flatten()
+    rank = torch.minimum(k.flatten(), counts.flatten()) - 1
+    out = maps.new_full((n * c,), float("inf"))
+    valid = rank >= 0
+    if valid.any():
+        out[valid] = peaks.values.to(maps.device)[(starts + rank)[valid]].to(maps.dtype)
+    return out.view(n, c)
