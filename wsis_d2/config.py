@@ -24,6 +24,79 @@ def add_synthetic_config(cfg):
 
 def add_lc_config(cfg):
     """LC / ILC (Cholakkal et al., CVPR 2019)."""
+    _C = cfg
+    _C.MODEL.LC = CN()
+    # number of object classes C (channels of the class maps M and density maps D)
+    _C.MODEL.LC.NUM_CLASSES = 20
+    # backbone feature fed to the two branches (e.g. "res5", or "res4" for R18/R34)
+    _C.MODEL.LC.IN_FEATURE = "res5"
+    # name in wsis_d2.modeling.heads.LC_HEAD_REGISTRY
+    _C.MODEL.LC.HEAD_NAME = "LCHead"
+    # P, channels of each branch's hidden 1x1 conv; 0 = ceil(1.5·C) as in the paper
+    _C.MODEL.LC.BRANCH_CHANNELS = 0
+    # normalisation in the branches: "BN", "GN", "SyncBN", "" (none)
+    _C.MODEL.LC.NORM = "BN"
+    # bilinear upsampling factor u of M and D (official: sub_pixel_locating_factor = 1)
+    _C.MODEL.LC.UPSAMPLE = 1
+    # peak finder: local-maximum window radius r (window 2r+1; official win_size 3: r = 1)
+    _C.MODEL.LC.PEAK_RADIUS = 1
+    # peak filter: "median" (peaks >= the map's median, official), "value" (>= PEAK_FILTER_VALUE),
+    # "none"
+    _C.MODEL.LC.PEAK_FILTER = "median"
+    # absolute peak threshold used when PEAK_FILTER = "value"
+    _C.MODEL.LC.PEAK_FILTER_VALUE = 0.0
+    # lower-count threshold t̃: counts < t̃ are exact (S), counts >= t̃ only known as ">= t̃" (S̃)
+    _C.MODEL.LC.LOWER_COUNT = 5
+    # --- data side (LCDatasetMapper, wsis_d2/data/mappers/lc_mapper.py) ---
+    # ILC supervision: the training mapper turns counts >= t̃ into ">= t̃" (counts = t̃,
+    # count_ge = True); False = exact counts for every class (LC with full count supervision)
+    _C.MODEL.LC.LOWER_COUNT_SUPERVISION = True
+    # --- end of data side ---
+    # weight of the classification loss L_class
+    _C.MODEL.LC.CLS_LOSS_WEIGHT = 1.0
+    # weight of the spatial loss L_spatial = L_sp+ + L_sp−
+    _C.MODEL.LC.SPATIAL_LOSS_WEIGHT = 1.0
+    # weight of the count MSE term of the global loss
+    _C.MODEL.LC.COUNT_LOSS_WEIGHT = 1.0
+    # λ, weight of the ranking term max(0, t̃ − t̂_c) over S̃ (official 0.1)
+    _C.MODEL.LC.RANK_LOSS_WEIGHT = 0.1
+    # t̂_c: "paper" = Σ_ij D^c_ij, "official" = spatial mean of D^c (CountSeg)
+    _C.MODEL.LC.COUNT_MODE = "paper"
+    # L_sp+/L_sp−: "paper" = masked BCE per class over B^c normalised by |S|·ΣB^c (and
+    # |S0|·H·W), "official" = BCE-with-logits pooled over the batch's guidance peaks (pixels)
+    _C.MODEL.LC.SPATIAL_MODE = "paper"
+    # count MSE over S ∪ S0 (absent classes too, t_c = 0; paper, official stage 2) or over S only
+    _C.MODEL.LC.COUNT_ABSENT = True
+    # official two-stage schedule: iterations of stage 1 (no spatial loss, count MSE over S
+    # only); 0 = single stage as in the paper
+    _C.MODEL.LC.SPATIAL_START_ITER = 0
+    # inference: class c is present when σ(s_c) > this; counts round(t̂_c) there, 0 elsewhere
+    _C.MODEL.LC.CLASS_THRESHOLD = 0.5
+
+    _C.MODEL.LC.PRM = CN()
+    # inference: one instance per retained peak (top round(t̂_c) peaks of present classes) with
+    # a mask from its peak response map; False = counts only
+    _C.MODEL.LC.PRM.ENABLED = True
+    # σ (input pixels) of the Gaussian smoothing of the gradient magnitude Σ|∂M/∂I|
+    _C.MODEL.LC.PRM.SMOOTH_SIGMA = 2.0
+    # mask = connected component (holding the peak) of PRM >= MASK_THRESHOLD · max PRM
+    _C.MODEL.LC.PRM.MASK_THRESHOLD = 0.3
+    # largest number of peaks per batched backward pass (memory bound); 0 = all at once
+    _C.MODEL.LC.PRM.MAX_BATCH = 32
+    # peaks at least this far apart (input pixels) share one backward vector, their summed map
+    # split by a seeded watershed; < 0 = one vector per peak (exact PRMs, ~1 backward per peak)
+    _C.MODEL.LC.PRM.GROUP_DISTANCE = -1.0
+    # β of the density-aware instance score σ(s_c)·σ(M^c_peak)·exp(−β·|1 − Σ_mask D̄^c|)
+    _C.MODEL.LC.PRM.DENSITY_WEIGHT = 1.0
+    # box proposals (inputs' "proposals", e.g. from DATASETS.PROPOSAL_FILES_TEST): PRM retrieval
+    # Q = α·Σ_box R̄ + Σ_contour R̄ − β·Σ_box Bg/(H·W); α:
+    _C.MODEL.LC.PRM.PROPOSAL_BALANCE = 1.0
+    # β of the proposal background penalty
+    _C.MODEL.LC.PRM.PROPOSAL_BG_PENALTY = 1.0
+    # background of class c: pixels where M^c < this fraction of the mean of M^c
+    _C.MODEL.LC.PRM.PROPOSAL_BG_THRESHOLD = 1.0
+    # width (input pixels) of the contour band of the proposal score
+    _C.MODEL.LC.PRM.PROPOSAL_CONTOUR_WIDTH = 5
     return cfg
 
 

@@ -1,4 +1,5 @@
 """Custom ops of wsis_d2 (compiled in ``wsis_d2._C``) with their pure-PyTorch references."""
+
 from ._ext import compiled_ops_available, cuda_ops_available
 from .box_score import (
     IntegralImage,

@@ -2,22 +2,32 @@
 Integral-image box scoring for CCGR (center-context-gap refinement).
 
 Coordinates are continuous pixel coordinates: pixel (y, x) covers [x, x+1) x [y, y+1), an image of
-width W spans [0, W]. A score map is piecewise constant on pixels, so the integral over an
-axis-aligned box is exact from the integral image S (S[y, x] = sum of M[:y, :x]) interpolated
-bilinearly at the four corners; it is differentiable with respect to the map and the box corners
-(dSum/dx2 is the integral of M along the box's right edge, etc.).
+width W spans [0, W]. A score map is piecewise constant on pixels, so its integral over an
+axis-aligned box is exact from the integral image S (S[y, x] = sum of M[:y, :x], float64)
+interpolated bilinearly at the four corners; it is differentiable with respect to the map and the
+box corners (d sum / d x2 is the integral of M along the box's right edge, etc.). At integer
+coordinates, where the integral has a kink, the op uses the one-sided derivative from the
+right/below (from the left/above at x = W / y = H).
 
 Boxes are (K, 5) rows (n, x1, y1, x2, y2): image index n, then corners with x1 <= x2, y1 <= y2.
-They are clipped to the image before scoring; the mean is over the clipped part. A box with zero
-area after clipping (zero-size, or fully outside) scores 0 with zero gradient. NaN in maps or boxes,
-x2 < x1 or y2 < y1, or indices out of range raise ValueError.
+They are clipped to the image before scoring; the mean is over the clipped part, and a clipped
+coordinate gets zero gradient. A box with zero area after clipping (zero size, or fully outside)
+has mean 0 and zero gradient. ValueError for: NaN in boxes, x2 < x1 or y2 < y1 (malformed, not
+treated as empty), image index / class out of range, NaN or inf in a map that some box scores.
 
 The context ring of a box B is C \\ B, where C is B scaled by ``context_scale`` (1.5 in CCGR) about
-its centre; both are clipped to the image, and the ring mean is (S(C) - S(B)) / (|C| - |B|), 0 for an
-empty ring. CCGR's gap is Phi(C) - Phi(B) = context_mean - inside_mean.
+its centre; both are clipped to the image, and the ring mean is (S(C) - S(B)) / (|C| - |B|), 0 for
+an empty ring. CCGR's gap is Phi(C) - Phi(B) = context_mean - inside_mean.
 
-Complexity: O(N*C*H*W) to build the integral images, then O(1) per box (forward and backward).
+Complexity: one-shot scoring (``box_sum`` / ``box_mean`` / ``box_context_gap``) reads every scored
+map once, O(H*W), plus O(W) per box: the CPU kernel (one task per map) sweeps the map keeping column
+sums and forms only the rows of S that the box corners read (at most 8 per box), so S is never
+stored; the CUDA path builds S with device scans, then one thread per box. The backward pass builds
+S and runs the adjoint scan, O(H*W) per scored map, plus O(1) per box. ``IntegralImage`` stores S
+and scores boxes at O(1) each (forward and backward). The per-box reference costs O(box area) per
+box plus Python overhead.
 """
+
 from typing import Tuple
 
 import torch
@@ -26,27 +36,43 @@ from ._ext import compiled_ops_available
 
 
 def _validate(maps: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor) -> None:
+    """Shapes, NaN / order of the box corners, index ranges. Maps are checked by the callers."""
     if maps.dim() != 4 or not maps.is_floating_point():
         raise ValueError(f"maps must be a floating (N, C, H, W) tensor, got {tuple(maps.shape)}")
+    if maps.shape[2] == 0 or maps.shape[3] == 0:
+        raise ValueError(f"maps have zero size {tuple(maps.shape)}")
     if boxes.dim() != 2 or boxes.shape[1] != 5:
         raise ValueError(f"boxes must be (K, 5) rows (n, x1, y1, x2, y2), got {tuple(boxes.shape)}")
     if classes.dim() != 1 or classes.shape[0] != boxes.shape[0]:
-        raise ValueError(f"classes must be (K,) with K={boxes.shape[0]}, got {tuple(classes.shape)}")
-    if torch.isnan(boxes).any():
-        raise ValueError("boxes contain NaN")
-    if torch.isnan(maps).any():
-        raise ValueError("maps contain NaN")
+        raise ValueError(
+            f"classes must be (K,) with K={boxes.shape[0]}, got {tuple(classes.shape)}"
+        )
     if len(boxes) == 0:
         return
     b = boxes.detach()
-    if (b[:, 3] < b[:, 1]).any() or (b[:, 4] < b[:, 2]).any():
-        bad = torch.nonzero((b[:, 3] < b[:, 1]) | (b[:, 4] < b[:, 2]))[0].item()
-        raise ValueError(f"box {bad} has x2 < x1 or y2 < y1: {b[bad].tolist()}")
+    if torch.isnan(b).any():
+        raise ValueError("boxes contain NaN")
+    flipped = (b[:, 3] < b[:, 1]) | (b[:, 4] < b[:, 2])
+    if flipped.any():
+        bad = int(torch.nonzero(flipped)[0])
+        raise ValueError(f"boxes[{bad}] has x2 < x1 or y2 < y1: {b[bad].tolist()}")
     n = b[:, 0]
     if (n != n.round()).any() or n.min() < 0 or n.max() >= maps.shape[0]:
-        raise ValueError(f"box image indices must be integers in [0, {maps.shape[0]})")
+        raise ValueError(f"boxes[:, 0] (image indices) must be integers in [0, {maps.shape[0]})")
     if classes.min() < 0 or classes.max() >= maps.shape[1]:
         raise ValueError(f"classes must be in [0, {maps.shape[1]})")
+
+
+def _check_scored_maps_finite(maps: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor):
+    """ValueError if a map that some box scores has NaN or inf (the compiled op checks itself)."""
+    finite = torch.isfinite(maps.detach()).flatten(2).all(2)  # (N, C)
+    ok = finite[boxes[:, 0].detach().long(), classes]
+    if not bool(ok.all()):
+        k = int(torch.nonzero(~ok)[0])
+        raise ValueError(
+            f"maps[{int(boxes[k, 0])}, {int(classes[k])}] (scored by boxes[{k}]) "
+            "contains NaN or inf"
+        )
 
 
 def _clip(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -72,11 +98,19 @@ class _BoxSum(torch.autograd.Function):
         return grad_maps, grad_boxes, None
 
 
-def box_sum_reference(maps: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+def box_sum_reference(
+    maps: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor
+) -> torch.Tensor:
     """
     Pure-PyTorch per-box summation over clipped, valid boxes (independent of integral images):
     each pixel is weighted by its overlap with the box, ox_i * oy_j, and only the pixels the box
-    touches are visited. Differentiable by autograd.
+    touches are visited. Differentiable by autograd (w.r.t. maps and the box corners).
+
+    Args:
+        maps: (N, C, H, W) score maps.
+        boxes: (K, 5) rows (n, x1, y1, x2, y2) already clipped to [0, W] x [0, H], x1 <= x2,
+            y1 <= y2.
+        classes: (K,) long.
 
     Returns:
         (K,) integrals of maps[n_k, classes[k]] over box k.
@@ -106,7 +140,8 @@ def box_sum(
     maps: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor, *, use_reference: bool = False
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """
-    Integral and area of each box, clipped to the image.
+    Integral and area of each box, clipped to the image. Compiled op: O(H*W) per scored map plus
+    O(W) per box (forward, CPU), see the module docstring; reference: O(box area) per box.
 
     Args:
         maps: (N, C, H, W) score maps.
@@ -121,8 +156,13 @@ def box_sum(
     _validate(maps, boxes, classes)
     clipped = _clip(boxes, maps.shape[2], maps.shape[3])
     areas = (clipped[:, 3] - clipped[:, 1]) * (clipped[:, 4] - clipped[:, 2])
-    if use_reference or not compiled_ops_available():
+    if use_reference or not compiled_ops_available(maps.device):
+        _check_scored_maps_finite(maps, boxes, classes)
         return box_sum_reference(maps, clipped, classes), areas
+    if maps.dtype not in (torch.float32, torch.float64):
+        # the kernels take float32/float64 (they accumulate in float64 anyway)
+        total = _BoxSum.apply(maps.float().contiguous(), clipped.float(), classes.contiguous())
+        return total.to(maps.dtype), areas
     return _BoxSum.apply(maps.contiguous(), clipped.contiguous(), classes.contiguous()), areas
 
 
@@ -197,7 +237,9 @@ class _BoxSumIntegral(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         S, boxes, classes = ctx.saved_tensors
-        grad_boxes = torch.ops.wsis_d2.box_sum_integral_backward(grad.contiguous(), S, boxes, classes)
+        grad_boxes = torch.ops.wsis_d2.box_sum_integral_backward(
+            grad.contiguous(), S, boxes, classes
+        )
         return None, grad_boxes, None
 
 
@@ -214,19 +256,29 @@ class IntegralImage:
     def __init__(self, maps: torch.Tensor):
         maps = maps.detach()
         if maps.dim() != 4 or not maps.is_floating_point():
-            raise ValueError(f"maps must be a floating (N, C, H, W) tensor, got {tuple(maps.shape)}")
-        if torch.isnan(maps).any():
-            raise ValueError("maps contain NaN")
+            raise ValueError(
+                f"maps must be a floating (N, C, H, W) tensor, got {tuple(maps.shape)}"
+            )
+        if maps.shape[2] == 0 or maps.shape[3] == 0:
+            raise ValueError(f"maps have zero size {tuple(maps.shape)}")
         self.shape = tuple(maps.shape)
-        self.dtype = maps.dtype
-        if compiled_ops_available():
+        # boxes are scored in the maps' dtype (float32 for half-precision maps)
+        self.dtype = maps.dtype if maps.dtype == torch.float64 else torch.float32
+        if compiled_ops_available(maps.device):
             self.S = torch.ops.wsis_d2.integral_image(maps.contiguous())
         else:
             s = maps.double().cumsum(2).cumsum(3)
             self.S = torch.nn.functional.pad(s, (1, 0, 1, 0))
-        self._maps = maps  # for the reference fallback
+        # a map's total is finite iff all its values are (float64 sums of float32 do not overflow)
+        finite = torch.isfinite(self.S[:, :, -1, -1])
+        if not bool(finite.all()):
+            n, c = torch.nonzero(~finite)[0].tolist()
+            raise ValueError(f"maps[{n}, {c}] contains NaN or inf")
+        self._maps = maps.to(self.dtype)  # for the reference fallback
 
-    def box_sum(self, boxes: torch.Tensor, classes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def box_sum(
+        self, boxes: torch.Tensor, classes: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Integral and area of each clipped box, differentiable w.r.t. boxes; see ``box_sum``."""
         classes = torch.as_tensor(classes, device=self.S.device).long()
         boxes = boxes.to(self.dtype)
@@ -234,7 +286,7 @@ class IntegralImage:
         _validate(empty, boxes, classes)  # shapes, NaN, order, index ranges (maps checked once)
         clipped = _clip(boxes, self.shape[2], self.shape[3])
         areas = (clipped[:, 3] - clipped[:, 1]) * (clipped[:, 4] - clipped[:, 2])
-        if not compiled_ops_available():
+        if not compiled_ops_available(self.S.device):
             return box_sum_reference(self._maps, clipped, classes), areas
         return _BoxSumIntegral.apply(self.S, clipped.contiguous(), classes.contiguous()), areas
 
@@ -253,4 +305,6 @@ class IntegralImage:
         classes = torch.as_tensor(classes, device=self.S.device).long()
         total, area = self.box_sum(both, torch.cat([classes, classes]))
         k = boxes.shape[0]
-        return _safe_mean(total[:k], area[:k]), _safe_mean(total[k:] - total[:k], area[k:] - area[:k])
+        return _safe_mean(total[:k], area[:k]), _safe_mean(
+            total[k:] - total[:k], area[k:] - area[:k]
+        )

@@ -6,12 +6,18 @@ radius r, pixel (y, x) of map (n, c) is a *peak* iff M[n, c, y, x] is not NaN an
 in its (2r+1) x (2r+1) window, the window clipped at the image border (out-of-image positions never
 win: the same as padding with -inf). Plateaus therefore give several peaks, and r = 0 makes every
 non-NaN pixel a peak. A threshold keeps peaks with value >= t, where t is None (no threshold), a
-float (absolute), or "median": the per-map median of M (the lower median of the H*W values, as
-``torch.median``; PRM's peak filter). Peaks of a map are listed by value, descending; equal values
-by ascending flat index y*W + x; maps are ordered n-major, then c.
+float (absolute), or "median": the per-map median of M (the lower median of its non-NaN values, as
+``torch.nanmedian``; PRM's peak filter). Peaks of a map are listed by value, descending; equal
+values by ascending flat index y*W + x; maps are ordered n-major, then c.
 
-Complexity: O(N*C*H*W*(2r+1)^2) for the mask, plus O(P log P) to sort P peaks.
+NaN handling: a NaN pixel is never a peak and never beats a neighbour (it is ignored in windows).
+
+Complexity: CPU kernel O(N*C*H*W*(2r+1)) (separable window maximum, one task per map) plus
+O(P log P) to sort the P peaks; CUDA kernel O(N*C*H*W*(2r+1)^2) work, one thread per pixel, then
+device compaction and stable radix sorts. The reference is max-pool + nonzero + two stable sorts.
 """
+
+import numbers
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -46,7 +52,7 @@ def _check(maps: torch.Tensor, radius: int) -> None:
 
 
 def _thresholds(maps: torch.Tensor, threshold: Threshold) -> torch.Tensor:
-    """(N, C) per-map thresholds; -inf for none."""
+    """(N, C) per-map thresholds t (a peak needs value >= t); -inf for none."""
     n, c = maps.shape[:2]
     if threshold is None:
         return maps.new_full((n, c), float("-inf"))
@@ -55,7 +61,14 @@ def _thresholds(maps: torch.Tensor, threshold: Threshold) -> torch.Tensor:
             raise ValueError(f"threshold must be None, a number or 'median', got {threshold!r}")
         if maps.shape[2] * maps.shape[3] == 0:
             return maps.new_full((n, c), float("inf"))
-        return maps.detach().flatten(2).median(dim=2).values
+        # NaN pixels are never peaks and do not count towards the median either
+        return maps.detach().flatten(2).nanmedian(dim=2).values
+    if isinstance(threshold, torch.Tensor) and threshold.numel() == 1:
+        threshold = threshold.item()
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise ValueError(f"threshold must be None, a number or 'median', got {threshold!r}")
+    if threshold != threshold:
+        raise ValueError("threshold is NaN")
     return maps.new_full((n, c), float(threshold))
 
 
@@ -88,7 +101,9 @@ def find_peaks_reference(maps: torch.Tensor, radius: int = 1, threshold: Thresho
 
 def find_peaks(maps: torch.Tensor, radius: int = 1, threshold: Threshold = None) -> Peaks:
     """
-    Local maxima of each map (see the module docstring for the exact definition).
+    Local maxima of each map (see the module docstring for the exact definition). Runs the compiled
+    op ``torch.ops.wsis_d2.find_peaks`` (CPU: O(N*C*H*W*(2r+1)) + O(P log P), one task per map),
+    or the reference when the extension is missing.
 
     Args:
         maps: (N, C, H, W) float tensor (class response maps M).
@@ -99,15 +114,17 @@ def find_peaks(maps: torch.Tensor, radius: int = 1, threshold: Threshold = None)
         Peaks(mask (N, C, H, W) bool, indices (P, 4) long, values (P,), counts (N, C) long).
     """
     _check(maps, radius)
-    if not compiled_ops_available():
+    if not compiled_ops_available(maps.device):
         return find_peaks_reference(maps, radius, threshold)
-    x = maps.detach().contiguous()
-    mask = torch.ops.wsis_d2.peak_mask(x, int(radius))
-    thr = _thresholds(x, threshold)
-    indices, values, counts = torch.ops.wsis_d2.peak_list(x, mask, thr)
-    if threshold is not None:
-        mask = mask & (x >= thr[:, :, None, None])
-    return Peaks(mask, indices, values, counts)
+    x = maps.detach()
+    thresholds = _thresholds(x, threshold)
+    if x.dtype in (torch.float32, torch.float64):
+        return Peaks(*torch.ops.wsis_d2.find_peaks(x, int(radius), thresholds))
+    # the kernels take float32/float64; half-precision values convert exactly to float32
+    mask, indices, values, counts = torch.ops.wsis_d2.find_peaks(
+        x.float(), int(radius), thresholds.float()
+    )
+    return Peaks(mask, indices, values.to(x.dtype), counts)
 
 
 def kth_peak_value(

@@ -98,3 +98,9 @@ register_all_synthetic(None)
 from .point_datasets import register_all_density  # noqa: E402  (density counting splits)
 
 register_all_density(None)
+
+from .voc_counting import register_all_voc_counting  # noqa: E402  (PASCAL VOC splits)
+from .coco_counting import register_all_coco_counting  # noqa: E402  (COCO 2014 / COCO-VOC)
+
+register_all_voc_counting(None)
+register_all_coco_counting(None)

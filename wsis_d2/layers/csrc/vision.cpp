@@ -1,4 +1,5 @@
-// The single binding file of wsis_d2._C: operator schemas (torch.ops.wsis_d2.*) and the Python module.
+// The single binding file of wsis_d2._C: the operator schemas (torch.ops.wsis_d2.*, kernels are
+// registered for CPU in */*_cpu.cpp and for CUDA in */*_cuda.cu) and the Python module.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -13,18 +14,22 @@ bool has_cuda() {
 }
 
 TORCH_LIBRARY(wsis_d2, m) {
-  m.def("peak_mask(Tensor maps, int radius) -> Tensor");
-  m.def("peak_list(Tensor maps, Tensor mask, Tensor thresholds) -> (Tensor, Tensor, Tensor)");
+  // PeakFind: (mask, indices, values, counts); see PeakFind/PeakFind.h
+  m.def("find_peaks(Tensor maps, int radius, Tensor thresholds)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  // BoxScore: integrals of maps over boxes and their gradients; see BoxScore/BoxScore.h
   m.def("box_sum_forward(Tensor maps, Tensor boxes, Tensor classes) -> Tensor");
   m.def("box_sum_backward(Tensor grad, Tensor maps, Tensor boxes, Tensor classes)"
         " -> (Tensor, Tensor)");
   m.def("integral_image(Tensor maps) -> Tensor");
   m.def("box_sum_integral(Tensor S, Tensor boxes, Tensor classes) -> Tensor");
-  m.def("box_sum_integral_backward(Tensor grad, Tensor S, Tensor boxes, Tensor classes) -> Tensor");
+  m.def("box_sum_integral_backward(Tensor grad, Tensor S, Tensor boxes, Tensor classes)"
+        " -> Tensor");
 }
 
 } // namespace wsis_d2
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("has_cuda", &wsis_d2::has_cuda, "whether the CUDA kernels were compiled");
+  m.doc() = "wsis_d2 custom ops; importing registers torch.ops.wsis_d2.*";
+  m.def("has_cuda", &wsis_d2::has_cuda, "whether the CUDA kernels were compiled in");
 }

@@ -1,1 +1,3 @@
 
+from .density import DensityCounter  # noqa: F401  (registers the DensityCounter meta-arch)
+from .lc import ImageLevelCounter  # noqa: F401  (registers the ImageLevelCounter meta-arch)

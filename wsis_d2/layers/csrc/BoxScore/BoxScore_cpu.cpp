@@ -1,223 +1,402 @@
 #include "BoxScore.h"
 
-#include <ATen/AccumulateType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <vector>
 
 namespace wsis_d2 {
 
 namespace {
 
-// A box costs ~100 ns; waking a second thread costs more than a few thousand boxes.
-constexpr int64_t kBoxGrain = 16384;
+constexpr int64_t kRowBlock = 8;
+// boxes scored from a prebuilt S cost ~0.1 us each: only large batches are worth a second thread
+constexpr int64_t kBoxGrain = 4096;
 
-// S[m] (H+1, W+1) with S[y][x] = sum of map[m][:y, :x]; one task per map.
-template <typename scalar_t, typename acc_t>
-void integral_images(const scalar_t* maps, acc_t* S, int64_t M, int64_t H, int64_t W) {
-  const int64_t SW = W + 1, SS = (H + 1) * (W + 1);
-  at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) {
-      acc_t* s = S + m * SS;
-      const scalar_t* map = maps + m * H * W;
-      for (int64_t x = 0; x <= W; ++x) s[x] = 0;
-      for (int64_t y = 1; y <= H; ++y) {
-        acc_t row = 0;
-        s[y * SW] = 0;
-        for (int64_t x = 1; x <= W; ++x) {
-          row += static_cast<acc_t>(map[(y - 1) * W + (x - 1)]);
-          s[y * SW + x] = s[(y - 1) * SW + x] + row;
+// S (H+1, W+1) float64 of one map, O(H*W). Row prefix sums run kRowBlock rows side by side (so
+// that the additions of a row do not wait on each other), then rows are accumulated downwards.
+template <typename scalar_t>
+void build_integral(const scalar_t* map, double* s, int64_t H, int64_t W) {
+  const int64_t SW = W + 1;
+  std::fill(s, s + SW, 0.0);
+  for (int64_t y0 = 0; y0 < H; y0 += kRowBlock) {
+    const int64_t nb = std::min(kRowBlock, H - y0);
+    double* first = s + (y0 + 1) * SW;
+    for (int64_t j = 0; j < nb; ++j) first[j * SW] = 0;
+    if (nb == kRowBlock) {
+      double acc[kRowBlock] = {0, 0, 0, 0, 0, 0, 0, 0};
+      const scalar_t* src = map + y0 * W;
+      for (int64_t x = 0; x < W; ++x) {
+        for (int64_t j = 0; j < kRowBlock; ++j) {
+          acc[j] += static_cast<double>(src[j * W + x]);
+          first[j * SW + x + 1] = acc[j];
+        }
+      }
+    } else {
+      for (int64_t j = 0; j < nb; ++j) {
+        double acc = 0;
+        const scalar_t* src = map + (y0 + j) * W;
+        for (int64_t x = 0; x < W; ++x) {
+          acc += static_cast<double>(src[x]);
+          first[j * SW + x + 1] = acc;
         }
       }
     }
-  });
+    for (int64_t j = 0; j < nb; ++j) {
+      double* row = first + j * SW;
+      const double* prev = row - SW;
+      for (int64_t x = 1; x <= W; ++x) row[x] += prev[x];
+    }
+  }
 }
 
-template <typename acc_t>
-inline acc_t interp(const acc_t* s, int64_t SW, const IntegralPoint<acc_t>& p) {
-  const acc_t* r0 = s + p.j * SW + p.i;
-  const acc_t* r1 = r0 + SW;
-  return (1 - p.fy) * ((1 - p.fx) * r0[0] + p.fx * r0[1]) +
-         p.fy * ((1 - p.fx) * r1[0] + p.fx * r1[1]);
+// ---- forward: the rows of S that the box corners need, computed while sweeping the map ----
+//
+// Sweeping y = 0..H, col[x] = sum of map[:y, x] is updated row by row (O(H*W), vectorised), and
+// when row y of S is needed it is the prefix sum of col (O(W)). A corner (x, y) in cell (i, j)
+// reads S at rows j and j+1 only, so a map with B boxes needs at most 8B rows of S, never the
+// whole (H+1) x (W+1) array: the map is read once and the working set stays in the L1/L2 cache.
+
+// One bilinear read of S in a row: acc[box] += w * ((1 - fx) * S[row][i] + fx * S[row][i+1]).
+struct RowRead {
+  int64_t row, box, i;
+  double fx, w;
+};
+
+// p[0..8L] = prefix sums of c[0..8L): eight segments side by side (independent additions), then
+// the segment offsets.
+inline void row_prefix(const double* c, double* p, int64_t L) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t t = 0; t < L; ++t) {
+    for (int64_t j = 0; j < 8; ++j) {
+      acc[j] += c[j * L + t];
+      p[j * L + t + 1] = acc[j];
+    }
+  }
+  p[0] = 0;
+  double offset = 0;
+  for (int64_t j = 0; j < 8; ++j) {
+    double* q = p + j * L + 1;
+    for (int64_t t = 0; t < L; ++t) q[t] += offset;
+    offset += acc[j];
+  }
 }
 
-template <typename acc_t>
-inline void interp_grad(const acc_t* s, int64_t SW, const IntegralPoint<acc_t>& p, acc_t* dx,
-                        acc_t* dy) {
-  const acc_t* r0 = s + p.j * SW + p.i;
-  const acc_t* r1 = r0 + SW;
-  *dx = (1 - p.fy) * (r0[1] - r0[0]) + p.fy * (r1[1] - r1[0]);
-  *dy = (1 - p.fx) * (r1[0] - r0[0]) + p.fx * (r1[1] - r0[1]);
-}
+// Per-thread buffers of sweep_map, reused across maps.
+struct SweepScratch {
+  int64_t L;  // W rounded up to a multiple of 8, divided by 8 (col is zero-padded to 8L)
+  std::vector<double> col, prefix, acc;
+  std::vector<RowRead> reads, sorted;
+  std::vector<int64_t> row_start;
+  SweepScratch(int64_t H, int64_t W)
+      : L((W + 7) / 8), col(8 * L), prefix(8 * L + 1), row_start(H + 3) {}
+};
 
-void check_inputs(const at::Tensor& maps, const at::Tensor& boxes, const at::Tensor& classes) {
-  TORCH_CHECK(maps.dim() == 4, "box_sum: maps must be (N, C, H, W), got ", maps.sizes());
-  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 5, "box_sum: boxes must be (K, 5), got ",
-              boxes.sizes());
-  TORCH_CHECK(classes.dim() == 1 && classes.size(0) == boxes.size(0),
-              "box_sum: classes must be (K,)");
-  TORCH_CHECK(maps.size(2) > 0 && maps.size(3) > 0, "box_sum: empty maps");
-}
-
-} // namespace
-
-at::Tensor integral_image_cpu(const at::Tensor& maps_in) {
-  TORCH_CHECK(maps_in.dim() == 4, "integral_image: maps must be (N, C, H, W), got ", maps_in.sizes());
-  auto maps = maps_in.contiguous();
-  const int64_t N = maps.size(0), C = maps.size(1), H = maps.size(2), W = maps.size(3);
-  auto S = at::empty({N, C, H + 1, W + 1}, maps.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "integral_image_cpu", [&] {
-    integral_images<scalar_t, double>(maps.data_ptr<scalar_t>(), S.data_ptr<double>(), N * C, H, W);
-  });
-  return S;
-}
-
-at::Tensor box_sum_integral_cpu(const at::Tensor& S_in, const at::Tensor& boxes_in,
-                                const at::Tensor& classes_in) {
-  TORCH_CHECK(S_in.dim() == 4 && S_in.scalar_type() == at::kDouble,
-              "box_sum_integral: S must be a double (N, C, H+1, W+1) integral image");
-  TORCH_CHECK(boxes_in.dim() == 2 && boxes_in.size(1) == 5, "box_sum: boxes must be (K, 5)");
-  TORCH_CHECK(classes_in.dim() == 1 && classes_in.size(0) == boxes_in.size(0),
-              "box_sum: classes must be (K,)");
-  auto S = S_in.contiguous();
-  auto boxes = boxes_in.contiguous();
-  auto classes = classes_in.to(at::kLong).contiguous();
-  const int64_t N = S.size(0), C = S.size(1), H = S.size(2) - 1, W = S.size(3) - 1;
-  const int64_t K = boxes.size(0), SW = W + 1, SS = (H + 1) * (W + 1);
-  auto out = at::zeros({K}, boxes.options());
-  if (K == 0) return out;
-  const double* Sp = S.data_ptr<double>();
-  const int64_t* cls = classes.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "box_sum_integral_cpu", [&] {
-    const scalar_t* b = boxes.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, K, kBoxGrain, [&](int64_t kb, int64_t ke) {
-      for (int64_t k = kb; k < ke; ++k) {
-        const int64_t n = static_cast<int64_t>(b[k * 5]), c = cls[k];
-        TORCH_CHECK(n >= 0 && n < N && c >= 0 && c < C, "box_sum: box ", k,
-                    " has image/class index out of range");
-        const double* s = Sp + (n * C + c) * SS;
-        const double x1 = b[k * 5 + 1], y1 = b[k * 5 + 2], x2 = b[k * 5 + 3], y2 = b[k * 5 + 4];
-        o[k] = static_cast<scalar_t>(
-            interp(s, SW, locate(x2, y2, H, W)) - interp(s, SW, locate(x1, y2, H, W)) -
-            interp(s, SW, locate(x2, y1, H, W)) + interp(s, SW, locate(x1, y1, H, W)));
+// Sums over one map of the B boxes b[5 * order[t]], t < B, into out[order[t]]; O(H*W + B*W).
+// Returns false (out untouched) if the map has NaN or inf.
+template <typename scalar_t>
+bool sweep_map(const scalar_t* map, int64_t H, int64_t W, const scalar_t* b, const int64_t* order,
+               int64_t B, SweepScratch& s, scalar_t* out) {
+  // the 8 row reads of each box: 4 corners (signs + - - +), rows j and j + 1 of each
+  s.reads.clear();
+  double c[4], inside[4];
+  for (int64_t t = 0; t < B; ++t) {
+    clamp_box(b + 5 * order[t], H, W, c, inside);
+    const double xs[4] = {c[2], c[0], c[2], c[0]}, ys[4] = {c[3], c[3], c[1], c[1]};
+    const double sign[4] = {1, -1, -1, 1};
+    for (int q = 0; q < 4; ++q) {
+      const Corner p = locate(xs[q], ys[q], H, W);
+      s.reads.push_back({p.j, t, p.i, p.fx, sign[q] * (1 - p.fy)});
+      s.reads.push_back({p.j + 1, t, p.i, p.fx, sign[q] * p.fy});
+    }
+  }
+  // counting sort of the reads by row
+  std::fill(s.row_start.begin(), s.row_start.end(), 0);
+  for (const RowRead& r : s.reads) ++s.row_start[r.row + 2];
+  for (int64_t y = 0; y <= H; ++y) s.row_start[y + 2] += s.row_start[y + 1];
+  s.sorted.resize(s.reads.size());
+  for (const RowRead& r : s.reads) s.sorted[s.row_start[r.row + 1]++] = r;
+  // now reads of row y are sorted[row_start[y] .. row_start[y + 1])
+  s.acc.assign(B, 0.0);
+  std::fill(s.col.begin(), s.col.end(), 0.0);
+  double* col = s.col.data();
+  const double* P = s.prefix.data();
+  for (int64_t y = 0; y <= H; ++y) {
+    if (s.row_start[y + 1] > s.row_start[y]) {
+      row_prefix(col, s.prefix.data(), s.L);  // P = row y of S
+      for (int64_t t = s.row_start[y]; t < s.row_start[y + 1]; ++t) {
+        const RowRead& r = s.sorted[t];
+        s.acc[r.box] += r.w * ((1 - r.fx) * P[r.i] + r.fx * P[r.i + 1]);
       }
-    });
-  });
+    }
+    if (y == H) break;
+    const scalar_t* row = map + y * W;
+    for (int64_t x = 0; x < W; ++x) col[x] += static_cast<double>(row[x]);
+  }
+  // col holds the column totals: all finite iff every value of the map is
+  for (int64_t x = 0; x < W; ++x)
+    if (!std::isfinite(col[x])) return false;
+  for (int64_t t = 0; t < B; ++t) out[order[t]] = static_cast<scalar_t>(s.acc[t]);
+  return true;
+}
+
+// Boxes grouped by the map they score (counting sort): boxes of map m are
+// order[start[m] .. start[m+1]); `used` lists the maps with at least one box.
+struct Buckets {
+  std::vector<int64_t> order, start, used;
+};
+
+template <typename scalar_t>
+void check_indices(const scalar_t* b, const int64_t* cls, int64_t K, int64_t N, int64_t C) {
+  for (int64_t k = 0; k < K; ++k) {
+    const double n = static_cast<double>(b[5 * k]);
+    TORCH_CHECK_VALUE(n == std::floor(n) && n >= 0 && n < static_cast<double>(N), "box_sum: box ",
+                      k, " has image index ", n, ", expected an integer in [0, ", N, ")");
+    TORCH_CHECK_VALUE(cls[k] >= 0 && cls[k] < C, "box_sum: box ", k, " has class ", cls[k],
+                      ", expected [0, ", C, ")");
+    for (int q = 1; q < 5; ++q)
+      TORCH_CHECK_VALUE(!std::isnan(static_cast<double>(b[5 * k + q])), "box_sum: box ", k,
+                        " has a NaN coordinate");
+  }
+}
+
+template <typename scalar_t>
+Buckets bucket_boxes(const scalar_t* b, const int64_t* cls, int64_t K, int64_t N, int64_t C) {
+  check_indices(b, cls, K, N, C);
+  Buckets out;
+  const int64_t M = N * C;
+  std::vector<int64_t> map_of(K);
+  out.start.assign(M + 1, 0);
+  for (int64_t k = 0; k < K; ++k) {
+    map_of[k] = static_cast<int64_t>(b[5 * k]) * C + cls[k];
+    ++out.start[map_of[k] + 1];
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    if (out.start[m + 1] > 0) out.used.push_back(m);
+    out.start[m + 1] += out.start[m];
+  }
+  std::vector<int64_t> fill(out.start.begin(), out.start.end() - 1);
+  out.order.resize(K);
+  for (int64_t k = 0; k < K; ++k) out.order[fill[map_of[k]]++] = k;
   return out;
 }
 
-at::Tensor box_sum_forward_cpu(const at::Tensor& maps_in, const at::Tensor& boxes_in,
-                               const at::Tensor& classes_in) {
-  check_inputs(maps_in, boxes_in, classes_in);
-  return box_sum_integral_cpu(integral_image_cpu(maps_in), boxes_in.to(maps_in.scalar_type()),
-                              classes_in);
+void check_shapes(const at::Tensor& maps, const at::Tensor& boxes, const at::Tensor& classes) {
+  TORCH_CHECK_VALUE(maps.dim() == 4, "box_sum: maps must be (N, C, H, W), got ", maps.sizes());
+  TORCH_CHECK_VALUE(boxes.dim() == 2 && boxes.size(1) == 5, "box_sum: boxes must be (K, 5), got ",
+                    boxes.sizes());
+  TORCH_CHECK_VALUE(classes.dim() == 1 && classes.size(0) == boxes.size(0),
+                    "box_sum: classes must be (K,) with K = ", boxes.size(0), ", got ",
+                    classes.sizes());
+  TORCH_CHECK_VALUE(maps.size(2) > 0 && maps.size(3) > 0, "box_sum: maps have zero size ",
+                    maps.sizes());
 }
 
-namespace {
+void check_integral(const at::Tensor& S) {
+  TORCH_CHECK_VALUE(S.dim() == 4 && S.scalar_type() == at::kDouble && S.size(2) > 1 &&
+                        S.size(3) > 1,
+                    "box_sum_integral: S must be a float64 (N, C, H+1, W+1) integral image, got ",
+                    S.scalar_type(), " ", S.sizes());
+}
 
-// d sums / d boxes from the integral images; also d sums / d S into gS when gS != nullptr
+// Adjoint of "S -> F at the four corners of box c, signed": bilinear splat of w into G.
+inline void splat_box(double* G, int64_t H, int64_t W, const double* c, double w) {
+  const int64_t SW = W + 1;
+  const double xs[4] = {c[2], c[0], c[2], c[0]}, ys[4] = {c[3], c[3], c[1], c[1]};
+  const double sign[4] = {1, -1, -1, 1};
+  for (int q = 0; q < 4; ++q) {
+    const Corner p = locate(xs[q], ys[q], H, W);
+    const double v = sign[q] * w;
+    double* r0 = G + p.j * SW + p.i;
+    r0[0] += v * (1 - p.fy) * (1 - p.fx);
+    r0[1] += v * (1 - p.fy) * p.fx;
+    r0[SW] += v * p.fy * (1 - p.fx);
+    r0[SW + 1] += v * p.fy * p.fx;
+  }
+}
+
+// S[y][x] = sum_{j<y, i<x} m[j][i]  =>  dL/dm[j][i] = sum_{y>j, x>i} dL/dS[y][x]. Overwrites G.
 template <typename scalar_t>
-void box_sum_backward_impl(const double* S, const scalar_t* b, const int64_t* cls,
-                           const scalar_t* g, scalar_t* gb, double* gS, int64_t K, int64_t C,
-                           int64_t H, int64_t W) {
-  const int64_t SW = W + 1, SS = (H + 1) * (W + 1);
-  at::parallel_for(0, K, kBoxGrain, [&](int64_t kb, int64_t ke) {
-    for (int64_t k = kb; k < ke; ++k) {
-      const int64_t n = static_cast<int64_t>(b[k * 5]), c = cls[k];
-      const double* s = S + (n * C + c) * SS;
-      const double x1 = b[k * 5 + 1], y1 = b[k * 5 + 2], x2 = b[k * 5 + 3], y2 = b[k * 5 + 4];
-      double dx22, dy22, dx12, dy12, dx21, dy21, dx11, dy11;
-      interp_grad(s, SW, locate(x2, y2, H, W), &dx22, &dy22);
-      interp_grad(s, SW, locate(x1, y2, H, W), &dx12, &dy12);
-      interp_grad(s, SW, locate(x2, y1, H, W), &dx21, &dy21);
-      interp_grad(s, SW, locate(x1, y1, H, W), &dx11, &dy11);
-      const double gk = g[k];
-      gb[k * 5 + 0] = 0;
-      gb[k * 5 + 1] = static_cast<scalar_t>(gk * (dx11 - dx12));
-      gb[k * 5 + 2] = static_cast<scalar_t>(gk * (dy11 - dy21));
-      gb[k * 5 + 3] = static_cast<scalar_t>(gk * (dx22 - dx21));
-      gb[k * 5 + 4] = static_cast<scalar_t>(gk * (dy22 - dy12));
-    }
-  });
-  if (gS == nullptr) return;
-  // d sum / d S: bilinear weights at the corners (serial: boxes may share maps; 16 adds a box)
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t n = static_cast<int64_t>(b[k * 5]), c = cls[k];
-    double* gs = gS + (n * C + c) * SS;
-    const double x1 = b[k * 5 + 1], y1 = b[k * 5 + 2], x2 = b[k * 5 + 3], y2 = b[k * 5 + 4];
-    const double xs[4] = {x2, x1, x2, x1}, ys[4] = {y2, y2, y1, y1}, sg[4] = {1, -1, -1, 1};
-    for (int q = 0; q < 4; ++q) {
-      const auto p = locate(xs[q], ys[q], H, W);
-      const double w = sg[q] * static_cast<double>(g[k]);
-      double* r0 = gs + p.j * SW + p.i;
-      r0[0] += w * (1 - p.fy) * (1 - p.fx);
-      r0[1] += w * (1 - p.fy) * p.fx;
-      r0[SW] += w * p.fy * (1 - p.fx);
-      r0[SW + 1] += w * p.fy * p.fx;
+void integral_adjoint(double* G, scalar_t* grad_map, int64_t H, int64_t W) {
+  const int64_t SW = W + 1;
+  for (int64_t y = H - 1; y >= 1; --y) {
+    double* row = G + y * SW;
+    const double* below = row + SW;
+    for (int64_t x = 1; x <= W; ++x) row[x] += below[x];
+  }
+  for (int64_t y = 1; y <= H; ++y) {
+    const double* row = G + y * SW;
+    scalar_t* out = grad_map + (y - 1) * W;
+    double acc = 0;
+    for (int64_t x = W; x >= 1; --x) {
+      acc += row[x];
+      out[x - 1] = static_cast<scalar_t>(acc);
     }
   }
 }
 
 } // namespace
 
-at::Tensor box_sum_integral_backward_cpu(const at::Tensor& grad_in, const at::Tensor& S_in,
-                                         const at::Tensor& boxes_in,
-                                         const at::Tensor& classes_in) {
-  auto S = S_in.contiguous();
-  auto boxes = boxes_in.contiguous();
+at::Tensor box_sum_forward_cpu(const at::Tensor& maps_in, const at::Tensor& boxes_in,
+                               const at::Tensor& classes_in) {
+  check_shapes(maps_in, boxes_in, classes_in);
+  auto maps = maps_in.contiguous();
+  auto boxes = boxes_in.to(maps.scalar_type()).contiguous();
   auto classes = classes_in.to(at::kLong).contiguous();
-  auto grad = grad_in.to(boxes.scalar_type()).contiguous();
-  const int64_t C = S.size(1), H = S.size(2) - 1, W = S.size(3) - 1, K = boxes.size(0);
-  auto grad_boxes = at::zeros({K, 5}, boxes.options());
-  if (K == 0) return grad_boxes;
-  AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "box_sum_integral_backward_cpu", [&] {
-    box_sum_backward_impl<scalar_t>(S.data_ptr<double>(), boxes.data_ptr<scalar_t>(),
-                                    classes.data_ptr<int64_t>(), grad.data_ptr<scalar_t>(),
-                                    grad_boxes.data_ptr<scalar_t>(), nullptr, K, C, H, W);
+  const int64_t N = maps.size(0), C = maps.size(1), H = maps.size(2), W = maps.size(3);
+  const int64_t K = boxes.size(0), HW = H * W;
+  auto out = at::zeros({K}, maps.options());
+  if (K == 0) return out;
+  std::atomic<int64_t> bad_map{-1};
+  AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "box_sum_forward_cpu", [&] {
+    const scalar_t* mp = maps.data_ptr<scalar_t>();
+    const scalar_t* b = boxes.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const Buckets bk = bucket_boxes(b, classes.data_ptr<int64_t>(), K, N, C);
+    at::parallel_for(0, static_cast<int64_t>(bk.used.size()), 1, [&](int64_t ub, int64_t ue) {
+      SweepScratch scratch(H, W);
+      for (int64_t u = ub; u < ue; ++u) {
+        const int64_t m = bk.used[u];
+        const int64_t* order = bk.order.data() + bk.start[m];
+        if (!sweep_map(mp + m * HW, H, W, b, order, bk.start[m + 1] - bk.start[m], scratch, o))
+          bad_map.store(m);
+      }
+    });
   });
-  return grad_boxes;
+  const int64_t bad = bad_map.load();
+  TORCH_CHECK_VALUE(bad < 0, "box_sum: maps[", bad / std::max<int64_t>(C, 1), ", ",
+                    bad % std::max<int64_t>(C, 1), "] contains NaN or inf");
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> box_sum_backward_cpu(const at::Tensor& grad_in,
                                                         const at::Tensor& maps_in,
                                                         const at::Tensor& boxes_in,
                                                         const at::Tensor& classes_in) {
-  check_inputs(maps_in, boxes_in, classes_in);
+  check_shapes(maps_in, boxes_in, classes_in);
   auto maps = maps_in.contiguous();
   auto boxes = boxes_in.to(maps.scalar_type()).contiguous();
   auto classes = classes_in.to(at::kLong).contiguous();
   auto grad = grad_in.to(maps.scalar_type()).contiguous();
   const int64_t N = maps.size(0), C = maps.size(1), H = maps.size(2), W = maps.size(3);
-  const int64_t K = boxes.size(0), SW = W + 1, SS = (H + 1) * (W + 1);
+  const int64_t K = boxes.size(0), HW = H * W, SS = (H + 1) * (W + 1);
+  TORCH_CHECK_VALUE(grad.numel() == K, "box_sum_backward: grad must have K = ", K, " elements");
   auto grad_maps = at::zeros_like(maps);
   auto grad_boxes = at::zeros({K, 5}, maps.options());
   if (K == 0) return {grad_maps, grad_boxes};
-  auto S = integral_image_cpu(maps);
-  std::vector<double> gS(N * C * SS, 0);
   AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "box_sum_backward_cpu", [&] {
-    box_sum_backward_impl<scalar_t>(S.data_ptr<double>(), boxes.data_ptr<scalar_t>(),
-                                    classes.data_ptr<int64_t>(), grad.data_ptr<scalar_t>(),
-                                    grad_boxes.data_ptr<scalar_t>(), gS.data(), K, C, H, W);
-    // S[y][x] = sum_{j<y, i<x} m[j][i]  =>  dL/dm[j][i] = sum_{y>j, x>i} dL/dS[y][x]
+    const scalar_t* mp = maps.data_ptr<scalar_t>();
+    const scalar_t* b = boxes.data_ptr<scalar_t>();
+    const scalar_t* g = grad.data_ptr<scalar_t>();
     scalar_t* gm = grad_maps.data_ptr<scalar_t>();
-    at::parallel_for(0, N * C, 1, [&](int64_t mb, int64_t me) {
-      std::vector<double> col(W);
-      for (int64_t m = mb; m < me; ++m) {
-        const double* gs = gS.data() + m * SS;
-        std::fill(col.begin(), col.end(), 0.0);
-        for (int64_t y = H; y >= 1; --y) {
-          double row = 0;
-          for (int64_t x = W; x >= 1; --x) {
-            row += gs[y * SW + x];
-            col[x - 1] += row;
-            gm[m * H * W + (y - 1) * W + (x - 1)] = static_cast<scalar_t>(col[x - 1]);
-          }
+    scalar_t* gb = grad_boxes.data_ptr<scalar_t>();
+    const Buckets bk = bucket_boxes(b, classes.data_ptr<int64_t>(), K, N, C);
+    at::parallel_for(0, static_cast<int64_t>(bk.used.size()), 1, [&](int64_t ub, int64_t ue) {
+      std::vector<double> S(SS), G(SS);
+      double c[4], inside[4], d[4];
+      for (int64_t u = ub; u < ue; ++u) {
+        const int64_t m = bk.used[u];
+        build_integral(mp + m * HW, S.data(), H, W);
+        std::fill(G.begin(), G.end(), 0.0);
+        for (int64_t t = bk.start[m]; t < bk.start[m + 1]; ++t) {
+          const int64_t k = bk.order[t];
+          const double gk = static_cast<double>(g[k]);
+          clamp_box(b + 5 * k, H, W, c, inside);
+          box_integral_grad(S.data(), H, W, c, d);
+          for (int q = 0; q < 4; ++q)
+            gb[5 * k + 1 + q] = static_cast<scalar_t>(gk * d[q] * inside[q]);
+          splat_box(G.data(), H, W, c, gk);
         }
+        integral_adjoint(G.data(), gm + m * HW, H, W);
       }
     });
   });
   return {grad_maps, grad_boxes};
+}
+
+at::Tensor integral_image_cpu(const at::Tensor& maps_in) {
+  TORCH_CHECK_VALUE(maps_in.dim() == 4, "integral_image: maps must be (N, C, H, W), got ",
+                    maps_in.sizes());
+  auto maps = maps_in.contiguous();
+  const int64_t N = maps.size(0), C = maps.size(1), H = maps.size(2), W = maps.size(3);
+  auto S = at::empty({N, C, H + 1, W + 1}, maps.options().dtype(at::kDouble));
+  const int64_t HW = H * W, SS = (H + 1) * (W + 1);
+  AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "integral_image_cpu", [&] {
+    const scalar_t* mp = maps.data_ptr<scalar_t>();
+    double* sp = S.data_ptr<double>();
+    at::parallel_for(0, N * C, 1, [&](int64_t mb, int64_t me) {
+      for (int64_t m = mb; m < me; ++m) build_integral(mp + m * HW, sp + m * SS, H, W);
+    });
+  });
+  return S;
+}
+
+at::Tensor box_sum_integral_cpu(const at::Tensor& S_in, const at::Tensor& boxes_in,
+                                const at::Tensor& classes_in) {
+  check_integral(S_in);
+  check_shapes(S_in, boxes_in, classes_in);
+  auto S = S_in.contiguous();
+  auto boxes = boxes_in.contiguous();
+  auto classes = classes_in.to(at::kLong).contiguous();
+  const int64_t N = S.size(0), C = S.size(1), H = S.size(2) - 1, W = S.size(3) - 1;
+  const int64_t K = boxes.size(0), SS = (H + 1) * (W + 1);
+  auto out = at::zeros({K}, boxes.options());
+  if (K == 0) return out;
+  const double* sp = S.data_ptr<double>();
+  const int64_t* cls = classes.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "box_sum_integral_cpu", [&] {
+    const scalar_t* b = boxes.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    check_indices(b, cls, K, N, C);
+    at::parallel_for(0, K, kBoxGrain, [&](int64_t kb, int64_t ke) {
+      double c[4], inside[4];
+      for (int64_t k = kb; k < ke; ++k) {
+        const double* s = sp + (static_cast<int64_t>(b[5 * k]) * C + cls[k]) * SS;
+        clamp_box(b + 5 * k, H, W, c, inside);
+        o[k] = static_cast<scalar_t>(box_integral(s, H, W, c));
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor box_sum_integral_backward_cpu(const at::Tensor& grad_in, const at::Tensor& S_in,
+                                         const at::Tensor& boxes_in,
+                                         const at::Tensor& classes_in) {
+  check_integral(S_in);
+  check_shapes(S_in, boxes_in, classes_in);
+  auto S = S_in.contiguous();
+  auto boxes = boxes_in.contiguous();
+  auto classes = classes_in.to(at::kLong).contiguous();
+  auto grad = grad_in.to(boxes.scalar_type()).contiguous();
+  const int64_t N = S.size(0), C = S.size(1), H = S.size(2) - 1, W = S.size(3) - 1;
+  const int64_t K = boxes.size(0), SS = (H + 1) * (W + 1);
+  TORCH_CHECK_VALUE(grad.numel() == K, "box_sum_integral_backward: grad must have K = ", K,
+                    " elements");
+  auto grad_boxes = at::zeros({K, 5}, boxes.options());
+  if (K == 0) return grad_boxes;
+  const double* sp = S.data_ptr<double>();
+  const int64_t* cls = classes.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "box_sum_integral_backward_cpu", [&] {
+    const scalar_t* b = boxes.data_ptr<scalar_t>();
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    scalar_t* gb = grad_boxes.data_ptr<scalar_t>();
+    check_indices(b, cls, K, N, C);
+    at::parallel_for(0, K, kBoxGrain, [&](int64_t kb, int64_t ke) {
+      double c[4], inside[4], d[4];
+      for (int64_t k = kb; k < ke; ++k) {
+        const double* s = sp + (static_cast<int64_t>(b[5 * k]) * C + cls[k]) * SS;
+        clamp_box(b + 5 * k, H, W, c, inside);
+        box_integral_grad(s, H, W, c, d);
+        const double gk = static_cast<double>(g[k]);
+        for (int q = 0; q < 4; ++q)
+          gb[5 * k + 1 + q] = static_cast<scalar_t>(gk * d[q] * inside[q]);
+      }
+    });
+  });
+  return grad_boxes;
 }
 
 TORCH_LIBRARY_IMPL(wsis_d2, CPU, m) {

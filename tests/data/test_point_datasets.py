@@ -1,0 +1,326 @@
+"""Point dataset loaders (VGG cells, UCSD, Mall, json, csv) on tiny fixtures, and the mapper."""
+
+import json
+import logging
+import os
+import tempfile
+import unittest
+
+import numpy as np
+import scipy.io
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import transforms as T
+from PIL import Image
+
+import wsis_d2  # noqa: F401  (registers datasets)
+from wsis_d2 import add_wsis_config
+from wsis_d2.data import build_dataset_mapper
+from wsis_d2.data.datasets.point_datasets import (
+    load_mall,
+    load_point_csv,
+    load_point_json,
+    load_roi_mask,
+    load_ucsd,
+    load_vgg_cells,
+    register_all_density,
+)
+from wsis_d2.data.mappers.density_mapper import DensityDatasetMapper, Rot90Transform
+
+LOGGER = "wsis_d2.data.datasets.point_datasets"
+
+
+def _save_image(path, height, width, mode="RGB", value=30):
+    channels = {"RGB": 3, "L": 1}[mode]
+    arr = np.full((height, width, channels), value, dtype=np.uint8)
+    Image.fromarray(arr if channels == 3 else arr[..., 0], mode=mode).save(path)
+
+
+def _frames_struct(locs):
+    """A MATLAB 1 x F cell array of 1x1 structs with field 'loc' (as in UCSD / Mall files)."""
+    cells = np.empty((1, len(locs)), dtype=object)
+    for i, loc in enumerate(locs):
+        rec = np.empty((1, 1), dtype=[("loc", object)])
+        rec[0, 0]["loc"] = np.asarray(loc, dtype=np.float64).reshape(
+            -1, np.shape(loc)[-1] if len(loc) else 2
+        )
+        cells[0, i] = rec
+    return cells
+
+
+class TestVGGCells(unittest.TestCase):
+    def test_dots_become_points(self):
+        with tempfile.TemporaryDirectory() as d:
+            for idx, dots in ((1, [(3, 4), (10, 0)]), (2, [])):
+                _save_image(os.path.join(d, f"{idx:03d}cell.png"), 16, 12)
+                arr = np.zeros((16, 12, 3), dtype=np.uint8)
+                arr[5, 5] = (0, 0, 255)  # a blue pixel is not a dot
+                for r, c in dots:
+                    arr[r, c] = (255, 0, 0)
+                Image.fromarray(arr).save(os.path.join(d, f"{idx:03d}dots.png"))
+            recs = load_vgg_cells(d)
+            self.assertEqual([r["image_id"] for r in recs], ["001", "002"])
+            self.assertEqual((recs[0]["height"], recs[0]["width"]), (16, 12))
+            # row r, col c -> (x, y) = (c + 0.5, r + 0.5); np.nonzero scans rows first
+            np.testing.assert_allclose(recs[0]["points"], [[4.5, 3.5], [0.5, 10.5]])
+            self.assertEqual(recs[1]["points"].shape, (0, 2))
+            self.assertEqual(len(load_vgg_cells(d, [2])), 1)
+
+    def test_errors_name_the_file(self):
+        with tempfile.TemporaryDirectory() as d:
+            with self.assertRaisesRegex(ValueError, "No NNNcell.png"):
+                load_vgg_cells(d)
+            _save_image(os.path.join(d, "001cell.png"), 8, 8)
+            with self.assertRaisesRegex(ValueError, "001dots.png"):
+                load_vgg_cells(d)
+            with open(os.path.join(d, "001dots.png"), "wb") as f:
+                f.write(b"not a png")
+            with self.assertRaisesRegex(ValueError, "001dots.png"):
+                load_vgg_cells(d)
+
+
+class TestUCSD(unittest.TestCase):
+    def _fixture(self, d, height=10, width=14):
+        rng = np.random.default_rng(0)
+        vid_root = os.path.join(d, "ucsdpeds", "vidf")
+        ann = os.path.join(d, "vidf-cvpr")
+        os.makedirs(ann)
+        roi = np.ones((height, width), dtype=np.uint8)
+        roi[:, :3] = 0  # columns 0..2 (x < 3) outside the walkway
+        roi_struct = np.empty((1, 1), dtype=[("mask", object), ("xi", object), ("yi", object)])
+        roi_struct[0, 0]["mask"] = roi
+        roi_struct[0, 0]["xi"] = np.zeros((1, 1))
+        roi_struct[0, 0]["yi"] = np.zeros((1, 1))
+        scipy.io.savemat(os.path.join(ann, "vidf1_33_roi_mainwalkway.mat"), {"roi": roi_struct})
+        expected = {}
+        for video in range(10):
+            name = f"vidf1_33_{video:03d}"
+            os.makedirs(os.path.join(vid_root, f"{name}.y"))
+            locs = []
+            for f in range(200):
+                frame = video * 200 + f
+                # a few frames only carry images: the loader must not need the others
+                n = frame % 4
+                loc = np.column_stack(
+                    [rng.uniform(1, width, n), rng.uniform(1, height, n), np.ones(n)]
+                )
+                if frame == 700:
+                    loc = np.array([[1.0, 5.0, 1.0], [8.0, 4.0, 1.0], [30.0, 4.0, 1.0]])
+                locs.append(loc)
+                expected[frame] = loc
+                Image.fromarray(np.zeros((height, width), np.uint8), mode="L").save(
+                    os.path.join(vid_root, f"{name}.y", f"{name}_f{f + 1:03d}.png")
+                )
+            scipy.io.savemat(
+                os.path.join(ann, f"{name}_frame_full.mat"), {"frame": _frames_struct(locs)}
+            )
+        return expected
+
+    def test_split_roi_and_coordinates(self):
+        with tempfile.TemporaryDirectory() as d:
+            expected = self._fixture(d)
+            with self.assertLogs(LOGGER, logging.WARNING) as logs:
+                train = load_ucsd(d, "train")
+            self.assertTrue(any("outside" in m for m in logs.output))
+            test = load_ucsd(d, "test")
+            self.assertEqual([r["image_id"] for r in train], list(range(600, 1400)))
+            self.assertEqual(len(test), 1200)
+            self.assertEqual(test[0]["image_id"], 0)
+            self.assertTrue(train[0]["file_name"].endswith("vidf1_33_003.y/vidf1_33_003_f001.png"))
+            rec = train[100]  # frame 700
+            self.assertEqual(rec["image_id"], 700)
+            # (1, 5) -> (0.5, 4.5) is outside the ROI (x < 3); (30, 4) is outside the image
+            np.testing.assert_allclose(rec["points"], [[7.5, 3.5]])
+            self.assertTrue(rec["roi"].endswith("vidf1_33_roi_mainwalkway.mat"))
+            self.assertEqual(load_roi_mask(rec["roi"]).shape, (10, 14))
+            # without ROI every in-image point stays
+            no_roi = load_ucsd(d, "all", use_roi=False)
+            self.assertEqual(len(no_roi), 2000)
+            self.assertEqual(len(no_roi[700]["points"]), 2)
+            self.assertNotIn("roi", no_roi[700])
+            inside = expected[5][:, :2] - 0.5
+            np.testing.assert_allclose(no_roi[5]["points"], inside)
+
+    def test_missing_annotation(self):
+        with tempfile.TemporaryDirectory() as d:
+            with self.assertRaisesRegex(ValueError, "vidf1_33_roi_mainwalkway.mat"):
+                load_ucsd(d, "train")
+            with self.assertRaisesRegex(ValueError, "vidf1_33_003_frame_full.mat"):
+                load_ucsd(d, "train", use_roi=False)
+
+
+class TestMall(unittest.TestCase):
+    def test_split_and_counts(self):
+        with tempfile.TemporaryDirectory() as d:
+            base = os.path.join(d, "mall_dataset")
+            os.makedirs(os.path.join(base, "frames"))
+            locs, counts = [], []
+            for i in range(2000):
+                n = i % 3
+                locs.append(np.column_stack([np.arange(n) * 3.0 + 2.0, np.full(n, 4.0)]))
+                counts.append(n)
+                _save_image(os.path.join(base, "frames", f"seq_{i + 1:06d}.jpg"), 6, 8)
+            counts[5] = 7  # disagrees with its points: points win, with a warning
+            scipy.io.savemat(
+                os.path.join(base, "mall_gt.mat"),
+                {"frame": _frames_struct(locs), "count": np.asarray(counts, float)[:, None]},
+            )
+            with self.assertLogs(LOGGER, logging.WARNING) as logs:
+                train = load_mall(d, "train")
+            self.assertTrue(any("count" in m for m in logs.output))
+            test = load_mall(d, "test")
+            self.assertEqual(len(train), 800)
+            self.assertEqual(len(test), 1200)
+            self.assertEqual(test[0]["image_id"], 800)
+            self.assertTrue(test[0]["file_name"].endswith("seq_000801.jpg"))
+            np.testing.assert_allclose(train[2]["points"], [[1.5, 3.5], [4.5, 3.5]])
+            self.assertEqual(len(train[5]["points"]), 2)
+            self.assertEqual((train[0]["height"], train[0]["width"]), (6, 8))
+
+
+class TestGenericFormats(unittest.TestCase):
+    def test_json(self):
+        with tempfile.TemporaryDirectory() as d:
+            _save_image(os.path.join(d, "a.png"), 20, 30)
+            _save_image(os.path.join(d, "b.png"), 8, 8)
+            data = {
+                "images": [
+                    {"id": 7, "file_name": "a.png", "height": 20, "width": 30},
+                    {"id": 9, "file_name": "b.png"},
+                ],
+                "annotations": [
+                    {"id": 1, "image_id": 7, "point": [1.0, 2.0], "category_id": 5},
+                    {"id": 2, "image_id": 7, "point": [29.5, 19.0], "category_id": 3},
+                    {"id": 3, "image_id": 7, "point": [31.0, 2.0], "category_id": 3},
+                ],
+                "categories": [{"id": 3, "name": "x"}, {"id": 5, "name": "y"}],
+            }
+            path = os.path.join(d, "points.json")
+            with open(path, "w") as f:
+                json.dump(data, f)
+            with self.assertLogs(LOGGER, logging.WARNING) as logs:
+                recs = load_point_json(path, d)
+            self.assertIn("points.json: dropped 1 point", logs.output[0])
+            np.testing.assert_allclose(recs[0]["points"], [[1.0, 2.0], [29.5, 19.0]])
+            np.testing.assert_array_equal(recs[0]["point_classes"], [1, 0])
+            self.assertEqual((recs[1]["height"], recs[1]["width"]), (8, 8))  # read from the file
+            self.assertEqual(recs[1]["points"].shape, (0, 2))
+
+            data["annotations"].append({"id": 4, "image_id": 99, "point": [0, 0]})
+            with open(path, "w") as f:
+                json.dump(data, f)
+            with self.assertRaisesRegex(ValueError, "points.json.*annotation 4.*unknown image"):
+                load_point_json(path, d)
+            with self.assertRaisesRegex(ValueError, "missing.json"):
+                load_point_json(os.path.join(d, "missing.json"), d)
+
+    def test_csv(self):
+        with tempfile.TemporaryDirectory() as d:
+            _save_image(os.path.join(d, "a.png"), 10, 10)
+            _save_image(os.path.join(d, "b.png"), 10, 10)
+            path = os.path.join(d, "points.csv")
+            with open(path, "w") as f:
+                f.write(
+                    "image,x,y,class\na.png,1,2,dog\na.png,3.5,4,cat\nb.png,,\na.png,-1,4,cat\n"
+                )
+            recs = load_point_csv(path, d)
+            self.assertEqual([r["image_id"] for r in recs], ["a.png", "b.png"])
+            np.testing.assert_allclose(recs[0]["points"], [[1, 2], [3.5, 4]])
+            np.testing.assert_array_equal(recs[0]["point_classes"], [1, 0])  # cat=0, dog=1
+            self.assertEqual(recs[1]["points"].shape, (0, 2))
+            recs = load_point_csv(path, d, class_names=["dog", "cat"])
+            np.testing.assert_array_equal(recs[0]["point_classes"], [0, 1])
+            with open(path, "w") as f:
+                f.write("a.png,1,2\nmissing.png,3,4\n")
+            with self.assertRaisesRegex(ValueError, "missing.png"):
+                load_point_csv(path, d)
+            with open(path, "w") as f:
+                f.write("a.png,1,2\na.png,x,4\n")
+            with self.assertRaisesRegex(ValueError, "points.csv: row 2"):
+                load_point_csv(path, d)
+
+
+class TestRegistration(unittest.TestCase):
+    def test_builtin_names(self):
+        register_all_density()  # already registered on import: a no-op
+        for name in (
+            "wsis_cells_train_32",
+            "wsis_cells_test",
+            "vgg_cells_test",
+            "ucsd_train",
+            "mall_test",
+        ):
+            self.assertIn(name, DatasetCatalog.list())
+            self.assertEqual(MetadataCatalog.get(name).evaluator_type, "density")
+
+
+class TestMapper(unittest.TestCase):
+    def test_rot90_coordinates(self):
+        # a single bright pixel must move with its point under every quarter turn
+        img = np.zeros((5, 7), dtype=np.uint8)
+        img[1, 4] = 255
+        point = np.array([[4.5, 1.5]])
+        for k in range(4):
+            t = Rot90Transform(k, 5, 7)
+            out = t.apply_image(img)
+            row, col = np.argwhere(out == 255)[0]
+            np.testing.assert_allclose(t.apply_coords(point), [[col + 0.5, row + 0.5]])
+            np.testing.assert_allclose(t.inverse().apply_coords(t.apply_coords(point)), point)
+
+    def _cfg(self):
+        cfg = get_cfg()
+        add_wsis_config(cfg)
+        cfg.merge_from_file(
+            os.path.join(os.path.dirname(__file__), "../../configs/Base-Density.yaml")
+        )
+        return cfg
+
+    def test_crop_flip_keeps_points_on_their_pixels(self):
+        with tempfile.TemporaryDirectory() as d:
+            rng = np.random.default_rng(1)
+            img = np.zeros((40, 50, 3), dtype=np.uint8)
+            pts = np.array([[5.5, 3.5], [30.5, 20.5], [44.5, 37.5]])
+            for x, y in pts:
+                img[int(y), int(x)] = (255, 255, 255)
+            Image.fromarray(img).save(os.path.join(d, "a.png"))
+            roi = np.zeros((40, 50), dtype=bool)
+            roi[10:30, 20:40] = True
+            record = {
+                "file_name": os.path.join(d, "a.png"),
+                "height": 40,
+                "width": 50,
+                "image_id": 0,
+                "points": pts.astype(np.float32),
+                "point_classes": np.array([0, 1, 0]),
+                "roi": roi,
+            }
+            cfg = self._cfg()
+            cfg.INPUT.CROP.SIZE = [24, 24]
+            mapper = build_dataset_mapper(cfg, True)
+            self.assertIsInstance(mapper, DensityDatasetMapper)
+            for seed in range(12):
+                np.random.seed(seed + int(rng.integers(1000)))
+                out = mapper(record)
+                image = out["image"].numpy()
+                self.assertEqual(image.shape, (3, 24, 24))
+                self.assertEqual(tuple(out["roi"].shape), (24, 24))
+                lit = {(int(c) + 0.5, int(r) + 0.5) for r, c in np.argwhere(image[0] == 255)}
+                got = {tuple(p) for p in out["points"].tolist()}
+                self.assertEqual(got, lit)  # kept points are exactly the visible dots
+            test_out = DensityDatasetMapper(cfg, False)(record)
+            np.testing.assert_allclose(test_out["points"].numpy(), pts)
+            self.assertTrue(torch.equal(test_out["roi"], torch.from_numpy(roi)))
+
+    def test_unreadable_image(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "bad.png")
+            with open(path, "wb") as f:
+                f.write(b"garbage")
+            mapper = DensityDatasetMapper(is_train=False, augmentations=[T.NoOpTransform()])
+            with self.assertRaisesRegex(ValueError, "bad.png"):
+                mapper({"file_name": path, "height": 4, "width": 4, "points": np.zeros((0, 2))})
+
+
+if __name__ == "__main__":
+    unittest.main()

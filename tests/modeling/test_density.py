@@ -1,0 +1,353 @@
+"""Density targets, loss, backbones and the DensityCounter meta-architecture end to end."""
+
+import importlib
+import math
+import os
+import unittest
+from types import SimpleNamespace
+from unittest import mock
+
+import numpy as np
+import torch
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultPredictor
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, build_model
+from detectron2.utils.events import EventStorage
+from scipy.special import erf
+
+import wsis_d2  # noqa: F401  (registers models)
+from wsis_d2 import add_wsis_config
+from wsis_d2.modeling.meta_arch.density import (
+    adaptive_sigmas,
+    density_mse_loss,
+    gaussian_density_map,
+)
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
+
+
+def _reference_density(points, height, width, sigmas):
+    """Independent reference: 2-D Gaussian mass per pixel by 8x8 midpoint supersampling,
+    renormalised to the mass that falls inside the image."""
+    sub = 8
+    ys = (np.arange(height * sub) + 0.5) / sub
+    xs = (np.arange(width * sub) + 0.5) / sub
+    out = np.zeros((height, width))
+    for (x, y), s in zip(points, sigmas):
+        pdf = np.exp(-((xs[None, :] - x) ** 2 + (ys[:, None] - y) ** 2) / (2 * s * s))
+        pix = pdf.reshape(height, sub, width, sub).sum(axis=(1, 3))
+        out += pix / pix.sum()
+    return out
+
+
+def small_cfg(config="density_unet_cells.yaml"):
+    cfg = get_cfg()
+    add_wsis_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIGS, config))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.FCRN.CHANNELS = [4, 8, 8]
+    cfg.MODEL.FCRN.MID_CHANNELS = 8
+    cfg.MODEL.UNET.CHANNELS = [4, 8, 8]
+    cfg.MODEL.UNET.MID_CHANNELS = 8
+    return cfg
+
+
+class TestTargets(unittest.TestCase):
+    def test_integral_equals_count_including_border_points(self):
+        points = torch.tensor(
+            [[0.0, 0.0], [12.0, 4.5], [11.9, 9.99], [5.5, 5.5], [0.2, 7.0]], dtype=torch.float32
+        )
+        for sigma in (0.5, 2.0, 6.0):
+            d = gaussian_density_map(points, (10, 12), sigma)
+            self.assertEqual(tuple(d.shape), (1, 10, 12))
+            self.assertAlmostEqual(float(d.sum()), 5.0, places=4)
+            self.assertGreaterEqual(float(d.min()), 0.0)
+
+    def test_matches_supersampled_reference(self):
+        rng = np.random.default_rng(0)
+        points = np.column_stack([rng.uniform(0, 15, 6), rng.uniform(0, 9, 6)])
+        points[0] = [0.3, 8.8]  # near a corner: most of its mass is given back to the image
+        sigmas = rng.uniform(0.8, 3.0, 6)
+        ours = gaussian_density_map(
+            torch.tensor(points, dtype=torch.float32), (9, 15), torch.tensor(sigmas)
+        )[0].numpy()
+        ref = _reference_density(points, 9, 15, sigmas)
+        np.testing.assert_allclose(ours, ref, atol=2e-3 * ref.max())
+        self.assertAlmostEqual(float(ours.sum()), 6.0, places=4)
+
+    def test_isolated_kernel_has_exact_pixel_mass(self):
+        # far from the border a point at a pixel centre puts (erf-integrated) mass in its pixel
+        d = gaussian_density_map(torch.tensor([[20.5, 20.5]]), (41, 41), 1.5)[0]
+        one_d = erf(0.5 / (1.5 * math.sqrt(2)))
+        self.assertAlmostEqual(float(d[20, 20]), one_d**2, places=5)
+
+    def test_classes_go_to_their_channel(self):
+        points = torch.tensor([[2.0, 2.0], [7.0, 3.0], [4.0, 4.0]])
+        d = gaussian_density_map(points, (6, 9), 1.0, torch.tensor([2, 0, 2]), num_classes=3)
+        np.testing.assert_allclose(d.sum(dim=(1, 2)).numpy(), [1, 0, 2], atol=1e-5)
+        empty = gaussian_density_map(torch.zeros((0, 2)), (6, 9), 1.0, num_classes=2)
+        self.assertEqual(tuple(empty.shape), (2, 6, 9))
+        self.assertEqual(float(empty.abs().sum()), 0.0)
+        with self.assertRaises(ValueError):
+            gaussian_density_map(points, (6, 9), 1.0, torch.tensor([0, 3, 0]), num_classes=3)
+
+    def test_adaptive_sigmas_brute_force(self):
+        rng = np.random.default_rng(3)
+        pts = rng.uniform(0, 50, size=(7, 2))
+        k, beta = 3, 0.3
+        expected = []
+        for i in range(7):
+            dist = sorted(np.hypot(*(pts - pts[i]).T))[1 : k + 1]
+            expected.append(np.clip(beta * np.mean(dist), 0.5, 100.0))
+        got = adaptive_sigmas(torch.tensor(pts), k, beta, 4.0, (0.5, 100.0))
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
+        few = adaptive_sigmas(torch.tensor(pts[:3]), k, beta, 4.0)
+        np.testing.assert_allclose(few.numpy(), [4.0, 4.0, 4.0])
+
+    def test_mse_loss_hand_computed(self):
+        pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+        target = torch.tensor([[[[0.0, 2.0], [5.0, 4.0]]]])
+        valid = torch.tensor([[[[1.0, 1.0], [0.0, 1.0]]]])
+        self.assertAlmostEqual(float(density_mse_loss(pred, target)), (1 + 0 + 4 + 0) / 4)
+        self.assertAlmostEqual(float(density_mse_loss(pred, target, valid)), (1 + 0 + 0) / 3)
+
+
+class TestBackbones(unittest.TestCase):
+    def test_output_at_input_resolution(self):
+        cfg = small_cfg()
+        counts = {}
+        for name in ("FCRN_A", "FCRN_B", "UNet"):
+            net = BACKBONE_REGISTRY.get(name)(cfg, ShapeSpec(channels=3))
+            convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+            counts[name] = len(convs)
+            self.assertEqual(net.size_divisibility, 8)
+            for h, w in ((32, 40), (37, 23)):
+                out = net(torch.randn(2, 3, h, w))["dense"]
+                self.assertEqual(tuple(out.shape), (2, 4, h, w))
+        # 3 down + 1 middle + 3 up blocks: FCRN-A 1 conv each, FCRN-B and U-Net 2
+        self.assertEqual(counts, {"FCRN_A": 7, "FCRN_B": 14, "UNet": 14})
+
+    def test_width_and_depth_configurable(self):
+        cfg = small_cfg()
+        cfg.MODEL.UNET.CHANNELS = [3, 5]
+        net = BACKBONE_REGISTRY.get("UNet")(cfg, ShapeSpec(channels=1))
+        self.assertEqual(net.size_divisibility, 4)
+        self.assertEqual(tuple(net(torch.randn(1, 1, 9, 11))["dense"].shape), (1, 3, 9, 11))
+
+
+class TestDensityCounter(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        # tiny models: one thread avoids OpenMP spinning on a busy shared machine
+        cls._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    @classmethod
+    def tearDownClass(cls):
+        torch.set_num_threads(cls._threads)
+
+    def _inputs(self, sizes, num_points):
+        gen = torch.Generator().manual_seed(0)
+        inputs = []
+        for (h, w), n in zip(sizes, num_points):
+            pts = torch.rand(n, 2, generator=gen) * torch.tensor([w, h])
+            inputs.append(
+                {
+                    "image": torch.randint(0, 255, (3, h, w), generator=gen, dtype=torch.uint8),
+                    "points": pts,
+                    "point_classes": torch.zeros(n, dtype=torch.long),
+                    "height": h,
+                    "width": w,
+                }
+            )
+        return inputs
+
+    def test_end_to_end_every_backbone(self):
+        for config in (
+            "density_fcrn_a_cells.yaml",
+            "density_fcrn_b_cells.yaml",
+            "density_unet_cells.yaml",
+        ):
+            with self.subTest(config=config):
+                torch.manual_seed(0)
+                model = build_model(small_cfg(config))
+                model.train()
+                opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+                inputs = self._inputs([(45, 33), (30, 51)], [6, 0])  # one image without points
+                with EventStorage():
+                    for _ in range(2):
+                        losses = model(inputs)
+                        self.assertEqual(set(losses), {"loss_density"})
+                        loss = sum(losses.values())
+                        self.assertTrue(torch.isfinite(loss))
+                        opt.zero_grad()
+                        loss.backward()
+                        self.assertTrue(
+                            all(p.grad is not None for p in model.parameters() if p.requires_grad)
+                        )
+                        opt.step()
+                model.eval()
+                inputs[1]["height"], inputs[1]["width"] = 45, 77  # output at another size
+                with torch.no_grad():
+                    outputs = model(inputs)
+                for out, (h, w) in zip(outputs, ((45, 33), (45, 77))):
+                    self.assertEqual(tuple(out["density"].shape), (1, h, w))
+                    self.assertEqual(tuple(out["counts"].shape), (1,))
+                # same size: the count is the integral of the returned map
+                self.assertAlmostEqual(
+                    float(outputs[0]["counts"]), float(outputs[0]["density"].sum()), places=4
+                )
+                # resized (x1.5 in width): integral kept up to interpolation error
+                self.assertAlmostEqual(
+                    float(outputs[1]["counts"]),
+                    float(outputs[1]["density"].sum()),
+                    delta=0.05 * float(outputs[1]["density"].abs().sum()) + 1e-6,
+                )
+
+    def test_loss_is_pixel_mse_of_scaled_target(self):
+        model = build_model(small_cfg())
+        model.train()
+        inputs = self._inputs([(16, 24), (13, 19)], [3, 2])
+        inputs[0]["roi"] = torch.zeros(16, 24, dtype=torch.bool)
+        inputs[0]["roi"][:, :10] = True
+        images = model.preprocess_image(inputs)
+        with torch.no_grad(), EventStorage():
+            pred = model.predict_raw(images)
+            loss = float(model(inputs)["loss_density"])
+        # reference: loop over images, valid pixels only, target = s * D
+        sq, n = 0.0, 0
+        for i, inp in enumerate(inputs):
+            h, w = inp["image"].shape[-2:]
+            target = 100.0 * gaussian_density_map(inp["points"], (h, w), 3.0)
+            mask = inp.get("roi", torch.ones(h, w, dtype=torch.bool))
+            diff = (pred[i, :, :h, :w] - target)[:, mask]
+            sq += float((diff**2).sum())
+            n += int(mask.sum())
+        self.assertAlmostEqual(loss, sq / n, places=5)
+
+    def test_adaptive_targets_keep_counts(self):
+        cfg = small_cfg("density_unet_mall.yaml")
+        self.assertEqual(cfg.MODEL.DENSITY.ADAPTIVE_K, 3)
+        model = build_model(cfg)
+        points = torch.tensor([[1.0, 1.0], [3.0, 1.0], [30.0, 20.0], [31.0, 22.0], [10.0, 5.0]])
+        target = model.target_density(points, None, (24, 32))
+        self.assertAlmostEqual(float(target.sum()), 5.0, places=4)
+        sigmas = adaptive_sigmas(points, 3, 0.3, 4.0, (2.0, 12.0))
+        np.testing.assert_allclose(
+            target[0].numpy(), gaussian_density_map(points, (24, 32), sigmas)[0].numpy()
+        )
+        self.assertGreater(float(sigmas.max()), float(sigmas.min()))
+
+    def test_training_reduces_count_error(self):
+        # a tiny model learns to count bright dots; checks that gradients point the right way
+        torch.manual_seed(0)
+        cfg = small_cfg("density_fcrn_a_cells.yaml")
+        cfg.MODEL.PIXEL_MEAN = [0.0, 0.0, 0.0]
+        cfg.MODEL.PIXEL_STD = [255.0, 255.0, 255.0]
+        cfg.MODEL.DENSITY.SIGMA = 1.5
+        model = build_model(cfg)
+        model.train()
+        gen = torch.Generator().manual_seed(1)
+        inputs = []
+        for n in (3, 8, 1, 5):
+            img = torch.zeros(3, 24, 24, dtype=torch.uint8)
+            pix = torch.randperm(24 * 24, generator=gen)[:n]
+            rows, cols = pix // 24, pix % 24
+            img[:, rows, cols] = 255
+            inputs.append(
+                {"image": img, "points": torch.stack([cols + 0.5, rows + 0.5], 1).float()}
+            )
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        with EventStorage() as storage:
+            for it in range(60):
+                loss = model(inputs)["loss_density"]
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if it == 0:
+                    first = storage.history("density/count_mae").latest()
+            last = storage.history("density/count_mae").latest()
+        self.assertLess(last, 0.5 * first)
+
+
+def _reference_find_peaks(maps, radius=1, threshold=None):
+    """Local maxima over a (2r+1)^2 window above ``threshold``, in the shared Peaks format."""
+    pooled = torch.nn.functional.max_pool2d(maps, 2 * radius + 1, stride=1, padding=radius)
+    mask = maps == pooled
+    if threshold is not None:
+        mask &= maps > threshold
+    idx = mask.nonzero()
+    vals = maps[mask]
+    order = sorted(range(len(idx)), key=lambda i: (int(idx[i, 0]), int(idx[i, 1]), -float(vals[i])))
+    return SimpleNamespace(mask=mask, indices=idx[order], values=vals[order])
+
+
+class TestInference(unittest.TestCase):
+    def _model(self):
+        cfg = small_cfg()
+        cfg.MODEL.DENSITY.PEAKS.ENABLED = True
+        cfg.MODEL.DENSITY.PEAKS.BOX_SIZE = 6.0
+        cfg.MODEL.DENSITY.SIGMA = 1.0
+        model = build_model(cfg).eval()
+        return model
+
+    def _fake_prediction(self, model, points, size):
+        """Replace the network by a map equal to s * (target density of ``points``)."""
+        density = model.density_scale * gaussian_density_map(points, size, 1.0)
+        return mock.patch.object(model, "predict_raw", return_value=density[None])
+
+    def test_point_detections_from_peaks(self):
+        model = self._model()
+        points = torch.tensor([[4.5, 5.5], [15.5, 10.5], [1.5, 1.5]])
+        with self._fake_prediction(model, points, (16, 24)), mock.patch(
+            "wsis_d2.layers.find_peaks", _reference_find_peaks, create=True
+        ):
+            out = model([{"image": torch.zeros(3, 16, 24, dtype=torch.uint8)}])[0]
+        inst = out["instances"]
+        self.assertEqual(inst.image_size, (16, 24))
+        centres = inst.pred_boxes.get_centers()
+        got = sorted(map(tuple, centres.tolist()))
+        # boxes are centred on the peak pixels, clipped at the border for the corner point
+        self.assertEqual(got[1:], sorted([(4.5, 5.5), (15.5, 10.5)]))
+        self.assertEqual(tuple(inst.pred_boxes.tensor[0].tolist()), (0.0, 0.0, 4.5, 4.5))
+        self.assertTrue(torch.all(inst.pred_classes == 0))
+        expected_peak = float(out["density"][0, 5, 4])
+        self.assertIn(round(expected_peak, 6), [round(v, 6) for v in inst.scores.tolist()])
+        self.assertAlmostEqual(float(out["counts"][0]), 3.0, places=4)
+
+    @unittest.skipUnless(
+        getattr(importlib.import_module("wsis_d2.layers"), "find_peaks", None) is not None,
+        "wsis_d2.layers.find_peaks is not available yet",
+    )
+    def test_point_detections_with_the_real_op(self):
+        model = self._model()
+        points = torch.tensor([[4.5, 5.5], [15.5, 10.5]])
+        with self._fake_prediction(model, points, (16, 24)):
+            inst = model([{"image": torch.zeros(3, 16, 24, dtype=torch.uint8)}])[0]["instances"]
+        self.assertEqual(
+            sorted(map(tuple, inst.pred_boxes.get_centers().tolist())),
+            [(4.5, 5.5), (15.5, 10.5)],
+        )
+
+    def test_roi_masks_density(self):
+        model = build_model(small_cfg()).eval()
+        roi = torch.zeros(12, 10, dtype=torch.bool)
+        roi[2:7, 3:9] = True
+        with torch.no_grad():
+            out = model([{"image": torch.zeros(3, 12, 10, dtype=torch.uint8), "roi": roi}])[0]
+        self.assertEqual(float(out["density"][0][~roi].abs().sum()), 0.0)
+        self.assertAlmostEqual(float(out["counts"][0]), float(out["density"].sum()), places=5)
+
+    def test_default_predictor(self):
+        cfg = small_cfg()
+        predictor = DefaultPredictor(cfg)
+        image = np.random.default_rng(0).integers(0, 255, (21, 30, 3), dtype=np.uint8)
+        out = predictor(image)
+        self.assertEqual(set(out), {"density", "counts"})
+        self.assertEqual(tuple(out["density"].shape), (1, 21, 30))
+        self.assertEqual(tuple(out["counts"].shape), (1,))
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,362 @@
+"""ImageLevelCounter (LC / ILC) end to end: build from config, train steps, losses against an
+independent NumPy reference, both config switches, two-stage schedule, inference on odd sizes,
+evaluators, DefaultPredictor, proposals, NaN handling and input validation."""
+import math
+import os
+import unittest
+
+import numpy as np
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import DefaultPredictor, SimpleTrainer
+from detectron2.modeling import build_model
+from detectron2.structures import BoxMode, Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+import wsis_d2  # noqa: F401  (registers models)
+from wsis_d2 import add_wsis_config
+from wsis_d2.evaluation import CountingEvaluator, InstanceAPEvaluator
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
+C = 3
+
+def small_cfg(**overrides):
+    cfg = get_cfg()
+    add_wsis_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIGS, "Base-LC.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res4"]
+    cfg.MODEL.LC.IN_FEATURE = "res4"
+    cfg.MODEL.LC.NUM_CLASSES = C
+    cfg.MODEL.LC.UPSAMPLE = 2
+    cfg.INPUT.MIN_SIZE_TEST = 64
+    cfg.INPUT.MAX_SIZE_TEST = 96
+    for key, value in overrides.items():
+        cfg.merge_from_list([key, value])
+    return cfg
+
+
+def make_input(h, w, counts, count_ge=None, seed=0, name="img"):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.tensor(counts, dtype=torch.long)
+    ge = torch.zeros(C, dtype=torch.bool) if count_ge is None else torch.tensor(count_ge)
+    return {
+        "image": torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8),
+        "height": h,
+        "width": w,
+        "file_name": name,
+        "image_id": name,
+        "labels": (counts > 0).float(),
+        "counts": counts,
+        "count_ge": ge,
+    }
+
+
+def train_batch():
+    # odd sizes; S, S̃ (count only known as >= 5), S0 and an image with no object at all
+    return [
+        make_input(67, 93, [2, 0, 5], [False, False, True], seed=1, name="a"),
+        make_input(81, 55, [0, 1, 0], seed=2, name="b"),
+        make_input(59, 71, [0, 0, 0], seed=3, name="c"),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# independent NumPy reference of all training losses from the head's outputs
+
+
+def _np_peaks(m):
+    """3x3 local maxima (outside = -inf) of a (h, w) map that reach its lower median."""
+    h, w = m.shape
+    pad = np.pad(m, 1, constant_values=-np.inf)
+    win = np.max([pad[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)], axis=0)
+    flat = np.sort(m.ravel())
+    median = flat[(flat.size - 1) // 2]  # torch.median: the lower of the two middle values
+    return (m >= win) & (m >= median)
+
+
+def _ls(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def reference_losses(model, m, d, batch, image_sizes, iteration=0):
+    m = m.detach().double().numpy()
+    d = d.detach().double().numpy()
+    n = len(batch)
+    stride = model.feature_stride / model.head.upsample
+    t_tilde = model.lower_count
+    stage1 = iteration < model.spatial_start_iter
+    l_cls = l_pos = l_neg = l_count = l_rank = 0.0
+    pooled_pos, pooled_neg = [], []
+    for i, inp in enumerate(batch):
+        h, w = (math.ceil(s / stride) for s in image_sizes[i])
+        counts = inp["counts"].numpy()
+        ge = inp["count_ge"].numpy()
+        labels = inp["labels"].numpy()
+        present = labels > 0.5
+        beyond = present & (ge | (counts >= t_tilde))
+        exact = present & ~beyond & (counts >= 1)
+        absent = ~present
+        s = np.zeros(C)
+        pos_terms, neg_terms, t_hat = [], [], np.zeros(C)
+        for c in range(C):
+            mc, dc = m[i, c, :h, :w], d[i, c, :h, :w]
+            pk = _np_peaks(mc)
+            s[c] = mc[pk].mean()
+            t_hat[c] = dc.sum() if model.count_mode == "paper" else dc.mean()
+            if exact[c]:
+                vals = np.sort(mc[pk])[::-1]
+                h_c = vals[min(counts[c], vals.size) - 1]
+                b = pk & (mc >= h_c)
+                pos_terms.append(-(_ls(dc[b])).sum() / b.sum())
+                pooled_pos.extend(-(_ls(dc[b])))
+            if absent[c]:
+                neg_terms.append(-(_ls(-dc)).sum() / (h * w))
+                pooled_neg.extend(-(_ls(-dc)).ravel())
+        l_cls += -(labels * _ls(s) + (1 - labels) * _ls(-s)).mean() / n
+        if pos_terms:
+            l_pos += np.mean(pos_terms) / n
+        if neg_terms:
+            l_neg += np.mean(neg_terms) / n
+        sel = (exact | absent) if (model.count_absent and not stage1) else exact
+        if sel.any():
+            l_count += np.mean((t_hat[sel] - counts[sel]) ** 2) / n
+        if beyond.any():
+            l_rank += np.mean(np.maximum(0.0, t_tilde - t_hat[beyond])) / n
+    if model.spatial_mode == "official":
+        l_pos = float(np.mean(pooled_pos)) if pooled_pos else 0.0
+        l_neg = float(np.mean(pooled_neg)) if pooled_neg else 0.0
+    if stage1:
+        l_pos = l_neg = 0.0
+    return {
+        "loss_cls": l_cls,
+        "loss_sp_pos": l_pos,
+        "loss_sp_neg": l_neg,
+        "loss_count": l_count,
+        "loss_rank": model.rank_loss_weight * l_rank,
+    }
+
+
+def run_losses(model, batch, iteration=0):
+    captured = {}
+    hook = model.head.register_forward_hook(lambda mod, inp, out: captured.update(out=out))
+    with EventStorage(iteration) as storage:
+        losses = model(batch)
+    hook.remove()
+    images = model.preprocess_image(batch)
+    return losses, captured["out"], images.image_sizes, storage
+
+
+class TestTraining(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        torch.manual_seed(0)
+
+    def test_losses_match_reference_for_every_switch(self):
+        combos = [
+            ("paper", "paper", True, 0),
+            ("official", "official", True, 0),
+            ("paper", "official", False, 0),
+            ("official", "paper", True, 10),  # official two-stage schedule, still in stage 1
+        ]
+        batch = train_batch()
+        for count_mode, spatial_mode, absent, start in combos:
+            with self.subTest(count=count_mode, spatial=spatial_mode, absent=absent, start=start):
+                cfg = small_cfg(
+                    **{
+                        "MODEL.LC.COUNT_MODE": count_mode,
+                        "MODEL.LC.SPATIAL_MODE": spatial_mode,
+                        "MODEL.LC.COUNT_ABSENT": str(absent),
+                        "MODEL.LC.SPATIAL_START_ITER": str(start),
+                    }
+                )
+                torch.manual_seed(0)
+                model = build_model(cfg).train()
+                losses, (m, d), sizes, storage = run_losses(model, batch, iteration=0)
+                ref = reference_losses(model, m, d, batch, sizes, iteration=0)
+                self.assertEqual(set(losses), set(ref))
+                for key in ref:
+                    self.assertAlmostEqual(float(losses[key]), ref[key], places=4, msg=key)
+                if start:
+                    self.assertEqual(float(losses["loss_sp_pos"]), 0.0)
+                    self.assertEqual(storage.latest()["lc/stage"][0], 1.0)
+                else:
+                    self.assertGreater(float(losses["loss_sp_pos"]), 0.0)
+                    self.assertGreater(float(losses["loss_sp_neg"]), 0.0)
+                self.assertGreater(float(losses["loss_rank"]), 0.0)
+
+    def test_train_steps_and_backward(self):
+        torch.manual_seed(0)
+        model = build_model(small_cfg()).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        batch = train_batch()
+        with EventStorage(0) as storage:
+            for _ in range(3):
+                losses = model(batch)
+                total = sum(losses.values())
+                self.assertTrue(torch.isfinite(total))
+                opt.zero_grad()
+                total.backward()
+                for name in ("backbone.stem.conv1.weight", "head.cls_branch.1.weight"):
+                    grad = dict(model.named_parameters())[name].grad
+                    self.assertGreater(float(grad.abs().sum()), 0.0, name)
+                self.assertGreater(
+                    float(model.head.density_branch[1].weight.grad.abs().sum()), 0.0
+                )
+                opt.step()
+                storage.step()
+            for key in ("lc/cls_accuracy", "lc/count_mae_S", "lc/num_peaks_per_map"):
+                self.assertIn(key, storage.latest())
+
+    def test_nan_stops_simple_trainer(self):
+        model = build_model(small_cfg()).train()
+        with torch.no_grad():
+            model.head.density_branch[1].bias.fill_(float("nan"))
+        batch = train_batch()
+        trainer = SimpleTrainer(model, [batch] * 2, torch.optim.SGD(model.parameters(), lr=0.01))
+        with self.assertRaises(FloatingPointError):
+            trainer.train(0, 1)
+
+    def test_bad_inputs_name_file_and_field(self):
+        model = build_model(small_cfg()).train()
+        bad = make_input(40, 40, [1, 0, 0], name="broken.jpg")
+        bad["counts"] = torch.tensor([1, 0])
+        with EventStorage(0):
+            with self.assertRaisesRegex(ValueError, "broken.jpg.*counts"):
+                model([bad])
+            del bad["counts"], bad["labels"]
+            with self.assertRaisesRegex(ValueError, "broken.jpg"):
+                model([bad])
+
+
+def _count_bias(model, value):
+    """Make every class present with t̂ = value (official mode: mean of D)."""
+    with torch.no_grad():
+        model.head.density_branch[1].weight.zero_()
+        model.head.density_branch[1].bias.fill_(value)
+        model.head.cls_branch[1].bias.fill_(10.0)
+
+
+class TestInference(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        torch.manual_seed(0)
+        cfg = small_cfg(**{"MODEL.LC.COUNT_MODE": "official"})
+        cls.cfg = cfg
+        cls.model = build_model(cfg).eval()
+        _count_bias(cls.model, 2.2)
+
+    def _check(self, inp, out):
+        inst = out["instances"]
+        self.assertEqual(inst.image_size, (inp["height"], inp["width"]))
+        self.assertEqual(out["counts"].tolist(), [2.0] * C)
+        self.assertEqual(tuple(inst.pred_masks.shape[1:]), (inp["height"], inp["width"]))
+        per_class = torch.bincount(inst.pred_classes, minlength=C)
+        self.assertTrue(bool((per_class <= 2).all()))
+        self.assertGreater(len(inst), 0)
+        self.assertTrue(bool(inst.pred_masks.flatten(1).any(dim=1).all()))
+        expected_boxes = BoxMode.convert(
+            _mask_boxes(inst.pred_masks), BoxMode.XYXY_ABS, BoxMode.XYXY_ABS
+        )
+        torch.testing.assert_close(inst.pred_boxes.tensor, expected_boxes)
+        self.assertTrue(bool(((inst.scores > 0) & (inst.scores <= 1)).all()))
+
+    def test_odd_sizes_resized_outputs_and_evaluators(self):
+        # image 0: network input 61x87 shown at 122x174 (a resize by the mapper); image 1: 75x49
+        inputs = [make_input(61, 87, [0] * C, seed=5, name="x0"), make_input(75, 49, [0] * C, seed=6)]
+        inputs[0]["height"], inputs[0]["width"] = 122, 174
+        inputs[1]["image_id"] = "x1"
+        with torch.no_grad():
+            outputs = self.model(inputs)
+        for inp, out in zip(inputs, outputs):
+            self._check(inp, out)
+        name = "_test_lc_eval"
+        if name not in DatasetCatalog.list():
+            records = [
+                {"file_name": "x0", "image_id": "x0", "height": 122, "width": 174,
+                 "class_counts": [1, 0, 0], "annotations": [_square_annotation(20, 30, 40, 0)]},
+                {"file_name": "x1", "image_id": "x1", "height": 75, "width": 49,
+                 "class_counts": [0, 0, 0], "annotations": []},
+            ]
+            DatasetCatalog.register(name, lambda: records)
+            MetadataCatalog.get(name).set(thing_classes=["a", "b", "c"], evaluator_type="wsis_instance")
+        results = {}
+        for ev in (CountingEvaluator(name, distributed=False), InstanceAPEvaluator(name, distributed=False)):
+            ev.reset()
+            ev.process(inputs, outputs)
+            results.update(ev.evaluate())
+        self.assertTrue(np.isfinite(results["counting"]["mRMSE"]))
+        # image 0 over-counts class 0 by 1 and every other class by 2, image 1 by 2 everywhere
+        rmse = [math.sqrt((1 + 4) / 2), 2.0, 2.0]
+        self.assertAlmostEqual(results["counting"]["mRMSE"], float(np.mean(rmse)), places=5)
+        self.assertIn("mAP_r50", results["wsis_instance"])
+
+    def test_default_predictor_on_odd_image(self):
+        cfg = self.cfg.clone()
+        predictor = DefaultPredictor(cfg)
+        _count_bias(predictor.model, 2.2)
+        image = np.random.default_rng(0).integers(0, 256, (53, 77, 3), dtype=np.uint8)
+        out = predictor(image)
+        self._check({"height": 53, "width": 77}, out)
+
+    def test_peaks_get_masks_in_one_batched_pass_and_groups_agree(self):
+        torch.manual_seed(0)
+        inp = make_input(96, 96, [0] * C, seed=7)
+        exact = self.model([inp])[0]["instances"]
+        self.model.prm_group_distance = 1e9  # finite but never reached: still one peak per vector
+        try:
+            same = self.model([inp])[0]["instances"]
+        finally:
+            self.model.prm_group_distance = -1.0
+        self.assertTrue(torch.equal(exact.pred_masks, same.pred_masks))
+
+    def test_counts_only(self):
+        self.model.prm_enabled = False
+        try:
+            out = self.model([make_input(45, 61, [0] * C)])[0]
+        finally:
+            self.model.prm_enabled = True
+        self.assertNotIn("instances", out)
+        self.assertEqual(out["counts"].tolist(), [2.0] * C)
+
+    def test_proposals_choose_boxes(self):
+        inp = make_input(64, 80, [0] * C, seed=8)
+        props = Instances((64, 80))
+        props.proposal_boxes = Boxes(torch.tensor([[0.0, 0.0, 40.0, 32.0], [40.0, 32.0, 80.0, 64.0],
+                                                   [10.0, 10.0, 70.0, 50.0]]))
+        props.objectness_logits = torch.zeros(3)
+        inp["proposals"] = props
+        out = self.model([inp])[0]["instances"]
+        self.assertGreater(len(out), 0)
+        for box in out.pred_boxes.tensor:
+            self.assertTrue(any(torch.allclose(box, p) for p in props.proposal_boxes.tensor))
+        inside = _mask_boxes(out.pred_masks)
+        for b, m in zip(out.pred_boxes.tensor, inside):
+            self.assertTrue(bool((m[:2] >= b[:2]).all() and (m[2:] <= b[2:]).all()))
+
+
+def _mask_boxes(masks):
+    boxes = torch.zeros(masks.shape[0], 4)
+    for i, m in enumerate(masks):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        if ys.numel():
+            boxes[i] = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+    return boxes
+
+
+def _square_annotation(x, y, size, cls):
+    import pycocotools.mask as mask_util
+
+    m = np.zeros((122, 174), dtype=np.uint8, order="F")
+    m[y : y + size, x : x + size] = 1
+    rle = mask_util.encode(m)
+    rle["counts"] = rle["counts"].decode("ascii")
+    return {"bbox": [x, y, x + size, y + size], "bbox_mode": BoxMode.XYXY_ABS, "category_id": cls,
+            "segmentation": rle, "point": [x + size / 2, y + size / 2], "iscrowd": 0}
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,285 @@
+#!/usr/bin/env python
+"""
+Benchmark of LC / ILC (``ImageLevelCounter``) on the embedded synthetic scenes, sized for a 2-core
+CPU (~40 minutes in all at the default budgets):
+
+1. train LC with a fixed schedule (``--lc-iters``) on ``wsis_synth_train``, evaluate on
+   ``wsis_synth_val`` (counting errors and mAP^r);
+2. the counting baseline: every image predicted with each class's mean training count;
+3. the fully supervised reference: stock Mask R-CNN trained on the same data with
+   ``--supervised-iters`` (or its mAP^r_50 read from ``--supervised-json``);
+4. head_overhead: time of the LC heads + losses relative to the bare backbone forward + backward
+   at 448x448, batch 2 (median of repeats);
+5. prm_backward_ratio: time to get the masks of all retained peaks of an image (batched backward +
+   mask extraction) / time of one forward, summed over validation images with instances.
+
+The last line printed is one JSON object with mRMSE, mRMSE_nz, m_relRMSE, m_relRMSE_nz,
+baseline_mRMSE, mAP_r25, mAP_r50, supervised_mAP_r50, head_overhead, prm_backward_ratio (and
+timings). Targets: mRMSE <= 0.35 x baseline_mRMSE, mAP_r50 >= 0.5 x supervised_mAP_r50,
+head_overhead <= 0.15, prm_backward_ratio <= 2.
+
+    python tools/benchmark_lc.py                            # full run (~40 min on 2 cores)
+    python tools/benchmark_lc.py --lc-iters 20 --supervised-iters 20 --eval-images 10   # smoke
+"""
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, DatasetFromList, MetadataCatalog
+from detectron2.data import build_detection_test_loader
+from detectron2.engine import hooks
+from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from detectron2.utils.logger import setup_logger
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import wsis_d2  # noqa: E402,F401  (registers datasets, models and mappers)
+from wsis_d2 import add_wsis_config  # noqa: E402
+from wsis_d2.data import build_dataset_mapper  # noqa: E402
+from wsis_d2.evaluation import CountingEvaluator, InstanceAPEvaluator, counting_metrics  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LC_CONFIG = os.path.join(ROOT, "configs", "demo", "lc_r50_synthetic_demo.yaml")
+SUPERVISED_CONFIGS = [
+    os.path.join(ROOT, "configs", "demo", "mask_rcnn_R_50_FPN_synthetic.yaml"),
+    os.path.join(ROOT, "configs", "demo", "mask_rcnn_R_18_FPN_synthetic.yaml"),
+]
+TRAIN_SET, VAL_SET = "wsis_synth_train", "wsis_synth_val"
+
+logger = logging.getLogger("benchmark_lc")
+
+
+def _load_trainer_class():
+    """``Trainer`` of tools/train_net.py (its mappers), without the final evaluation hook: the
+    benchmark evaluates the trained model itself, on a chosen number of images."""
+    path = os.path.join(ROOT, "tools", "train_net.py")
+    spec = importlib.util.spec_from_file_location("wsis_train_net", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class BenchmarkTrainer(module.Trainer):
+        def build_hooks(self):
+            return [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
+
+    return BenchmarkTrainer
+
+
+def _cfg(config_file, opts, output_dir):
+    cfg = get_cfg()
+    add_wsis_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.DATASETS.TRAIN = (TRAIN_SET,)
+    cfg.DATASETS.TEST = (VAL_SET,)
+    cfg.TEST.EVAL_PERIOD = 0
+    cfg.TEST.WSIS_COCO_EVAL = False
+    cfg.OUTPUT_DIR = output_dir
+    return cfg
+
+
+def _schedule(cfg, iters):
+    """Rescale the config's schedule to ``iters`` iterations (steps at the same fractions)."""
+    old = max(1, cfg.SOLVER.MAX_ITER)
+    cfg.SOLVER.STEPS = tuple(int(round(s * iters / old)) for s in cfg.SOLVER.STEPS)
+    cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(1, iters // 10))
+    if cfg.MODEL.META_ARCHITECTURE == "ImageLevelCounter":
+        cfg.MODEL.LC.SPATIAL_START_ITER = int(round(cfg.MODEL.LC.SPATIAL_START_ITER * iters / old))
+    cfg.SOLVER.MAX_ITER = int(iters)
+    cfg.SOLVER.CHECKPOINT_PERIOD = int(iters) + 1
+
+
+def _evaluate(cfg, model, num_images):
+    """Counting + instance evaluation on the first ``num_images`` of the validation set."""
+    dicts = DatasetCatalog.get(VAL_SET)
+    if num_images > 0:
+        dicts = dicts[:num_images]
+    mapper = build_dataset_mapper(cfg, is_train=False)
+    loader = build_detection_test_loader(DatasetFromList(dicts, copy=False), mapper=mapper, num_workers=0)
+    evaluators = [
+        CountingEvaluator(VAL_SET, distributed=False),
+        InstanceAPEvaluator(VAL_SET, distributed=False),
+    ]
+    return inference_on_dataset(model, loader, DatasetEvaluators(evaluators)), dicts, loader
+
+
+def train_and_evaluate(trainer_cls, cfg, eval_images):
+    """Train with the trainer (no periodic evaluation) and evaluate the final model."""
+    trainer = trainer_cls(cfg)
+    trainer.resume_or_load(resume=False)
+    start = time.perf_counter()
+    trainer.train()
+    train_time = time.perf_counter() - start
+    start = time.perf_counter()
+    results, dicts, loader = _evaluate(cfg, trainer.model, eval_images)
+    return trainer.model, results, train_time, time.perf_counter() - start, dicts, loader
+
+
+def baseline_mrmse(num_images):
+    """mRMSE of predicting every image with each class's mean training count."""
+    train = np.array([d["class_counts"] for d in DatasetCatalog.get(TRAIN_SET)], dtype=np.float64)
+    val = DatasetCatalog.get(VAL_SET)
+    if num_images > 0:
+        val = val[:num_images]
+    gt = np.array([d["class_counts"] for d in val], dtype=np.float64)
+    pred = np.repeat(train.mean(axis=0, keepdims=True), gt.shape[0], axis=0)
+    return float(counting_metrics(pred, gt)["mRMSE"])
+
+
+def _median_time(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def head_overhead(cfg, repeats=5):
+    """(LC model forward + backward − backbone forward + backward) / backbone, 448x448, batch 2."""
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    num_classes = cfg.MODEL.LC.NUM_CLASSES
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for i in range(2):
+        counts = torch.zeros(num_classes, dtype=torch.long)
+        counts[i] = 2
+        counts[(i + 3) % num_classes] = 7
+        batch.append(
+            {
+                "image": torch.randint(0, 256, (3, 448, 448), generator=g, dtype=torch.uint8),
+                "labels": (counts > 0).float(),
+                "counts": counts.clamp(max=cfg.MODEL.LC.LOWER_COUNT),
+                "count_ge": counts >= cfg.MODEL.LC.LOWER_COUNT,
+            }
+        )
+    x = model.preprocess_image(batch).tensor
+
+    def bare():
+        model.zero_grad(set_to_none=True)
+        model.backbone(x)[model.in_feature].sum().backward()
+
+    def full():
+        model.zero_grad(set_to_none=True)
+        sum(model(batch).values()).backward()
+
+    with EventStorage(0):
+        t_bare = _median_time(bare, repeats)
+        t_full = _median_time(full, repeats)
+    return (t_full - t_bare) / t_bare, t_bare, t_full
+
+
+def prm_backward_ratio(model, loader, max_images):
+    """Σ (time with masks − time counts only) / Σ time counts only, over images with peaks."""
+    model.eval()
+    t_masks = t_forward = 0.0
+    used = 0
+    for inputs in loader:
+        model.prm_enabled = False
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(inputs)
+        forward = time.perf_counter() - start
+        model.prm_enabled = True
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model(inputs)[0]
+        total = time.perf_counter() - start
+        if len(out.get("instances", [])) == 0:
+            continue
+        t_forward += forward
+        t_masks += max(0.0, total - forward)
+        used += 1
+        if used >= max_images:
+            break
+    return (t_masks / t_forward if t_forward > 0 else float("nan")), used
+
+
+def supervised_map(args, trainer_cls):
+    if args.supervised_json:
+        with open(args.supervised_json) as f:
+            data = json.load(f)
+        for key in ("supervised_mAP_r50", "mAP_r50"):
+            if key in data:
+                return float(data[key]), 0.0
+        if "wsis_instance" in data and "mAP_r50" in data["wsis_instance"]:
+            return float(data["wsis_instance"]["mAP_r50"]), 0.0
+        raise ValueError(f"{args.supervised_json}: no field 'mAP_r50' or 'supervised_mAP_r50'")
+    config = args.supervised_config or next((p for p in SUPERVISED_CONFIGS if os.path.exists(p)), None)
+    if config is None:
+        raise ValueError(f"no supervised config: none of {SUPERVISED_CONFIGS} exists")
+    logger.info("supervised reference: %s, %d iterations", config, args.supervised_iters)
+    cfg = _cfg(config, [], os.path.join(args.output_dir, "supervised"))
+    _schedule(cfg, args.supervised_iters)
+    cfg.freeze()
+    _, results, train_time, _, _, _ = train_and_evaluate(trainer_cls, cfg, args.eval_images)
+    return float(results["wsis_instance"]["mAP_r50"]), train_time
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default=LC_CONFIG, help="LC config (model and solver)")
+    parser.add_argument("--lc-iters", type=int, default=2400, help="LC training iterations")
+    parser.add_argument("--supervised-config", default="", help="Mask R-CNN config")
+    parser.add_argument("--supervised-iters", type=int, default=900, help="Mask R-CNN iterations")
+    parser.add_argument("--supervised-json", default="", help="read supervised mAP_r50 from here")
+    parser.add_argument("--eval-images", type=int, default=0, help="validation images (0: all)")
+    parser.add_argument("--prm-images", type=int, default=20, help="images for prm_backward_ratio")
+    parser.add_argument("--output-dir", default="output/benchmark_lc")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="LC config overrides KEY VALUE ...")
+    args = parser.parse_args()
+    setup_logger(name="detectron2", abbrev_name="d2")
+    setup_logger(name="benchmark_lc")
+    torch.manual_seed(0)
+    os.makedirs(args.output_dir, exist_ok=True)
+    trainer_cls = _load_trainer_class()
+
+    cfg = _cfg(args.config_file, args.opts, os.path.join(args.output_dir, "lc"))
+    _schedule(cfg, args.lc_iters)
+    cfg.freeze()
+    model, results, lc_train_time, lc_eval_time, _, loader = train_and_evaluate(
+        trainer_cls, cfg, args.eval_images
+    )
+    counting, instance = results["counting"], results["wsis_instance"]
+    ratio, prm_images = prm_backward_ratio(model, loader, args.prm_images)
+    overhead, t_bare, t_full = head_overhead(cfg)
+    sup_map, sup_train_time = supervised_map(args, trainer_cls)
+    out = {
+        "mRMSE": counting["mRMSE"],
+        "mRMSE_nz": counting["mRMSE_nz"],
+        "m_relRMSE": counting["m_relRMSE"],
+        "m_relRMSE_nz": counting["m_relRMSE_nz"],
+        "baseline_mRMSE": baseline_mrmse(args.eval_images),
+        "mAP_r25": instance["mAP_r25"],
+        "mAP_r50": instance["mAP_r50"],
+        "supervised_mAP_r50": sup_map,
+        "head_overhead": overhead,
+        "prm_backward_ratio": ratio,
+        "prm_images": prm_images,
+        "backbone_fwd_bwd_s": t_bare,
+        "lc_fwd_bwd_s": t_full,
+        "lc_iters": args.lc_iters,
+        "lc_train_s": lc_train_time,
+        "lc_eval_s": lc_eval_time,
+        "supervised_iters": 0 if args.supervised_json else args.supervised_iters,
+        "supervised_train_s": sup_train_time,
+    }
+    with open(os.path.join(args.output_dir, "benchmark_lc.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""
+Point-supervised density-map counting: Lempitsky & Zisserman, "Learning to count objects in images"
+(NIPS 2010), with the fully convolutional regressors of Xie et al. (FCRN-A/B, 2016) and U-Net.
+
+Each annotated point P_i contributes a Gaussian kernel to the target density, D(p) = Σ_i N(p; P_i,
+σ_i²I), so that the count of any region is the integral of D over it. The network F regresses the
+scaled map s·D; the count of class c is ∫ F_c / s.
+"""
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import Conv2d
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils.events import get_event_storage
+
+__all__ = [
+    "DensityCounter",
+    "gaussian_density_map",
+    "adaptive_sigmas",
+    "density_mse_loss",
+]
+
+
+def adaptive_sigmas(
+    points: torch.Tensor,
+    k: int,
+    beta: float,
+    default_sigma: float,
+    sigma_range: Tuple[float, float] = (1.0, 20.0),
+) -> torch.Tensor:
+    """
+    Geometry-adaptive kernel widths (Zhang et al., "Single-image crowd counting via multi-column
+    CNN", CVPR 2016): σ_i = β · d̄_i, with d̄_i the mean distance from P_i to its k nearest points.
+
+    Args:
+        points: (P, 2) x, y.
+        k: number of neighbours; images with fewer than k + 1 points use ``default_sigma``
+            for every point (the neighbourhood is undefined).
+        beta: β. default_sigma: the fixed σ. sigma_range: (min, max) clamp of σ_i.
+
+    Returns:
+        (P,) σ_i.
+    """
+    num = points.shape[0]
+    if num <= k or k <= 0:
+        return points.new_full((num,), float(default_sigma))
+    dist = torch.cdist(points.double(), points.double())
+    knn = dist.topk(k + 1, dim=1, largest=False).values[:, 1:]  # drop the point itself
+    return (beta * knn.mean(dim=1)).clamp(*sigma_range).to(points.dtype)
+
+
+def _pixel_masses(centres: torch.Tensor, sigmas: torch.Tensor, length: int) -> torch.Tensor:
+    """
+    Mass of N(centre, σ²) in each pixel [j, j + 1) of a 1-D axis of ``length`` pixels, renormalised
+    to sum to 1 over the axis (the part of the kernel outside the image is given back to it).
+
+    Returns:
+        (P, length).
+    """
+    edges = torch.arange(length + 1, dtype=torch.float64, device=centres.device)
+    z = (edges[None, :] - centres[:, None].double()) / (sigmas[:, None].double() * math.sqrt(2.0))
+    cdf = 0.5 * (1.0 + torch.erf(z))
+    mass = cdf[:, 1:] - cdf[:, :-1]
+    return mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-300)
+
+
+def gaussian_density_map(
+    points: torch.Tensor,
+    image_size: Tuple[int, int],
+    sigma: Union[float, torch.Tensor],
+    classes: Optional[torch.Tensor] = None,
+    num_classes: int = 1,
+) -> torch.Tensor:
+    """
+    The target density D_c(p) = Σ_{i: c_i = c} N(p; P_i, σ_i²I), integrated exactly over every pixel
+    and renormalised per point, so that Σ_p D_c(p) equals the number of points of class c, also for
+    points near (or on) the border.
+
+    Args:
+        points: (P, 2) x, y in continuous pixel coordinates (pixel j covers [j, j + 1)).
+        image_size: (H, W).
+        sigma: a float σ or a (P,) tensor of σ_i.
+        classes: (P,) int64 in 0..C-1, or None (all 0).
+        num_classes: C.
+
+    Returns:
+        (C, H, W) float32 on the device of ``points``.
+    """
+    height, width = int(image_size[0]), int(image_size[1])
+    device = points.device
+    num = points.shape[0]
+    if num == 0:
+        return torch.zeros((num_classes, height, width), device=device)
+    sigmas = sigma if torch.is_tensor(sigma) else torch.full((num,), float(sigma), device=device)
+    if torch.any(sigmas <= 0):
+        raise ValueError("Gaussian kernel widths σ must be positive")
+    gx = _pixel_masses(points[:, 0], sigmas, width)  # (P, W)
+    gy = _pixel_masses(points[:, 1], sigmas, height)  # (P, H)
+    if classes is None:
+        classes = torch.zeros(num, dtype=torch.long, device=device)
+    if classes.numel() and (classes.min() < 0 or classes.max() >= num_classes):
+        raise ValueError(f"point classes must lie in 0..{num_classes - 1}")
+    onehot = F.one_hot(classes.long(), num_classes).double()  # (P, C)
+    # D[c, y, x] = Σ_i onehot[i, c] gy[i, y] gx[i, x]: a (C·H, P) x (P, W) product
+    left = (onehot[:, :, None] * gy[:, None, :]).reshape(num, num_classes * height)
+    return (left.t() @ gx).reshape(num_classes, height, width).float()
+
+
+def density_mse_loss(
+    pred: torch.Tensor, target: torch.Tensor, valid: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """
+    Pixel-wise squared error of the scaled density (Lempitsky & Zisserman 2010, Eq. 5 with the
+    Euclidean distance; Xie et al. 2016):
+
+        L = 1 / (C·|Ω|) Σ_n Σ_c Σ_{p ∈ Ω_n} (F_c(p; X_n) − s·D_c^n(p))²,
+
+    averaged over the valid pixels Ω (inside the image and its ROI, not padding).
+
+    Args:
+        pred: (N, C, H, W) network output F.
+        target: (N, C, H, W) scaled target s·D.
+        valid: (N, 1, H, W) 0/1 mask of Ω, or None (all pixels).
+
+    Returns:
+        scalar loss.
+    """
+    err = (pred - target) ** 2
+    if valid is None:
+        return err.mean()
+    valid = valid.to(err.dtype)
+    denom = (valid.sum() * pred.shape[1]).clamp_min(1.0)
+    return (err * valid).sum() / denom
+
+
+@META_ARCH_REGISTRY.register()
+class DensityCounter(nn.Module):
+    """
+    Density-map regression for counting. A backbone (``FCRN_A``, ``FCRN_B``, ``UNet`` or any with a
+    stride-1 output) and a 1x1 conv give C density channels at input resolution.
+
+    Input per image (detectron2 list of dicts): "image" (C_in, H, W) in ``cfg.INPUT.FORMAT``;
+    training also needs "points" (P, 2) x, y float and optionally "point_classes" (P,) int64 and
+    "roi" (H, W) bool. Output per image at test time: {"density": (C, height, width) with the
+    density of the original image, "counts": (C,)} plus "instances" (one box per density peak) when
+    ``MODEL.DENSITY.PEAKS.ENABLED``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        in_feature: str = "dense",
+        num_classes: int = 1,
+        sigma: float = 3.0,
+        adaptive_k: int = 0,
+        adaptive_beta: float = 0.3,
+        adaptive_sigma_range: Tuple[float, float] = (1.0, 20.0),
+        density_scale: float = 100.0,
+        loss_weight: float = 1.0,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        peaks_enabled: bool = False,
+        peak_radius: int = 2,
+        peak_threshold: float = 0.3,
+        peak_box_size: float = 12.0,
+    ):
+        """
+        Args:
+            backbone: produces ``in_feature`` at stride 1.
+            num_classes: C density channels.
+            sigma: fixed kernel σ (pixels of the network input).
+            adaptive_k, adaptive_beta, adaptive_sigma_range: geometry-adaptive σ_i (k = 0: off).
+            density_scale: s; the network regresses s·D.
+            loss_weight: λ of the MSE loss.
+            pixel_mean, pixel_std: input normalisation, one value per input channel.
+            peaks_enabled: also return point detections.
+            peak_radius: non-maximum window radius of the peak finder.
+            peak_threshold: fraction of an isolated kernel's height 1/(2πσ²) a peak must reach.
+            peak_box_size: side of the boxes drawn around peaks (output pixels).
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.in_feature = in_feature
+        out_shape = backbone.output_shape()
+        if in_feature not in out_shape:
+            raise ValueError(
+                f"MODEL.DENSITY.IN_FEATURE={in_feature!r} is not a backbone output: "
+                f"{sorted(out_shape)}"
+            )
+        if out_shape[in_feature].stride not in (None, 1):
+            raise ValueError(f"Backbone feature {in_feature!r} must have stride 1 for density maps")
+        self.head = Conv2d(out_shape[in_feature].channels, num_classes, kernel_size=1)
+        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.constant_(self.head.bias, 0.0)
+        self.num_classes = num_classes
+        self.sigma = float(sigma)
+        self.adaptive_k = int(adaptive_k)
+        self.adaptive_beta = float(adaptive_beta)
+        self.adaptive_sigma_range = tuple(float(v) for v in adaptive_sigma_range)
+        self.density_scale = float(density_scale)
+        self.loss_weight = float(loss_weight)
+        self.peaks_enabled = peaks_enabled
+        self.peak_radius = int(peak_radius)
+        self.peak_threshold = float(peak_threshold)
+        self.peak_box_size = float(peak_box_size)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        if self.pixel_mean.shape != self.pixel_std.shape:
+            raise ValueError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD must have the same length")
+
+    @classmethod
+    def from_config(cls, cfg):
+        d = cfg.MODEL.DENSITY
+        return {
+            "backbone": build_backbone(cfg),
+            "in_feature": d.IN_FEATURE,
+            "num_classes": d.NUM_CLASSES,
+            "sigma": d.SIGMA,
+            "adaptive_k": d.ADAPTIVE_K,
+            "adaptive_beta": d.ADAPTIVE_BETA,
+            "adaptive_sigma_range": tuple(d.ADAPTIVE_SIGMA_RANGE),
+            "density_scale": d.SCALE,
+            "loss_weight": d.LOSS_WEIGHT,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "peaks_enabled": d.PEAKS.ENABLED,
+            "peak_radius": d.PEAKS.RADIUS,
+            "peak_threshold": d.PEAKS.THRESHOLD,
+            "peak_box_size": d.PEAKS.BOX_SIZE,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalise and pad the images to a multiple of the backbone's size divisibility."""
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
+        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+
+    def predict_raw(self, images: ImageList) -> torch.Tensor:
+        """(N, C, H_pad, W_pad) scaled density s·D̂ of a padded batch."""
+        return self.head(self.backbone(images.tensor)[self.in_feature])
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: list of dicts (see the class docstring).
+
+        Returns:
+            training: {"loss_density": scalar}. Inference: one dict per image with "density"
+            (C, height, width), "counts" (C,) and, with peaks enabled, "instances".
+        """
+        images = self.preprocess_image(batched_inputs)
+        pred = self.predict_raw(images)
+        if self.training:
+            target, valid = self.prepare_targets(batched_inputs, images)
+            loss = density_mse_loss(pred, target, valid)
+            with torch.no_grad():
+                pred_counts = (pred.detach() * valid).sum(dim=(1, 2, 3)) / self.density_scale
+                true_counts = target.sum(dim=(1, 2, 3)) / self.density_scale
+                storage = get_event_storage()
+                storage.put_scalar("density/count_mae", (pred_counts - true_counts).abs().mean())
+                storage.put_scalar("density/true_count", true_counts.mean())
+            return {"loss_density": self.loss_weight * loss}
+        return self.inference(pred, batched_inputs, images.image_sizes)
+
+    def target_density(self, points: torch.Tensor, classes, image_size) -> torch.Tensor:
+        """
+        The unscaled target D (C, H, W) of one image (see :func:`gaussian_density_map`), with
+        fixed or geometry-adaptive σ.
+        """
+        sigma = self.sigma
+        if self.adaptive_k > 0:
+            sigma = adaptive_sigmas(
+                points, self.adaptive_k, self.adaptive_beta, self.sigma, self.adaptive_sigma_range
+            )
+        return gaussian_density_map(points, image_size, sigma, classes, self.num_classes)
+
+    def prepare_targets(self, batched_inputs: List[Dict], images: ImageList):
+        """
+        Returns:
+            target: (N, C, H_pad, W_pad) scaled density s·D, zero in the padding.
+            valid: (N, 1, H_pad, W_pad) 1 inside each image (and its ROI), 0 elsewhere.
+        """
+        n = len(batched_inputs)
+        h_pad, w_pad = images.tensor.shape[-2:]
+        target = torch.zeros((n, self.num_classes, h_pad, w_pad), device=self.device)
+        valid = torch.zeros((n, 1, h_pad, w_pad), device=self.device)
+        for i, (inp, (h, w)) in enumerate(zip(batched_inputs, images.image_sizes)):
+            if "points" not in inp:
+                raise ValueError(
+                    f"Training input {inp.get('file_name', i)} has no 'points' "
+                    "(use DensityDatasetMapper)"
+                )
+            points = torch.as_tensor(inp["points"], dtype=torch.float32, device=self.device)
+            points = points.reshape(-1, 2)
+            classes = inp.get("point_classes")
+            if classes is not None:
+                classes = torch.as_tensor(classes, dtype=torch.long, device=self.device)
+            density = self.target_density(points, classes, (h, w))
+            region = torch.ones((h, w), device=self.device)
+            if inp.get("roi") is not None:
+                region = torch.as_tensor(inp["roi"], device=self.device).to(torch.float32)
+                if region.shape != (h, w):
+                    raise ValueError(
+                        f"ROI of {inp.get('file_name', i)} has shape {tuple(region.shape)}, "
+                        f"image has {(h, w)}"
+                    )
+            target[i, :, :h, :w] = density * self.density_scale
+            valid[i, 0, :h, :w] = region
+        return target, valid
+
+    def inference(self, pred: torch.Tensor, batched_inputs: List[Dict], image_sizes):
+        """
+        Crop the padding, undo the scale s, mask by the ROI and resize to the original size
+        keeping the integral (counts are integrals at network resolution).
+        """
+        results = []
+        for i, (inp, (h, w)) in enumerate(zip(batched_inputs, image_sizes)):
+            density = pred[i, :, :h, :w] / self.density_scale
+            if inp.get("roi") is not None:
+                density = density * torch.as_tensor(inp["roi"], device=density.device).to(
+                    density.dtype
+                )
+            counts = density.sum(dim=(1, 2))
+            out_h, out_w = inp.get("height", h), inp.get("width", w)
+            if (out_h, out_w) != (h, w):
+                density = F.interpolate(
+                    density[None], size=(out_h, out_w), mode="bilinear", align_corners=False
+                )[0] * (h * w / (out_h * out_w))
+            result = {"density": density, "counts": counts}
+            if self.peaks_enabled:
+                result["instances"] = self.detect_points(density)
+            results.append(result)
+        return results
+
+    def detect_points(self, density: torch.Tensor) -> Instances:
+        """
+        Point detections from the local maxima of the density (``wsis_d2.layers.find_peaks``).
+
+        Args:
+            density: (C, H, W) unscaled density of the output image.
+
+        Returns:
+            Instances of size (H, W) with pred_boxes (square, ``peak_box_size``, centred on each
+            peak pixel), scores (the peak density) and pred_classes.
+        """
+        from wsis_d2.layers import find_peaks  # another part of the package; imported when used
+
+        height, width = density.shape[-2:]
+        threshold = self.peak_threshold / (2.0 * math.pi * self.sigma**2)
+        peaks = find_peaks(density[None], radius=self.peak_radius, threshold=threshold)
+        idx = peaks.indices
+        cx = idx[:, 3].to(density.dtype) + 0.5
+        cy = idx[:, 2].to(density.dtype) + 0.5
+        half = self.peak_box_size / 2.0
+        boxes = Boxes(torch.stack([cx - half, cy - half, cx + half, cy + half], dim=1))
+        boxes.clip((height, width))
+        instances = Instances((height, width))
+        instances.pred_boxes = boxes
+        instances.scores = density[idx[:, 1], idx[:, 2], idx[:, 3]]
+        instances.pred_classes = idx[:, 1]
+        return instances
