@@ -21,6 +21,7 @@ head_overhead <= 0.15, prm_backward_ratio <= 2.
     python tools/benchmark_lc.py                            # full run (~40 min on 2 cores)
     python tools/benchmark_lc.py --lc-iters 20 --supervised-iters 20 --eval-images 10   # smoke
 """
+
 import argparse
 import importlib.util
 import json
@@ -46,7 +47,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import wsis_d2  # noqa: E402,F401  (registers datasets, models and mappers)
 from wsis_d2 import add_wsis_config  # noqa: E402
 from wsis_d2.data import build_dataset_mapper  # noqa: E402
-from wsis_d2.evaluation import CountingEvaluator, InstanceAPEvaluator, counting_metrics  # noqa: E402
+from wsis_d2.evaluation import (
+    CountingEvaluator,
+    InstanceAPEvaluator,
+    counting_metrics,
+)  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LC_CONFIG = os.path.join(ROOT, "configs", "demo", "lc_r50_synthetic_demo.yaml")
@@ -91,7 +96,8 @@ def _cfg(config_file, opts, output_dir):
 def _schedule(cfg, iters):
     """Rescale the config's schedule to ``iters`` iterations (steps at the same fractions)."""
     old = max(1, cfg.SOLVER.MAX_ITER)
-    cfg.SOLVER.STEPS = tuple(int(round(s * iters / old)) for s in cfg.SOLVER.STEPS)
+    steps = {int(round(s * iters / old)) for s in cfg.SOLVER.STEPS}
+    cfg.SOLVER.STEPS = tuple(sorted(s for s in steps if 0 < s < iters))
     cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(1, iters // 10))
     if cfg.MODEL.META_ARCHITECTURE == "ImageLevelCounter":
         cfg.MODEL.LC.SPATIAL_START_ITER = int(round(cfg.MODEL.LC.SPATIAL_START_ITER * iters / old))
@@ -105,7 +111,9 @@ def _evaluate(cfg, model, num_images):
     if num_images > 0:
         dicts = dicts[:num_images]
     mapper = build_dataset_mapper(cfg, is_train=False)
-    loader = build_detection_test_loader(DatasetFromList(dicts, copy=False), mapper=mapper, num_workers=0)
+    loader = build_detection_test_loader(
+        DatasetFromList(dicts, copy=False), mapper=mapper, num_workers=0
+    )
     evaluators = [
         CountingEvaluator(VAL_SET, distributed=False),
         InstanceAPEvaluator(VAL_SET, distributed=False),
@@ -136,18 +144,33 @@ def baseline_mrmse(num_images):
     return float(counting_metrics(pred, gt)["mRMSE"])
 
 
-def _median_time(fn, repeats):
-    fn()  # warm-up
-    times = []
+def _cpu_time(fn):
+    """CPU seconds of this process spent in ``fn()`` (all threads): unlike wall time, barely
+    affected by other processes sharing the machine."""
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
+def _paired_ratio(fn_a, fn_b, repeats):
+    """Median over interleaved repeats of cpu(fn_b) / cpu(fn_a), after one warm-up of each."""
+    fn_a()
+    fn_b()
+    ratios, times_a, times_b = [], [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        t_a = _cpu_time(fn_a)
+        t_b = _cpu_time(fn_b)
+        ratios.append(t_b / t_a)
+        times_a.append(t_a)
+        times_b.append(t_b)
+    return statistics.median(ratios), statistics.median(times_a), statistics.median(times_b)
 
 
-def head_overhead(cfg, repeats=5):
-    """(LC model forward + backward − backbone forward + backward) / backbone, 448x448, batch 2."""
+def head_overhead(cfg, repeats=7):
+    """
+    (LC model forward + backward − backbone forward + backward) / backbone, 448x448, batch 2, in
+    process CPU time (median over interleaved repeats).
+    """
     torch.manual_seed(0)
     model = build_model(cfg).train()
     num_classes = cfg.MODEL.LC.NUM_CLASSES
@@ -176,34 +199,42 @@ def head_overhead(cfg, repeats=5):
         sum(model(batch).values()).backward()
 
     with EventStorage(0):
-        t_bare = _median_time(bare, repeats)
-        t_full = _median_time(full, repeats)
-    return (t_full - t_bare) / t_bare, t_bare, t_full
+        ratio, t_bare, t_full = _paired_ratio(bare, full, repeats)
+    return ratio - 1.0, t_bare, t_full
 
 
 def prm_backward_ratio(model, loader, max_images):
-    """Σ (time with masks − time counts only) / Σ time counts only, over images with peaks."""
+    """
+    Σ (CPU time of inference with masks − counts only) / Σ CPU time of counts only (one forward
+    and the peak search), over validation images that get at least one instance.
+    """
     model.eval()
     t_masks = t_forward = 0.0
     used = 0
     for inputs in loader:
-        model.prm_enabled = False
-        start = time.perf_counter()
-        with torch.no_grad():
-            model(inputs)
-        forward = time.perf_counter() - start
-        model.prm_enabled = True
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model(inputs)[0]
-        total = time.perf_counter() - start
-        if len(out.get("instances", [])) == 0:
+
+        def counts_only():
+            model.prm_enabled = False
+            with torch.no_grad():
+                model(inputs)
+
+        outputs = []
+
+        def with_masks():
+            model.prm_enabled = True
+            with torch.no_grad():
+                outputs.append(model(inputs)[0])
+
+        forward = _cpu_time(counts_only)
+        total = _cpu_time(with_masks)
+        if len(outputs[0].get("instances", [])) == 0:
             continue
         t_forward += forward
         t_masks += max(0.0, total - forward)
         used += 1
         if used >= max_images:
             break
+    model.prm_enabled = True
     return (t_masks / t_forward if t_forward > 0 else float("nan")), used
 
 
@@ -217,7 +248,9 @@ def supervised_map(args, trainer_cls):
         if "wsis_instance" in data and "mAP_r50" in data["wsis_instance"]:
             return float(data["wsis_instance"]["mAP_r50"]), 0.0
         raise ValueError(f"{args.supervised_json}: no field 'mAP_r50' or 'supervised_mAP_r50'")
-    config = args.supervised_config or next((p for p in SUPERVISED_CONFIGS if os.path.exists(p)), None)
+    config = args.supervised_config or next(
+        (p for p in SUPERVISED_CONFIGS if os.path.exists(p)), None
+    )
     if config is None:
         raise ValueError(f"no supervised config: none of {SUPERVISED_CONFIGS} exists")
     logger.info("supervised reference: %s, %d iterations", config, args.supervised_iters)
@@ -229,7 +262,9 @@ def supervised_map(args, trainer_cls):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", default=LC_CONFIG, help="LC config (model and solver)")
     parser.add_argument("--lc-iters", type=int, default=2400, help="LC training iterations")
     parser.add_argument("--supervised-config", default="", help="Mask R-CNN config")

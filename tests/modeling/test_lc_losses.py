@@ -1,4 +1,5 @@
 """LC / ILC losses and the hard spatial guidance against hand-computed / independent values."""
+
 import math
 import unittest
 
@@ -75,7 +76,9 @@ class TestGuidance(unittest.TestCase):
     def test_no_peak_gives_no_guidance(self):
         maps = torch.randn(1, 1, 4, 4)
         peaks = torch.zeros_like(maps, dtype=torch.bool)
-        b = hard_spatial_guidance(maps, peaks, torch.tensor([[float("inf")]]), torch.tensor([[True]]))
+        b = hard_spatial_guidance(
+            maps, peaks, torch.tensor([[float("inf")]]), torch.tensor([[True]])
+        )
         self.assertEqual(float(b.sum()), 0.0)
 
 
@@ -155,7 +158,9 @@ class TestSpatialLoss(unittest.TestCase):
         self.assertEqual(float(ln), 0.0)
         lp, ln = lc_spatial_loss(d, b, f, t, None, "paper")  # absent: (log 2 + log(1 + e^2)) / 2
         self.assertEqual(float(lp), 0.0)
-        self.assertAlmostEqual(float(ln), (math.log(2.0) + math.log(1 + math.exp(2.0))) / 2, places=6)
+        self.assertAlmostEqual(
+            float(ln), (math.log(2.0) + math.log(1 + math.exp(2.0))) / 2, places=6
+        )
 
     def test_gradient_flows_to_density_only_where_supervised(self):
         d = self.density.clone().requires_grad_(True)

@@ -1,6 +1,7 @@
 """ImageLevelCounter (LC / ILC) end to end: build from config, train steps, losses against an
 independent NumPy reference, both config switches, two-stage schedule, inference on odd sizes,
 evaluators, DefaultPredictor, proposals, NaN handling and input validation."""
+
 import math
 import os
 import unittest
@@ -20,6 +21,7 @@ from wsis_d2.evaluation import CountingEvaluator, InstanceAPEvaluator
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
 C = 3
+
 
 def small_cfg(**overrides):
     cfg = get_cfg()
@@ -203,9 +205,7 @@ class TestTraining(unittest.TestCase):
                 for name in ("backbone.stem.conv1.weight", "head.cls_branch.1.weight"):
                     grad = dict(model.named_parameters())[name].grad
                     self.assertGreater(float(grad.abs().sum()), 0.0, name)
-                self.assertGreater(
-                    float(model.head.density_branch[1].weight.grad.abs().sum()), 0.0
-                )
+                self.assertGreater(float(model.head.density_branch[1].weight.grad.abs().sum()), 0.0)
                 opt.step()
                 storage.step()
             for key in ("lc/cls_accuracy", "lc/count_mae_S", "lc/num_peaks_per_map"):
@@ -266,7 +266,10 @@ class TestInference(unittest.TestCase):
 
     def test_odd_sizes_resized_outputs_and_evaluators(self):
         # image 0: network input 61x87 shown at 122x174 (a resize by the mapper); image 1: 75x49
-        inputs = [make_input(61, 87, [0] * C, seed=5, name="x0"), make_input(75, 49, [0] * C, seed=6)]
+        inputs = [
+            make_input(61, 87, [0] * C, seed=5, name="x0"),
+            make_input(75, 49, [0] * C, seed=6),
+        ]
         inputs[0]["height"], inputs[0]["width"] = 122, 174
         inputs[1]["image_id"] = "x1"
         with torch.no_grad():
@@ -276,15 +279,32 @@ class TestInference(unittest.TestCase):
         name = "_test_lc_eval"
         if name not in DatasetCatalog.list():
             records = [
-                {"file_name": "x0", "image_id": "x0", "height": 122, "width": 174,
-                 "class_counts": [1, 0, 0], "annotations": [_square_annotation(20, 30, 40, 0)]},
-                {"file_name": "x1", "image_id": "x1", "height": 75, "width": 49,
-                 "class_counts": [0, 0, 0], "annotations": []},
+                {
+                    "file_name": "x0",
+                    "image_id": "x0",
+                    "height": 122,
+                    "width": 174,
+                    "class_counts": [1, 0, 0],
+                    "annotations": [_square_annotation(20, 30, 40, 0)],
+                },
+                {
+                    "file_name": "x1",
+                    "image_id": "x1",
+                    "height": 75,
+                    "width": 49,
+                    "class_counts": [0, 0, 0],
+                    "annotations": [],
+                },
             ]
             DatasetCatalog.register(name, lambda: records)
-            MetadataCatalog.get(name).set(thing_classes=["a", "b", "c"], evaluator_type="wsis_instance")
+            MetadataCatalog.get(name).set(
+                thing_classes=["a", "b", "c"], evaluator_type="wsis_instance"
+            )
         results = {}
-        for ev in (CountingEvaluator(name, distributed=False), InstanceAPEvaluator(name, distributed=False)):
+        for ev in (
+            CountingEvaluator(name, distributed=False),
+            InstanceAPEvaluator(name, distributed=False),
+        ):
             ev.reset()
             ev.process(inputs, outputs)
             results.update(ev.evaluate())
@@ -325,8 +345,11 @@ class TestInference(unittest.TestCase):
     def test_proposals_choose_boxes(self):
         inp = make_input(64, 80, [0] * C, seed=8)
         props = Instances((64, 80))
-        props.proposal_boxes = Boxes(torch.tensor([[0.0, 0.0, 40.0, 32.0], [40.0, 32.0, 80.0, 64.0],
-                                                   [10.0, 10.0, 70.0, 50.0]]))
+        props.proposal_boxes = Boxes(
+            torch.tensor(
+                [[0.0, 0.0, 40.0, 32.0], [40.0, 32.0, 80.0, 64.0], [10.0, 10.0, 70.0, 50.0]]
+            )
+        )
         props.objectness_logits = torch.zeros(3)
         inp["proposals"] = props
         out = self.model([inp])[0]["instances"]
@@ -343,7 +366,9 @@ def _mask_boxes(masks):
     for i, m in enumerate(masks):
         ys, xs = torch.nonzero(m, as_tuple=True)
         if ys.numel():
-            boxes[i] = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+            boxes[i] = torch.tensor(
+                [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32
+            )
     return boxes
 
 
@@ -354,8 +379,14 @@ def _square_annotation(x, y, size, cls):
     m[y : y + size, x : x + size] = 1
     rle = mask_util.encode(m)
     rle["counts"] = rle["counts"].decode("ascii")
-    return {"bbox": [x, y, x + size, y + size], "bbox_mode": BoxMode.XYXY_ABS, "category_id": cls,
-            "segmentation": rle, "point": [x + size / 2, y + size / 2], "iscrowd": 0}
+    return {
+        "bbox": [x, y, x + size, y + size],
+        "bbox_mode": BoxMode.XYXY_ABS,
+        "category_id": cls,
+        "segmentation": rle,
+        "point": [x + size / 2, y + size / 2],
+        "iscrowd": 0,
+    }
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Peak response maps: batched gradients, grouping, masks and proposal scores vs references."""
+
 import unittest
 
 import numpy as np

@@ -16,6 +16,7 @@ This is the plain gradient; the official PRM code instead patches every conv's b
 non-negative "peak backpropagation" rule, which gives smoother maps. Here the gradient magnitude
 Σ_rgb |∂M/∂I| is smoothed with a Gaussian instead (:func:`gradient_to_prm`).
 """
+
 import math
 from typing import List, Optional, Tuple
 
@@ -87,10 +88,11 @@ def group_peaks(points: torch.Tensor, min_distance: float) -> torch.Tensor:
     """
     Greedy packing of peaks into groups whose members are at least ``min_distance`` apart, in the
     given order (e.g. by decreasing score): each peak joins the first group where it keeps that
-    distance to every member (and a different location), else opens a new group. The peaks of one group share one backward
-    vector in :func:`batched_peak_gradients`; since a vector-Jacobian product is linear in the
-    vector, the group's map is the sum of its members' gradients, exact wherever their responses
-    do not overlap. ``min_distance`` = inf gives one group per peak (exact PRMs), 0 one group.
+    distance to every member (and a different location), else opens a new group. The peaks of
+    one group share one backward vector in :func:`batched_peak_gradients`; since a
+    vector-Jacobian product is linear in the vector, the group's map is the sum of its members'
+    gradients, exact wherever their responses do not overlap. ``min_distance`` = inf gives one
+    group per peak (exact PRMs), 0 one group (peaks at distinct locations).
 
     Args:
         points: (P, 2) x, y.
@@ -118,7 +120,9 @@ def group_peaks(points: torch.Tensor, min_distance: float) -> torch.Tensor:
     return groups.to(points.device)
 
 
-def split_group_maps(maps: torch.Tensor, points: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+def split_group_maps(
+    maps: torch.Tensor, points: torch.Tensor, groups: torch.Tensor
+) -> torch.Tensor:
     """
     Share each group's response map among its members: a seeded watershed of the map (markers at
     the members' points, flooding from the highest response) gives every pixel to one member,
@@ -216,7 +220,9 @@ def prm_instance_masks(
         return torch.zeros((0, out_h, out_w), dtype=torch.bool, device=prms.device)
     maps = prms
     if (out_h, out_w) != (height, width):
-        maps = F.interpolate(prms[:, None], size=(out_h, out_w), mode="bilinear", align_corners=False)
+        maps = F.interpolate(
+            prms[:, None], size=(out_h, out_w), mode="bilinear", align_corners=False
+        )
         maps = maps[:, 0]
     maps = maps / maps.flatten(1).amax(dim=1).clamp_min(1e-20)[:, None, None]
     sx, sy = out_w / width, out_h / height

@@ -3,6 +3,7 @@ Two-branch head of LC / ILC (Cholakkal et al., "Object Counting and Instance Seg
 Image-level Supervision", CVPR 2019): from one backbone feature map it predicts the class
 activation maps M (image-classification branch) and the category density maps D (density branch).
 """
+
 import math
 from typing import Dict, Tuple
 

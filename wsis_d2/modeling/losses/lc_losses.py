@@ -15,6 +15,7 @@ the spatial loss and, summed, the count estimate t̂_c).
 Where the official code (github.com/GuoleiSun/CountSeg) differs from the paper, ``mode="paper"``
 follows the paper and ``mode="official"`` the code; each docstring says how.
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -160,7 +161,9 @@ def lc_spatial_loss(
         return loss_pos, loss_neg
     num_b = guidance.sum(dim=(2, 3))  # (N, C)
     has_b = positive & (num_b > 0)
-    per_class_pos = torch.where(has_b, pos_terms / num_b.clamp_min(1.0), torch.zeros_like(pos_terms))
+    per_class_pos = torch.where(
+        has_b, pos_terms / num_b.clamp_min(1.0), torch.zeros_like(pos_terms)
+    )
     num_s = has_b.sum(dim=1).to(density.dtype)  # (N,)
     loss_pos = (per_class_pos.sum(dim=1) / num_s.clamp_min(1.0)).sum() / n
     area = valid.sum(dim=(1, 2, 3))  # (N,)

@@ -14,6 +14,7 @@ At inference the classes with σ(s_c) > threshold are present with count round(t
 them the round(t̂_c) highest peaks become instances, with masks from peak response maps
 (:mod:`wsis_d2.modeling.prm`) and density-aware scores.
 """
+
 import logging
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -301,7 +302,10 @@ class ImageLevelCounter(nn.Module):
         scores = (sums / nums.clamp_min(1.0)).view(n, c)
         if bool((nums == 0).any()):
             maxima = torch.stack(
-                [class_maps[i, :, :h, :w].flatten(1).amax(dim=1) for i, (h, w) in enumerate(map_sizes)]
+                [
+                    class_maps[i, :, :h, :w].flatten(1).amax(dim=1)
+                    for i, (h, w) in enumerate(map_sizes)
+                ]
             )
             scores = torch.where((nums == 0).view(n, c), maxima, scores)
         return scores
@@ -334,9 +338,15 @@ class ImageLevelCounter(nn.Module):
             counts.append(cnt)
             count_ge.append(ge)
         dev = self.device
-        return torch.stack(labels).to(dev), torch.stack(counts).to(dev), torch.stack(count_ge).to(dev)
+        return (
+            torch.stack(labels).to(dev),
+            torch.stack(counts).to(dev),
+            torch.stack(count_ge).to(dev),
+        )
 
-    def losses(self, class_maps, density_maps, batched_inputs, map_sizes) -> Dict[str, torch.Tensor]:
+    def losses(
+        self, class_maps, density_maps, batched_inputs, map_sizes
+    ) -> Dict[str, torch.Tensor]:
         """All LC / ILC losses of one batch (see :mod:`wsis_d2.modeling.losses.lc_losses`)."""
         labels, counts, count_ge = self._targets(batched_inputs)
         valid = self.valid_mask(map_sizes, class_maps.shape[-2:], class_maps.device)
@@ -377,7 +387,9 @@ class ImageLevelCounter(nn.Module):
         with torch.no_grad():
             storage.put_scalar("lc/stage", 1.0 if stage1 else 2.0)
             storage.put_scalar("lc/num_peaks_per_map", indices.shape[0] / max(1, labels.numel()))
-            storage.put_scalar("lc/guidance_per_class", float(guidance.sum()) / max(1, int(exact.sum())))
+            storage.put_scalar(
+                "lc/guidance_per_class", float(guidance.sum()) / max(1, int(exact.sum()))
+            )
             pred = torch.sigmoid(scores) > 0.5
             storage.put_scalar("lc/cls_accuracy", (pred == present).float().mean())
             if bool(exact.any()):
@@ -409,7 +421,9 @@ class ImageLevelCounter(nn.Module):
             return self.inference(batched_inputs)
         images = self.preprocess_image(batched_inputs)
         class_maps, density_maps = self.predict_maps(images.tensor)
-        map_sizes = self.map_sizes(images.image_sizes, images.tensor.shape[-2:], class_maps.shape[-2:])
+        map_sizes = self.map_sizes(
+            images.image_sizes, images.tensor.shape[-2:], class_maps.shape[-2:]
+        )
         return self.losses(class_maps, density_maps, batched_inputs, map_sizes)
 
     # ---------------------------------------------------------------------------------------
@@ -435,7 +449,9 @@ class ImageLevelCounter(nn.Module):
             counts_hat = estimate_counts(density_maps, valid, self.count_mode)[0].detach()
             probs = torch.sigmoid(scores)
             present = probs > self.class_threshold
-            counts = torch.where(present, counts_hat.round().clamp_min(0.0), torch.zeros_like(counts_hat))
+            counts = torch.where(
+                present, counts_hat.round().clamp_min(0.0), torch.zeros_like(counts_hat)
+            )
             result = {"counts": counts}
             if not self.prm_enabled:
                 return result
@@ -444,11 +460,12 @@ class ImageLevelCounter(nn.Module):
             stride_y = x.shape[-2] / class_maps.shape[-2]
             stride_x = x.shape[-1] / class_maps.shape[-1]
             points = torch.stack(
-                [(keep[:, 3].float() + 0.5) * stride_x, (keep[:, 2].float() + 0.5) * stride_y], dim=1
+                [(keep[:, 3].float() + 0.5) * stride_x, (keep[:, 2].float() + 0.5) * stride_y],
+                dim=1,
             )
             groups = self._group(points, values.detach())
             num_groups = int(groups.max()) + 1 if groups.numel() else 0
-            combine = (groups[None, :] == torch.arange(num_groups, device=groups.device)[:, None])
+            combine = groups[None, :] == torch.arange(num_groups, device=groups.device)[:, None]
             grads = batched_peak_gradients(values, x, combine, max_batch=self.prm_max_batch)
         class_maps = class_maps.detach()
         density_maps = density_maps.detach()
@@ -460,7 +477,13 @@ class ImageLevelCounter(nn.Module):
         proposals = inp.get("proposals")
         if proposals is not None and len(proposals) > 0 and keep.shape[0] > 0:
             masks, boxes = self._retrieve_proposals(
-                prms, class_maps[0, :, :mh, :mw], classes, proposals, masks, (in_h, in_w), (out_h, out_w)
+                prms,
+                class_maps[0, :, :mh, :mw],
+                classes,
+                proposals,
+                masks,
+                (in_h, in_w),
+                (out_h, out_w),
             )
         # density inside each mask, on the map grid: ν_i = Σ_cells D̄^c · (fraction of cell in mask)
         dens = density_maps[0, :, :mh, :mw]
@@ -473,7 +496,9 @@ class ImageLevelCounter(nn.Module):
             nu = dens.new_zeros(0)
         peak_vals = class_maps[0, classes, keep[:, 2], keep[:, 3]]
         inst_scores = (
-            probs[classes] * torch.sigmoid(peak_vals) * torch.exp(-self.density_weight * (1.0 - nu).abs())
+            probs[classes]
+            * torch.sigmoid(peak_vals)
+            * torch.exp(-self.density_weight * (1.0 - nu).abs())
         )
         instances = Instances((out_h, out_w))
         instances.pred_boxes = boxes
@@ -496,7 +521,7 @@ class ImageLevelCounter(nn.Module):
 
     @staticmethod
     def _retained_peaks(class_maps: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor):
-        """The ``counts[c]`` highest peaks of each class map of one image: (P, 4) rows (n, c, y, x)."""
+        """The ``counts[c]`` highest peaks of each class map of one image: (P, 4) rows n, c, y, x."""
         if indices.shape[0] == 0:
             return indices
         values = class_maps.detach()[indices[:, 0], indices[:, 1], indices[:, 2], indices[:, 3]]
@@ -517,7 +542,9 @@ class ImageLevelCounter(nn.Module):
         in_h, in_w = in_size
         out_h, out_w = out_size
         boxes_in = proposals.proposal_boxes.tensor.to(prms.device)
-        up = F.interpolate(class_maps[None], size=(in_h, in_w), mode="bilinear", align_corners=False)[0]
+        up = F.interpolate(
+            class_maps[None], size=(in_h, in_w), mode="bilinear", align_corners=False
+        )[0]
         mean = up.flatten(1).mean(dim=1)
         background = (up < self.proposal_bg_threshold * mean[:, None, None]).to(prms.dtype)
         q = score_box_proposals(
@@ -529,7 +556,9 @@ class ImageLevelCounter(nn.Module):
             contour_width=self.proposal_contour_width,
         )
         best_q, best = q.max(dim=1)
-        scale = torch.tensor([out_w / in_w, out_h / in_h, out_w / in_w, out_h / in_h], device=prms.device)
+        scale = torch.tensor(
+            [out_w / in_w, out_h / in_h, out_w / in_w, out_h / in_h], device=prms.device
+        )
         chosen = boxes_in[best] * scale
         new_masks = masks.clone()
         ys = torch.arange(out_h, device=prms.device)[:, None] + 0.5
