@@ -35,13 +35,14 @@ from detectron2.data import (  # noqa: E402
 from detectron2.engine import SimpleTrainer, hooks  # noqa: E402
 from detectron2.evaluation import inference_on_dataset  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
-from detectron2.solver import build_lr_scheduler, build_optimizer  # noqa: E402
+from detectron2.solver import build_lr_scheduler  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import wsis_d2  # noqa: E402, F401  (registers datasets and models)
 from wsis_d2 import add_wsis_config  # noqa: E402
 from wsis_d2.data.mappers.density_mapper import DensityDatasetMapper  # noqa: E402
 from wsis_d2.evaluation import DensityEvaluator  # noqa: E402
+from wsis_d2.solver import build_optimizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {

@@ -55,6 +55,8 @@ from wsis_d2.evaluation import (
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LC_CONFIG = os.path.join(ROOT, "configs", "demo", "lc_r50_synthetic_demo.yaml")
+# head_overhead: the paper's model (R-50, stride 32, 448x448, 20 classes)
+OVERHEAD_CONFIG = os.path.join(ROOT, "configs", "lc_r50.yaml")
 SUPERVISED_CONFIGS = [
     os.path.join(ROOT, "configs", "demo", "mask_rcnn_R_50_FPN_synthetic.yaml"),
     os.path.join(ROOT, "configs", "demo", "mask_rcnn_R_18_FPN_synthetic.yaml"),
@@ -203,39 +205,45 @@ def head_overhead(cfg, repeats=7):
     return ratio - 1.0, t_bare, t_full
 
 
-def prm_backward_ratio(model, loader, max_images):
+def prm_backward_ratio(model, loader, dicts, max_images):
     """
     Σ (CPU time of inference with masks − counts only) / Σ CPU time of counts only (one forward
-    and the peak search), over validation images that get at least one instance.
+    and the peak search), over validation images with at least one object. The retained peaks
+    are the image's true number of objects per class (``inference_single(..., counts=GT)``), so
+    the ratio measures the masks of all the objects of an image whatever the model predicts.
     """
     model.eval()
+    gt = {d["image_id"]: torch.as_tensor(d["class_counts"], dtype=torch.float32) for d in dicts}
     t_masks = t_forward = 0.0
-    used = 0
+    used = peaks = 0
     for inputs in loader:
+        inp = inputs[0]
+        counts = gt[inp["image_id"]]
+        if float(counts.sum()) == 0:
+            continue
+        outputs = []
 
         def counts_only():
             model.prm_enabled = False
             with torch.no_grad():
-                model(inputs)
-
-        outputs = []
+                model.inference_single(inp, counts=counts)
 
         def with_masks():
             model.prm_enabled = True
             with torch.no_grad():
-                outputs.append(model(inputs)[0])
+                outputs.append(model.inference_single(inp, counts=counts))
 
+        counts_only()  # warm-up of this image size
         forward = _cpu_time(counts_only)
         total = _cpu_time(with_masks)
-        if len(outputs[0].get("instances", [])) == 0:
-            continue
         t_forward += forward
         t_masks += max(0.0, total - forward)
+        peaks += int(counts.sum())
         used += 1
         if used >= max_images:
             break
     model.prm_enabled = True
-    return (t_masks / t_forward if t_forward > 0 else float("nan")), used
+    return (t_masks / t_forward if t_forward > 0 else float("nan")), used, peaks
 
 
 def supervised_map(args, trainer_cls):
@@ -245,9 +253,14 @@ def supervised_map(args, trainer_cls):
         for key in ("supervised_mAP_r50", "mAP_r50"):
             if key in data:
                 return float(data[key]), 0.0
-        if "wsis_instance" in data and "mAP_r50" in data["wsis_instance"]:
-            return float(data["wsis_instance"]["mAP_r50"]), 0.0
-        raise ValueError(f"{args.supervised_json}: no field 'mAP_r50' or 'supervised_mAP_r50'")
+        # e.g. the instance_ap.json that tools/train_net.py writes: {"results": {"mAP_r50": ...}}
+        for key in ("wsis_instance", "results"):
+            if isinstance(data.get(key), dict) and "mAP_r50" in data[key]:
+                return float(data[key]["mAP_r50"]), 0.0
+        raise ValueError(
+            f"{args.supervised_json}: no field 'mAP_r50', 'supervised_mAP_r50', "
+            "'wsis_instance.mAP_r50' or 'results.mAP_r50'"
+        )
     config = args.supervised_config or next(
         (p for p in SUPERVISED_CONFIGS if os.path.exists(p)), None
     )
@@ -268,10 +281,15 @@ def main():
     parser.add_argument("--config-file", default=LC_CONFIG, help="LC config (model and solver)")
     parser.add_argument("--lc-iters", type=int, default=2400, help="LC training iterations")
     parser.add_argument("--supervised-config", default="", help="Mask R-CNN config")
-    parser.add_argument("--supervised-iters", type=int, default=900, help="Mask R-CNN iterations")
+    parser.add_argument("--supervised-iters", type=int, default=300, help="Mask R-CNN iterations")
     parser.add_argument("--supervised-json", default="", help="read supervised mAP_r50 from here")
     parser.add_argument("--eval-images", type=int, default=0, help="validation images (0: all)")
     parser.add_argument("--prm-images", type=int, default=20, help="images for prm_backward_ratio")
+    parser.add_argument(
+        "--overhead-config",
+        default=OVERHEAD_CONFIG,
+        help="LC config whose backbone and heads are timed for head_overhead",
+    )
     parser.add_argument("--output-dir", default="output/benchmark_lc")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="LC config overrides KEY VALUE ...")
     args = parser.parse_args()
@@ -284,12 +302,13 @@ def main():
     cfg = _cfg(args.config_file, args.opts, os.path.join(args.output_dir, "lc"))
     _schedule(cfg, args.lc_iters)
     cfg.freeze()
-    model, results, lc_train_time, lc_eval_time, _, loader = train_and_evaluate(
+    model, results, lc_train_time, lc_eval_time, dicts, loader = train_and_evaluate(
         trainer_cls, cfg, args.eval_images
     )
     counting, instance = results["counting"], results["wsis_instance"]
-    ratio, prm_images = prm_backward_ratio(model, loader, args.prm_images)
-    overhead, t_bare, t_full = head_overhead(cfg)
+    ratio, prm_images, prm_peaks = prm_backward_ratio(model, loader, dicts, args.prm_images)
+    overhead_cfg = _cfg(args.overhead_config, [], os.path.join(args.output_dir, "overhead"))
+    overhead, t_bare, t_full = head_overhead(overhead_cfg)
     sup_map, sup_train_time = supervised_map(args, trainer_cls)
     out = {
         "mRMSE": counting["mRMSE"],
@@ -303,6 +322,7 @@ def main():
         "head_overhead": overhead,
         "prm_backward_ratio": ratio,
         "prm_images": prm_images,
+        "prm_peaks_per_image": prm_peaks / max(1, prm_images),
         "backbone_fwd_bwd_s": t_bare,
         "lc_fwd_bwd_s": t_full,
         "lc_iters": args.lc_iters,

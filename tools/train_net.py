@@ -18,6 +18,7 @@ import wsis_d2  # noqa: F401  (registers datasets, models and mappers)
 from wsis_d2 import add_wsis_config
 from wsis_d2.data import build_dataset_mapper
 from wsis_d2.evaluation import CountingEvaluator, DensityEvaluator, InstanceAPEvaluator
+from wsis_d2.solver import build_optimizer
 
 
 class Trainer(DefaultTrainer):
@@ -51,6 +52,10 @@ class Trainer(DefaultTrainer):
                 f"dataset {dataset_name!r}: no evaluator for evaluator_type={evaluator_type!r}"
             )
         return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)  # SOLVER.OPTIMIZER: SGD (detectron2's) or AdamW
 
     @classmethod
     def build_train_loader(cls, cfg):

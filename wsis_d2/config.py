@@ -160,9 +160,20 @@ def add_density_config(cfg):
     return cfg
 
 
+def add_solver_config(cfg):
+    """Optimizer choice (``wsis_d2.solver.build_optimizer``)."""
+    _C = cfg
+    # "SGD" (detectron2's, as in the papers) or "AdamW" (faster from random init on small budgets)
+    _C.SOLVER.OPTIMIZER = "SGD"
+    # AdamW's (β1, β2)
+    _C.SOLVER.BETAS = (0.9, 0.999)
+    return cfg
+
+
 def add_wsis_config(cfg):
     """Add all wsis_d2 keys to ``cfg`` (a detectron2 CfgNode) and return it."""
     add_data_config(cfg)
+    add_solver_config(cfg)
     add_synthetic_config(cfg)
     add_lc_config(cfg)
     add_density_config(cfg)

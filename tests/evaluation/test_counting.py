@@ -123,6 +123,21 @@ class TestCountingEvaluator(unittest.TestCase):
         ev.process([self.inputs[order[2]]], [self.outputs[order[2]]])
         self.check(ev.evaluate()["counting"])
 
+    def test_logs_predicted_and_true_counts_of_first_images(self):
+        ev = CountingEvaluator(self.name, distributed=False)
+        ev.num_examples = 2
+        ev.process(self.inputs, self.outputs)
+        with self.assertLogs(counting_module.logger, level="INFO") as logs:
+            ev.evaluate()
+        table = [r.getMessage() for r in logs.records if "pred/true" in r.getMessage()]
+        self.assertEqual(len(table), 1)
+        lines = table[0].splitlines()
+        self.assertEqual(len(lines), 3)  # header + the first two images in dataset order
+        self.assertTrue(lines[1].startswith("  image i0: "), lines[1])
+        self.assertIn(f"dog {PRED[0][1]:g}/2", lines[1])
+        self.assertTrue(lines[2].startswith("  image i1: "), lines[2])
+        self.assertIn(f"cat {PRED[1][0]:g}/1", lines[2])
+
     def test_missing_counts_skipped_once(self):
         ev = CountingEvaluator(self.name, distributed=False)
         with self.assertLogs(counting_module.logger, level="WARNING") as logs:

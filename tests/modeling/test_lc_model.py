@@ -342,6 +342,20 @@ class TestInference(unittest.TestCase):
         self.assertNotIn("instances", out)
         self.assertEqual(out["counts"].tolist(), [2.0] * C)
 
+    def test_given_counts_choose_the_retained_peaks(self):
+        inp = make_input(64, 80, [0] * C, seed=3)
+        out = self.model.inference_single(inp, counts=torch.tensor([3.0, 0.0, 1.0]))
+        self.assertEqual(out["counts"].tolist(), [3.0, 0.0, 1.0])
+        classes = out["instances"].pred_classes.tolist()
+        self.assertLessEqual(classes.count(0), 3)
+        self.assertLessEqual(classes.count(2), 1)
+        self.assertNotIn(1, classes)
+        self.assertGreater(len(classes), 0)
+        with self.assertRaisesRegex(ValueError, "inference counts"):
+            self.model.inference_single(inp, counts=torch.tensor([1.0, -1.0, 0.0]))
+        with self.assertRaisesRegex(ValueError, "inference counts"):
+            self.model.inference_single(inp, counts=torch.tensor([1.0, 1.0]))
+
     def test_proposals_choose_boxes(self):
         inp = make_input(64, 80, [0] * C, seed=8)
         props = Instances((64, 80))

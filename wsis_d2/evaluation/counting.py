@@ -162,6 +162,7 @@ class CountingEvaluator(DatasetEvaluator):
             raise ValueError(f"metadata of dataset '{dataset_name}' has no field 'thing_classes'")
         self._class_names = list(metadata.thing_classes)
         self._gt = None  # loaded lazily, on the main process only
+        self.num_examples = 5  # images whose predicted and true counts are logged
         self.reset()
 
     def reset(self):
@@ -197,6 +198,18 @@ class CountingEvaluator(DatasetEvaluator):
                     f"{counts.shape}, expected ({len(self._class_names)},)"
                 )
             self._predictions.append((inp["image_id"], counts))
+
+    def _examples_table(self, image_ids, pred, gt) -> str:
+        """Predicted vs true counts ("pred/true" per class with either > 0) of the first images."""
+        lines = [f"Counts of the first {min(self.num_examples, len(image_ids))} images (pred/true):"]
+        for k in range(min(self.num_examples, len(image_ids))):
+            cells = [
+                f"{name} {pred[k, c]:g}/{gt[k, c]:g}"
+                for c, name in enumerate(self._class_names)
+                if pred[k, c] > 0 or gt[k, c] > 0
+            ]
+            lines.append(f"  image {image_ids[k]}: " + (", ".join(cells) or "none"))
+        return "\n".join(lines)
 
     def evaluate(self):
         if self._distributed:
@@ -242,6 +255,7 @@ class CountingEvaluator(DatasetEvaluator):
                 create_small_table({k: v for k, v in results.items() if "/" not in k}),
             )
         )
+        logger.info(self._examples_table(image_ids, pred, gt))
         if self._output_dir:
             PathManager.mkdirs(self._output_dir)
             per_class = {

@@ -433,7 +433,16 @@ class ImageLevelCounter(nn.Module):
         """Per-image inference (each image gets its own forward, so PRMs stay per image)."""
         return [self.inference_single(inp) for inp in batched_inputs]
 
-    def inference_single(self, inp: Dict) -> Dict:
+    def inference_single(self, inp: Dict, counts: Optional[torch.Tensor] = None) -> Dict:
+        """
+        Inference on one image (see the class docstring for ``inp`` and the output).
+
+        Args:
+            inp: one model input dict.
+            counts: optional (C,) counts that replace the predicted ones (for example ground truth,
+                to evaluate the instance masks with oracle counts, or to time the PRMs of a given
+                number of peaks); classes with a count > 0 are then the present ones.
+        """
         images = self.preprocess_image([inp])
         x = images.tensor
         in_h, in_w = images.image_sizes[0]
@@ -449,9 +458,17 @@ class ImageLevelCounter(nn.Module):
             counts_hat = estimate_counts(density_maps, valid, self.count_mode)[0].detach()
             probs = torch.sigmoid(scores)
             present = probs > self.class_threshold
-            counts = torch.where(
-                present, counts_hat.round().clamp_min(0.0), torch.zeros_like(counts_hat)
-            )
+            if counts is None:
+                counts = torch.where(
+                    present, counts_hat.round().clamp_min(0.0), torch.zeros_like(counts_hat)
+                )
+            else:
+                counts = torch.as_tensor(counts, dtype=counts_hat.dtype, device=self.device)
+                if counts.shape != counts_hat.shape or bool((counts < 0).any()):
+                    raise ValueError(
+                        f"inference counts must be {tuple(counts_hat.shape)} non-negative "
+                        f"numbers, got {counts.tolist()}"
+                    )
             result = {"counts": counts}
             if not self.prm_enabled:
                 return result
@@ -528,7 +545,7 @@ class ImageLevelCounter(nn.Module):
         order = torch.argsort(values, descending=True, stable=True)
         order = order[torch.argsort(indices[order, 1], stable=True)]  # by class, value descending
         idx = indices[order]
-        cls = idx[:, 1]
+        cls = idx[:, 1].contiguous()
         start = torch.searchsorted(cls, cls, right=False)
         rank = torch.arange(cls.numel(), device=cls.device) - start
         return idx[rank < counts.to(torch.long)[cls]]

@@ -52,64 +52,112 @@ void build_integral(const scalar_t* map, double* s, int64_t H, int64_t W) {
   }
 }
 
-// ---- forward: the rows of S that the box corners need, computed while sweeping the map ----
+// ---- forward: the entries of S that the box corners need, computed while sweeping the map ----
 //
-// Sweeping y = 0..H, col[x] = sum of map[:y, x] is updated row by row (O(H*W), vectorised), and
-// when row y of S is needed it is the prefix sum of col (O(W)). A corner (x, y) in cell (i, j)
-// reads S at rows j and j+1 only, so a map with B boxes needs at most 8B rows of S, never the
-// whole (H+1) x (W+1) array: the map is read once and the working set stays in the L1/L2 cache.
+// Sweeping y = 0..H, the column sums col[x] = sum of map[:y, x] are updated row by row
+// (O(H*W)). A corner (x, y) in cell (i, j) reads S at rows j and j+1 only, and the two corners of a box
+// edge share their rows, so a box needs 4 row reads of F(x2) - F(x1) = sum of col over the box's
+// columns (O(box width)), never the whole (H+1) x (W+1) array: the map is read once and the
+// working set (two rows) stays in the L1 cache. The rows are added into a block accumulator of
+// the map's dtype (`part`, vectorised at the dtype's width), flushed into the float64 `col` every
+// kFlushRows rows, so that float32 maps are summed at float32 SIMD width with float64 accuracy
+// over the whole map.
 
-// One bilinear read of S in a row: acc[box] += w * ((1 - fx) * S[row][i] + fx * S[row][i+1]).
-struct RowRead {
-  int64_t row, box, i;
-  double fx, w;
-};
+constexpr int64_t kFlushRows = 32;  // rows summed in the map dtype between flushes
 
-// p[0..8L] = prefix sums of c[0..8L): eight segments side by side (independent additions), then
-// the segment offsets.
-inline void row_prefix(const double* c, double* p, int64_t L) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t t = 0; t < L; ++t) {
-    for (int64_t j = 0; j < 8; ++j) {
-      acc[j] += c[j * L + t];
-      p[j * L + t + 1] = acc[j];
-    }
-  }
-  p[0] = 0;
-  double offset = 0;
-  for (int64_t j = 0; j < 8; ++j) {
-    double* q = p + j * L + 1;
-    for (int64_t t = 0; t < L; ++t) q[t] += offset;
-    offset += acc[j];
+// Hot loops compiled for AVX2 and for the baseline ISA, chosen at load time (GCC function
+// multi-versioning), since the extension cannot assume AVX2 at build time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define WSIS_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define WSIS_MULTIVERSION
+#endif
+
+// a[x] += r[x]
+WSIS_MULTIVERSION void add_row_f(float* __restrict a, const float* __restrict r, int64_t W) {
+  for (int64_t x = 0; x < W; ++x) a[x] += r[x];
+}
+WSIS_MULTIVERSION void add_row_d(double* __restrict a, const double* __restrict r, int64_t W) {
+  for (int64_t x = 0; x < W; ++x) a[x] += r[x];
+}
+// col[x] += a[x]; a[x] = 0
+WSIS_MULTIVERSION void flush_f(double* __restrict col, float* __restrict a, int64_t W) {
+  for (int64_t x = 0; x < W; ++x) {
+    col[x] += static_cast<double>(a[x]);
+    a[x] = 0.f;
   }
 }
+WSIS_MULTIVERSION void flush_d(double* __restrict col, double* __restrict a, int64_t W) {
+  for (int64_t x = 0; x < W; ++x) {
+    col[x] += a[x];
+    a[x] = 0.0;
+  }
+}
+// sum of col[x] + a[x] over x in [x0, x1), with 8 independent partial sums (vectorisable
+// without reassociation flags, and not bound by the latency of one addition chain)
+template <typename T>
+inline double range_sum_impl(const double* __restrict col, const T* __restrict a, int64_t x0,
+                             int64_t x1) {
+  double p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t x = x0;
+  for (; x + 8 <= x1; x += 8)
+    for (int k = 0; k < 8; ++k) p[k] += col[x + k] + static_cast<double>(a[x + k]);
+  double s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+  for (; x < x1; ++x) s += col[x] + static_cast<double>(a[x]);
+  return s;
+}
+WSIS_MULTIVERSION double range_sum_f(const double* __restrict col, const float* __restrict a,
+                                     int64_t x0, int64_t x1) {
+  return range_sum_impl(col, a, x0, x1);
+}
+WSIS_MULTIVERSION double range_sum_d(const double* __restrict col, const double* __restrict a,
+                                     int64_t x0, int64_t x1) {
+  return range_sum_impl(col, a, x0, x1);
+}
+inline void add_row(float* a, const float* r, int64_t W) { add_row_f(a, r, W); }
+inline void add_row(double* a, const double* r, int64_t W) { add_row_d(a, r, W); }
+inline void flush(double* col, float* a, int64_t W) { flush_f(col, a, W); }
+inline void flush(double* col, double* a, int64_t W) { flush_d(col, a, W); }
+inline double range_sum(const double* col, const float* a, int64_t x0, int64_t x1) {
+  return range_sum_f(col, a, x0, x1);
+}
+inline double range_sum(const double* col, const double* a, int64_t x0, int64_t x1) {
+  return range_sum_d(col, a, x0, x1);
+}
 
-// Per-thread buffers of sweep_map, reused across maps.
-struct SweepScratch {
-  int64_t L;  // W rounded up to a multiple of 8, divided by 8 (col is zero-padded to 8L)
-  std::vector<double> col, prefix, acc;
-  std::vector<RowRead> reads, sorted;
-  std::vector<int64_t> row_start;
-  SweepScratch(int64_t H, int64_t W)
-      : L((W + 7) / 8), col(8 * L), prefix(8 * L + 1), row_start(H + 3) {}
+// Two bilinear reads of S in one row, at the right (i2, fx2) and left (i1, fx1) corners of a box:
+// acc[box] += w * (F(x2) - F(x1)), F(x) = (1 - fx) * S[row][i] + fx * S[row][i + 1]. With c the
+// column sums, F(x2) - F(x1) = sum(c[i1 .. i2)) + fx2 * c[i2] - fx1 * c[i1]: O(box width).
+struct RowRead {
+  int64_t row, box, i1, i2;
+  double fx1, fx2, w;
 };
 
-// Sums over one map of the B boxes b[5 * order[t]], t < B, into out[order[t]]; O(H*W + B*W).
-// Returns false (out untouched) if the map has NaN or inf.
+// Per-thread buffers of sweep_map, reused across maps.
+template <typename scalar_t>
+struct SweepScratch {
+  std::vector<double> col, acc;
+  std::vector<scalar_t> part;
+  std::vector<RowRead> reads, sorted;
+  std::vector<int64_t> row_start;
+  SweepScratch(int64_t H, int64_t W) : col(W), part(W), row_start(H + 3) {}
+};
+
+// Sums over one map of the B boxes b[5 * order[t]], t < B, into out[order[t]]; O(H*W + B*box width).
+// Returns false (out untouched) if the map has NaN or inf (or float32 partial sums overflow).
 template <typename scalar_t>
 bool sweep_map(const scalar_t* map, int64_t H, int64_t W, const scalar_t* b, const int64_t* order,
-               int64_t B, SweepScratch& s, scalar_t* out) {
-  // the 8 row reads of each box: 4 corners (signs + - - +), rows j and j + 1 of each
+               int64_t B, SweepScratch<scalar_t>& s, scalar_t* out) {
+  // the 4 row reads of each box: y2 (+) and y1 (-), rows j and j + 1 of each
   s.reads.clear();
   double c[4], inside[4];
   for (int64_t t = 0; t < B; ++t) {
     clamp_box(b + 5 * order[t], H, W, c, inside);
-    const double xs[4] = {c[2], c[0], c[2], c[0]}, ys[4] = {c[3], c[3], c[1], c[1]};
-    const double sign[4] = {1, -1, -1, 1};
-    for (int q = 0; q < 4; ++q) {
-      const Corner p = locate(xs[q], ys[q], H, W);
-      s.reads.push_back({p.j, t, p.i, p.fx, sign[q] * (1 - p.fy)});
-      s.reads.push_back({p.j + 1, t, p.i, p.fx, sign[q] * p.fy});
+    for (int q = 0; q < 2; ++q) {
+      const double y = q == 0 ? c[3] : c[1], sign = q == 0 ? 1.0 : -1.0;
+      const Corner right = locate(c[2], y, H, W), left = locate(c[0], y, H, W);
+      s.reads.push_back({right.j, t, left.i, right.i, left.fx, right.fx, sign * (1 - right.fy)});
+      s.reads.push_back({right.j + 1, t, left.i, right.i, left.fx, right.fx, sign * right.fy});
     }
   }
   // counting sort of the reads by row
@@ -121,20 +169,26 @@ bool sweep_map(const scalar_t* map, int64_t H, int64_t W, const scalar_t* b, con
   // now reads of row y are sorted[row_start[y] .. row_start[y + 1])
   s.acc.assign(B, 0.0);
   std::fill(s.col.begin(), s.col.end(), 0.0);
+  std::fill(s.part.begin(), s.part.end(), scalar_t(0));
   double* col = s.col.data();
-  const double* P = s.prefix.data();
-  for (int64_t y = 0; y <= H; ++y) {
-    if (s.row_start[y + 1] > s.row_start[y]) {
-      row_prefix(col, s.prefix.data(), s.L);  // P = row y of S
-      for (int64_t t = s.row_start[y]; t < s.row_start[y + 1]; ++t) {
-        const RowRead& r = s.sorted[t];
-        s.acc[r.box] += r.w * ((1 - r.fx) * P[r.i] + r.fx * P[r.i + 1]);
-      }
+  scalar_t* part = s.part.data();
+  int64_t rows_in_part = 0;
+  for (int64_t y = 0; y <= H;) {
+    for (int64_t t = s.row_start[y]; t < s.row_start[y + 1]; ++t) {
+      const RowRead& r = s.sorted[t];
+      const double c1 = col[r.i1] + static_cast<double>(part[r.i1]);
+      const double c2 = col[r.i2] + static_cast<double>(part[r.i2]);
+      s.acc[r.box] += r.w * (range_sum(col, part, r.i1, r.i2) + r.fx2 * c2 - r.fx1 * c1);
     }
     if (y == H) break;
-    const scalar_t* row = map + y * W;
-    for (int64_t x = 0; x < W; ++x) col[x] += static_cast<double>(row[x]);
+    add_row(part, map + y * W, W);
+    ++y;
+    if (++rows_in_part == kFlushRows) {
+      flush(col, part, W);
+      rows_in_part = 0;
+    }
   }
+  flush(col, part, W);
   // col holds the column totals: all finite iff every value of the map is
   for (int64_t x = 0; x < W; ++x)
     if (!std::isfinite(col[x])) return false;
@@ -256,7 +310,7 @@ at::Tensor box_sum_forward_cpu(const at::Tensor& maps_in, const at::Tensor& boxe
     scalar_t* o = out.data_ptr<scalar_t>();
     const Buckets bk = bucket_boxes(b, classes.data_ptr<int64_t>(), K, N, C);
     at::parallel_for(0, static_cast<int64_t>(bk.used.size()), 1, [&](int64_t ub, int64_t ue) {
-      SweepScratch scratch(H, W);
+      SweepScratch<scalar_t> scratch(H, W);
       for (int64_t u = ub; u < ue; ++u) {
         const int64_t m = bk.used[u];
         const int64_t* order = bk.order.data() + bk.start[m];
