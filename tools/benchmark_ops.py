@@ -57,8 +57,8 @@ def random_boxes(k, n_images, n_classes, size, generator):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs of each op")
-    parser.add_argument("--ref-repeats", type=int, default=3, help="timed runs of each reference")
+    parser.add_argument("--repeats", type=int, default=21, help="timed runs of each op")
+    parser.add_argument("--ref-repeats", type=int, default=7, help="timed runs of each reference")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if not compiled_ops_available():

@@ -13,6 +13,8 @@ from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, PascalVOCDetectionEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import wsis_d2  # noqa: F401  (registers datasets, models and mappers)
 from wsis_d2 import add_wsis_config
@@ -74,6 +76,8 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # wsis_d2's own log (evaluator tables, mapper and model messages) next to detectron2's
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="wsis_d2")
     return cfg
 
 

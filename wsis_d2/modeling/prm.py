@@ -73,11 +73,22 @@ def batched_peak_gradients(
     chunks = []
     for start in range(0, rows, step):
         stop = min(rows, start + step)
+        retain = retain_graph or stop < rows
+        if stop - start == 1:
+            # a single vector: the plain backward (the vmapped one takes slower kernels on CPU)
+            (grads,) = torch.autograd.grad(
+                peak_values,
+                inputs,
+                grad_outputs=combine[start].to(peak_values.dtype),
+                retain_graph=retain,
+            )
+            chunks.append(grads[None])
+            continue
         (grads,) = torch.autograd.grad(
             peak_values,
             inputs,
             grad_outputs=combine[start:stop].to(peak_values.dtype),
-            retain_graph=retain_graph or stop < rows,
+            retain_graph=retain,
             is_grads_batched=True,
         )
         chunks.append(grads)
