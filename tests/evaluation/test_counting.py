@@ -15,6 +15,7 @@ from detectron2.structures import BoxMode
 
 from wsis_d2.evaluation import CountingEvaluator, counting_metrics
 from wsis_d2.evaluation import counting as counting_module
+from wsis_d2.evaluation import gather as gather_module
 
 # 3 images x 2 classes
 GT = np.array([[0, 2], [1, 0], [3, 0]], dtype=np.float64)
@@ -154,7 +155,7 @@ class TestCountingEvaluator(unittest.TestCase):
         evs = [CountingEvaluator(self.name, distributed=True) for _ in range(2)]
         evs[0].process(self.inputs[:1], self.outputs[:1])
         evs[1].process(self.inputs[1:], self.outputs[1:])
-        comm = counting_module.comm
+        comm = gather_module.comm  # the evaluators gather through wsis_d2.evaluation.gather
         parts = [evs[1]._predictions, evs[0]._predictions]
         with tempfile.TemporaryDirectory() as d:
             evs[0]._output_dir = d

@@ -14,6 +14,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, BoxMode, Instances
 
 from wsis_d2.evaluation import InstanceAPEvaluator
+from wsis_d2.evaluation import gather as gather_module
 from wsis_d2.evaluation import instance_ap as instance_ap_module
 from wsis_d2.evaluation.instance_ap import voc_ap
 
@@ -316,7 +317,7 @@ class TestEvaluatorBehaviour(_DatasetCase):
         evs[0].process([{"image_id": 1}], [outs[1]])
         evs[1].process([{"image_id": 0}], [pred_output(self.H, self.W, [], [], [])])
         parts = [evs[0]._predictions, evs[1]._predictions]
-        comm = instance_ap_module.comm
+        comm = gather_module.comm  # the evaluators gather through wsis_d2.evaluation.gather
         with mock.patch.object(comm, "gather", return_value=parts), mock.patch.object(
             comm, "synchronize"
         ):

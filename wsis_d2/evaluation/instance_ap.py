@@ -29,9 +29,10 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
-from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
+
+from .gather import gather_predictions
 
 __all__ = [
     "InstanceAPEvaluator",
@@ -337,13 +338,9 @@ class InstanceAPEvaluator(DatasetEvaluator):
         }
 
     def evaluate(self):
-        if self._distributed:
-            comm.synchronize()
-            predictions = [p for part in comm.gather(self._predictions, dst=0) for p in part]
-            if not comm.is_main_process():
-                return {}
-        else:
-            predictions = self._predictions
+        predictions = gather_predictions(self._predictions, self._distributed)
+        if predictions is None:  # not the main process
+            return {}
         if len(predictions) == 0:
             logger.warning("InstanceAPEvaluator: no predictions were processed.")
             return {}

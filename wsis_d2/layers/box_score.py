@@ -51,29 +51,21 @@ def _validate(maps: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor) ->
         return
     b = boxes.detach()
     n = b[:, 0]
-    # one combined check (one host sync) on the common, valid path; the details only on failure
-    ok = (
-        ~torch.isnan(b).any()
-        & (b[:, 3] >= b[:, 1]).all()
-        & (b[:, 4] >= b[:, 2]).all()
-        & (n == n.round()).all()
-        & (n >= 0).all()
-        & (n < maps.shape[0]).all()
-        & (classes >= 0).all()
-        & (classes < maps.shape[1]).all()
-    )
-    if bool(ok):
-        return
-    if torch.isnan(b).any():
-        raise ValueError("boxes contain NaN")
+    has_nan = torch.isnan(b).any()
     flipped = (b[:, 3] < b[:, 1]) | (b[:, 4] < b[:, 2])
+    bad_image = (n != n.round()) | (n < 0) | (n >= maps.shape[0])
+    bad_class = (classes < 0) | (classes >= maps.shape[1])
+    # one host sync on the common, valid path; the details only on failure
+    if not bool(has_nan | flipped.any() | bad_image.any() | bad_class.any()):
+        return
+    if has_nan:
+        raise ValueError("boxes contain NaN")
     if flipped.any():
         bad = int(torch.nonzero(flipped)[0])
         raise ValueError(f"boxes[{bad}] has x2 < x1 or y2 < y1: {b[bad].tolist()}")
-    if (n != n.round()).any() or n.min() < 0 or n.max() >= maps.shape[0]:
+    if bad_image.any():
         raise ValueError(f"boxes[:, 0] (image indices) must be integers in [0, {maps.shape[0]})")
-    if classes.min() < 0 or classes.max() >= maps.shape[1]:
-        raise ValueError(f"classes must be in [0, {maps.shape[1]})")
+    raise ValueError(f"classes must be in [0, {maps.shape[1]})")
 
 
 def _check_scored_maps_finite(maps: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor):
