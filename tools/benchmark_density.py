@@ -1,13 +1,18 @@
 #!/usr/bin/env python
 """
 Benchmark of point-supervised density counting on the synthetic fluorescence cells: trains FCRN-A
-and U-Net (configs/density_{fcrn_a,unet}_cells.yaml, their SOLVER schedules) on the 32 images of
-wsis_cells_train_32 with a fixed schedule sized for about 30 minutes in total on a 2-core CPU,
-evaluates both on the 100 images of wsis_cells_test, and prints as its last line one JSON object:
+and U-Net (configs/density_{fcrn_a,unet}_cells.yaml, their SOLVER schedules: bfloat16 autocast,
+channels-last) on the 32 images of wsis_cells_train_32 with a fixed schedule sized for about 30
+minutes in total on a 2-core CPU, evaluates both on the 100 images of wsis_cells_test, and prints as
+its last line one JSON object:
 
     {"mae_fcrn_a", "mae_unet", "mean_true_count", "rel_mae_fcrn_a", "rel_mae_unet",
      "baseline_mae" (predicting the mean training count), "img_per_s_inference" (U-Net, 256x256,
-     batch 1, CPU), ...}
+     batch 1, float32, all cores, measured after training), ...}
+
+The two models train at the same time in two child processes (``--jobs 2``) with one thread each
+(``--threads``: CPU count / jobs), which uses a 2-core machine about twice as well as one process
+with two threads for these small networks.
 
 Usage:
     python tools/benchmark_density.py                  # the full schedule
@@ -18,8 +23,11 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
+import tempfile
 import time
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -32,7 +40,7 @@ from detectron2.data import (  # noqa: E402
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.engine import SimpleTrainer, hooks  # noqa: E402
+from detectron2.engine import hooks  # noqa: E402
 from detectron2.evaluation import inference_on_dataset  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.solver import build_lr_scheduler  # noqa: E402
@@ -42,6 +50,7 @@ import wsis_d2  # noqa: E402, F401  (registers datasets and models)
 from wsis_d2 import add_wsis_config  # noqa: E402
 from wsis_d2.data.mappers.density_mapper import DensityDatasetMapper  # noqa: E402
 from wsis_d2.evaluation import DensityEvaluator  # noqa: E402
+from wsis_d2.engine import build_train_loop  # noqa: E402
 from wsis_d2.solver import build_optimizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,19 +78,19 @@ def build_cfg(config_file: str, args):
     return cfg
 
 
-def train(cfg):
+def train(cfg, name: str = ""):
     """Train ``cfg`` for SOLVER.MAX_ITER iterations; returns (model, seconds)."""
     torch.manual_seed(cfg.SEED)
     np.random.seed(cfg.SEED)
     model = build_model(cfg)
     loader = build_detection_train_loader(cfg, mapper=DensityDatasetMapper(cfg, True))
     optimizer = build_optimizer(cfg, model)
-    trainer = SimpleTrainer(model, loader, optimizer)
+    trainer = build_train_loop(cfg, model, loader, optimizer)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(optimizer, build_lr_scheduler(cfg, optimizer)),
-            _LossPrinter(period=max(cfg.SOLVER.MAX_ITER // 10, 1)),
+            _LossPrinter(name, period=max(cfg.SOLVER.MAX_ITER // 10, 1)),
         ]
     )
     start = time.perf_counter()
@@ -90,7 +99,8 @@ def train(cfg):
 
 
 class _LossPrinter(hooks.HookBase):
-    def __init__(self, period: int):
+    def __init__(self, name: str, period: int):
+        self._name = name
         self._period = period
 
     def after_step(self):
@@ -99,7 +109,9 @@ class _LossPrinter(hooks.HookBase):
             storage = self.trainer.storage
             loss = storage.history("total_loss").median(self._period)
             mae = storage.history("density/count_mae").median(self._period)
-            print(f"  iter {it}: loss {loss:.4f}, crop count MAE {mae:.2f}", flush=True)
+            print(
+                f"  {self._name} iter {it}: loss {loss:.4f}, crop count MAE {mae:.2f}", flush=True
+            )
 
 
 def evaluate(cfg, model, output_dir: str):
@@ -162,6 +174,79 @@ def save_example(cfg, model, path: str):
     plt.close(fig)
 
 
+def run_one(name: str, args) -> Dict:
+    """Train, save and evaluate one model in this process; returns its part of the summary."""
+    cfg = build_cfg(MODELS[name], args)
+    iters = cfg.SOLVER.MAX_ITER
+    print(f"{name}: training {iters} iterations ({MODELS[name]})", flush=True)
+    model, train_s = train(cfg, name)
+    out_dir = os.path.join(args.output_dir, name)
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save(model.state_dict(), os.path.join(out_dir, "model_final.pth"))
+    results, eval_s = evaluate(cfg, model, out_dir)
+    print(
+        f"{name}: train {train_s:.0f}s, eval {eval_s:.0f}s; "
+        + ", ".join(f"{k} {v:.3f}" for k, v in results.items()),
+        flush=True,
+    )
+    return {
+        f"mae_{name}": results["MAE"],
+        f"rmse_{name}": results["RMSE"],
+        f"game3_{name}": results["GAME3"],
+        f"train_s_{name}": round(train_s, 1),
+        f"iters_{name}": iters,
+    }
+
+
+def _worker_command(name: str, args, result_json: str) -> List[str]:
+    """This script, run for one model in a child process (same data, schedule and overrides)."""
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        name,
+        "--result-json",
+        result_json,
+    ]
+    cmd += ["--train-set", args.train_set, "--test-set", args.test_set]
+    cmd += ["--threads", str(args.threads), "--workers", str(args.workers)]
+    cmd += ["--seed", str(args.seed), "--output-dir", args.output_dir]
+    if args.iters:
+        cmd += ["--iters", str(args.iters)]
+    return cmd + list(args.opts)
+
+
+def run_parallel(names: List[str], args) -> Dict:
+    """
+    Train the models in up to ``args.jobs`` child processes at once (each with ``args.threads``
+    threads); returns the merged summaries. A failing child stops the benchmark with its exit code.
+    """
+    summary: Dict = {}
+    pending = list(names)
+    running = []
+    with tempfile.TemporaryDirectory() as tmp:
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                name = pending.pop(0)
+                result_json = os.path.join(tmp, f"{name}.json")
+                env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+                proc = subprocess.Popen(_worker_command(name, args, result_json), env=env)
+                running.append((name, proc, result_json))
+            time.sleep(1.0)
+            for item in list(running):
+                name, proc, result_json = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                if proc.returncode != 0:
+                    for _, other, _ in running:
+                        other.terminate()
+                    raise SystemExit(f"{name}: training failed with exit code {proc.returncode}")
+                with open(result_json) as f:
+                    summary.update(json.load(f))
+    return summary
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -172,54 +257,79 @@ def main():
     parser.add_argument("--models", default="fcrn_a,unet")
     parser.add_argument("--train-set", default="wsis_cells_train_32")
     parser.add_argument("--test-set", default="wsis_cells_test")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="models trained at once, each in its own process (1: one after the other, in-process)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per training process (0: the CPU count divided by --jobs)",
+    )
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="output/benchmark_density")
     parser.add_argument("--example", default="", help="save an example figure (U-Net) here")
+    parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--result-json", default="", help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args()
+    names = [n for n in args.models.split(",") if n]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {sorted(MODELS)}")
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+    cpus = os.cpu_count() or 1
+    if args.threads <= 0:
+        args.threads = max(cpus // min(args.jobs, len(names)), 1)
 
-    torch.set_num_threads(args.threads)
     for name in ("wsis_d2", "detectron2"):
         setup_logger(name=name)
         logging.getLogger(name).setLevel(logging.WARNING)
-    total_start = time.perf_counter()
 
+    if args.worker:  # child process of run_parallel
+        torch.set_num_threads(args.threads)
+        with open(args.result_json, "w") as f:
+            json.dump(run_one(args.worker, args), f)
+        return
+
+    total_start = time.perf_counter()
+    # generates the synthetic splits on first use, before any child process reads them
     train_counts = [len(r["points"]) for r in DatasetCatalog.get(args.train_set)]
     test_counts = np.asarray([len(r["points"]) for r in DatasetCatalog.get(args.test_set)], float)
     baseline = float(np.abs(test_counts - np.mean(train_counts)).mean())
     mean_true = float(test_counts.mean())
     print(
         f"train {args.train_set}: {len(train_counts)} images, mean count {np.mean(train_counts):.1f}; "
-        f"test {args.test_set}: {len(test_counts)} images, mean count {mean_true:.1f}",
+        f"test {args.test_set}: {len(test_counts)} images, mean count {mean_true:.1f}; "
+        f"{min(args.jobs, len(names))} training process(es) of {args.threads} thread(s)",
         flush=True,
     )
 
-    summary = {}
-    for name in args.models.split(","):
-        cfg = build_cfg(MODELS[name], args)
-        iters = cfg.SOLVER.MAX_ITER
-        print(f"{name}: training {iters} iterations ({MODELS[name]})", flush=True)
-        model, train_s = train(cfg)
-        os.makedirs(os.path.join(args.output_dir, name), exist_ok=True)
-        torch.save(model.state_dict(), os.path.join(args.output_dir, name, "model_final.pth"))
-        results, eval_s = evaluate(cfg, model, os.path.join(args.output_dir, name))
-        print(
-            f"{name}: train {train_s:.0f}s, eval {eval_s:.0f}s; "
-            + ", ".join(f"{k} {v:.3f}" for k, v in results.items()),
-            flush=True,
-        )
-        summary[f"mae_{name}"] = results["MAE"]
-        summary[f"rel_mae_{name}"] = results["MAE"] / mean_true
-        summary[f"rmse_{name}"] = results["RMSE"]
-        summary[f"game3_{name}"] = results["GAME3"]
-        summary[f"train_s_{name}"] = round(train_s, 1)
-        summary[f"iters_{name}"] = iters
-        if name == "unet":
-            summary["img_per_s_inference"] = inference_speed(model)
-            if args.example:
-                save_example(cfg, model, args.example)
+    if args.jobs > 1 and len(names) > 1:
+        summary = run_parallel(names, args)
+    else:
+        torch.set_num_threads(args.threads)
+        summary = {}
+        for name in names:
+            summary.update(run_one(name, args))
+    for name in names:
+        summary[f"rel_mae_{name}"] = summary[f"mae_{name}"] / mean_true
+    if "unet" in names:
+        # inference speed alone on the machine, all cores, float32, from the saved weights
+        torch.set_num_threads(cpus)
+        cfg = build_cfg(MODELS["unet"], args)
+        model = build_model(cfg)
+        state = torch.load(os.path.join(args.output_dir, "unet", "model_final.pth"))
+        model.load_state_dict(state)
+        summary["img_per_s_inference"] = inference_speed(model)
+        summary["inference_threads"] = cpus
+        if args.example:
+            save_example(cfg, model, args.example)
     summary["mean_true_count"] = mean_true
     summary["baseline_mae"] = baseline
     summary["total_s"] = round(time.perf_counter() - total_start, 1)

@@ -6,12 +6,17 @@ reference) with detectron2's DefaultTrainer.
     python tools/train_net.py --config-file configs/lc_r50.yaml
     python tools/train_net.py --config-file configs/lc_r50.yaml --eval-only MODEL.WEIGHTS model.pth
 """
+
 import os
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
+from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -19,12 +24,15 @@ from detectron2.utils.logger import setup_logger
 import wsis_d2  # noqa: F401  (registers datasets, models and mappers)
 from wsis_d2 import add_wsis_config
 from wsis_d2.data import build_dataset_mapper
+from wsis_d2.engine import WSISTrainer
 from wsis_d2.evaluation import CountingEvaluator, DensityEvaluator, InstanceAPEvaluator
-from wsis_d2.solver import build_optimizer
 
 
-class Trainer(DefaultTrainer):
-    """DefaultTrainer with wsis_d2's mappers and an evaluator per dataset ``evaluator_type``."""
+class Trainer(WSISTrainer):
+    """
+    wsis_d2's trainer (optimizer choice, bfloat16 autocast also on CPU) with wsis_d2's mappers and
+    an evaluator per dataset ``evaluator_type``.
+    """
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -54,10 +62,6 @@ class Trainer(DefaultTrainer):
                 f"dataset {dataset_name!r}: no evaluator for evaluator_type={evaluator_type!r}"
             )
         return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
-
-    @classmethod
-    def build_optimizer(cls, cfg, model):
-        return build_optimizer(cfg, model)  # SOLVER.OPTIMIZER: SGD (detectron2's) or AdamW
 
     @classmethod
     def build_train_loader(cls, cfg):

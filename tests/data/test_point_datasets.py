@@ -26,7 +26,11 @@ from wsis_d2.data.datasets.point_datasets import (
     load_vgg_cells,
     register_all_density,
 )
-from wsis_d2.data.mappers.density_mapper import DensityDatasetMapper, Rot90Transform
+from wsis_d2.data.mappers.density_mapper import (
+    DensityDatasetMapper,
+    Rot90Transform,
+    build_density_augmentation,
+)
 
 LOGGER = "wsis_d2.data.datasets.point_datasets"
 
@@ -311,6 +315,34 @@ class TestMapper(unittest.TestCase):
             test_out = DensityDatasetMapper(cfg, False)(record)
             np.testing.assert_allclose(test_out["points"].numpy(), pts)
             self.assertTrue(torch.equal(test_out["roi"], torch.from_numpy(roi)))
+
+    def test_brightness_gain(self):
+        cfg = get_cfg()
+        add_wsis_config(cfg)
+        cfg.INPUT.CROP.ENABLED = False
+        cfg.INPUT.DENSITY.FLIPS = []
+        cfg.INPUT.MIN_SIZE_TRAIN = (0,)
+        cfg.INPUT.MIN_SIZE_TEST = 0
+        self.assertEqual(build_density_augmentation(cfg, True), [])  # (1, 1): off
+        cfg.INPUT.DENSITY.BRIGHTNESS = (0.5, 2.0)
+        augs = build_density_augmentation(cfg, True)
+        self.assertEqual(len(augs), 1)
+        self.assertIsInstance(augs[0], T.RandomBrightness)
+        self.assertEqual(build_density_augmentation(cfg, False), [])  # training only
+        image = np.full((6, 7, 3), 100, np.uint8)
+        np.random.seed(0)
+        gains = set()
+        for _ in range(20):
+            out = T.AugInput(image.copy())
+            T.AugmentationList(augs)(out)
+            values = np.unique(out.image)
+            self.assertEqual(len(values), 1)  # one factor per image
+            self.assertTrue(50 <= int(values[0]) <= 200)
+            gains.add(int(values[0]))
+        self.assertGreater(len(gains), 5)
+        cfg.INPUT.DENSITY.BRIGHTNESS = (0.0, 1.0)
+        with self.assertRaisesRegex(ValueError, "INPUT.DENSITY.BRIGHTNESS"):
+            build_density_augmentation(cfg, True)
 
     def test_unreadable_image(self):
         with tempfile.TemporaryDirectory() as d:

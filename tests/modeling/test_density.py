@@ -18,6 +18,7 @@ from scipy.special import erf
 
 import wsis_d2  # noqa: F401  (registers models)
 from wsis_d2 import add_wsis_config
+from wsis_d2.modeling.backbone.fcrn import block_norm
 from wsis_d2.modeling.meta_arch.density import (
     adaptive_sigmas,
     density_mse_loss,
@@ -134,6 +135,23 @@ class TestBackbones(unittest.TestCase):
         net = BACKBONE_REGISTRY.get("UNet")(cfg, ShapeSpec(channels=1))
         self.assertEqual(net.size_divisibility, 4)
         self.assertEqual(tuple(net(torch.randn(1, 1, 9, 11))["dense"].shape), (1, 3, 9, 11))
+
+    def test_norms(self):
+        # GN: groups of >= 8 channels, at most 32 groups (detectron2's fixed 32 cannot divide 16)
+        self.assertEqual(block_norm("GN", 16).num_groups, 2)
+        self.assertEqual(block_norm("GN", 4).num_groups, 1)
+        self.assertEqual(block_norm("GN", 512).num_groups, 32)
+        self.assertIsInstance(block_norm("BN", 8), torch.nn.BatchNorm2d)
+        self.assertIsNone(block_norm("", 8))
+        for norm in ("GN", ""):
+            cfg = small_cfg()
+            cfg.MODEL.UNET.NORM = norm
+            net = BACKBONE_REGISTRY.get("UNet")(cfg, ShapeSpec(channels=3)).eval()
+            x = torch.randn(2, 3, 16, 24)
+            # batch-independent: an image gives the same output alone and in a batch
+            torch.testing.assert_close(net(x)["dense"][:1], net(x[:1])["dense"])
+            convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+            self.assertTrue(all((c.bias is None) == (norm != "") for c in convs))
 
 
 class TestDensityCounter(unittest.TestCase):
@@ -269,6 +287,34 @@ class TestDensityCounter(unittest.TestCase):
                     first = storage.history("density/count_mae").latest()
             last = storage.history("density/count_mae").latest()
         self.assertLess(last, 0.5 * first)
+
+    def test_channels_last_and_autocast(self):
+        # MODEL.CHANNELS_LAST stores the conv weights NHWC and gives the float32 model's outputs
+        # up to rounding; under bfloat16 autocast the 1x1 head still returns float32
+        torch.manual_seed(0)
+        cfg = small_cfg()
+        model = build_model(cfg).eval()
+        cfg.MODEL.CHANNELS_LAST = True
+        model_cl = build_model(cfg).eval()
+        model_cl.load_state_dict(model.state_dict())
+        conv = next(p for p in model_cl.backbone.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+        self.assertTrue(conv.is_contiguous(memory_format=torch.channels_last))
+        self.assertFalse(conv.is_contiguous())
+        inputs = self._inputs([(37, 29)], [4])
+        with torch.no_grad():
+            ref = model(inputs)[0]
+            out = model_cl(inputs)[0]
+        torch.testing.assert_close(out["density"], ref["density"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out["counts"], ref["counts"], rtol=1e-4, atol=1e-4)
+        model_cl.train()
+        with EventStorage(), torch.autocast("cpu", dtype=torch.bfloat16):
+            images = model_cl.preprocess_image(inputs)
+            pred = model_cl.predict_raw(images)
+            loss = model_cl(inputs)["loss_density"]
+        self.assertEqual(pred.dtype, torch.float32)
+        self.assertEqual(loss.dtype, torch.float32)
+        loss.backward()
+        self.assertTrue(all(torch.isfinite(p.grad).all() for p in model_cl.parameters()))
 
 
 def _reference_find_peaks(maps, radius=1, threshold=None):

@@ -1,7 +1,9 @@
 """The whole density pipeline from a config: dataset -> mapper -> train loader -> DensityCounter ->
-SimpleTrainer steps -> inference_on_dataset with DensityEvaluator (odd sizes, an empty image)."""
+training steps in the config's loop (bfloat16 autocast) -> inference_on_dataset with
+DensityEvaluator (odd sizes, an empty image); and the same config through WSISTrainer."""
 
 import copy
+import importlib.util
 import os
 import tempfile
 import unittest
@@ -16,7 +18,6 @@ from detectron2.data import (
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.engine import SimpleTrainer
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
@@ -27,6 +28,7 @@ from wsis_d2 import add_wsis_config
 from wsis_d2.data import build_dataset_mapper
 from wsis_d2.data.datasets.cells import GENERATOR_SPEC, prepare_synthetic_cells
 from wsis_d2.data.datasets.point_datasets import load_point_json, register_point_dataset
+from wsis_d2.engine import AutocastTrainer, WSISTrainer, build_train_loop
 from wsis_d2.evaluation import DensityEvaluator
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
@@ -68,7 +70,7 @@ class TestDensityPipeline(unittest.TestCase):
         cls.tmp.cleanup()
         torch.set_num_threads(cls._threads)
 
-    def test_train_and_evaluate_from_demo_config(self):
+    def _demo_cfg(self):
         cfg = get_cfg()
         add_wsis_config(cfg)
         cfg.merge_from_file(os.path.join(CONFIGS, "demo", "density_unet_cells_demo.yaml"))
@@ -79,11 +81,16 @@ class TestDensityPipeline(unittest.TestCase):
         cfg.DATASETS.TEST = (self.name,)
         cfg.DATALOADER.NUM_WORKERS = 0
         cfg.SOLVER.IMS_PER_BATCH = 2
+        return cfg
+
+    def test_train_and_evaluate_from_demo_config(self):
+        cfg = self._demo_cfg()
         self.assertEqual(MetadataCatalog.get(self.name).evaluator_type, "density")
 
         model = build_model(cfg)
         loader = build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, True))
-        trainer = SimpleTrainer(model, loader, build_optimizer(cfg, model))
+        trainer = build_train_loop(cfg, model, loader, build_optimizer(cfg, model))
+        self.assertIsInstance(trainer, AutocastTrainer)  # the cells configs train in bfloat16
         trainer.train(0, 3)
         self.assertTrue(np.isfinite(trainer.storage.history("total_loss").latest()))
 
@@ -96,6 +103,27 @@ class TestDensityPipeline(unittest.TestCase):
             self.assertTrue(np.isfinite(results[key]), key)
         self.assertAlmostEqual(results["GAME0"], results["MAE"], places=3)
         self.assertTrue(os.path.isfile(os.path.join(self.tmp.name, "eval", "density_scatter.png")))
+
+    def test_train_net_trainer_runs_the_autocast_loop(self):
+        # tools/train_net.py's Trainer (a WSISTrainer) with the config's SOLVER.AMP bfloat16
+        spec = importlib.util.spec_from_file_location(
+            "wsis_train_net_density", os.path.join(CONFIGS, "..", "tools", "train_net.py")
+        )
+        train_net = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(train_net)
+        cfg = self._demo_cfg()
+        cfg.OUTPUT_DIR = os.path.join(self.tmp.name, "train_net")
+        cfg.SOLVER.MAX_ITER = 2
+        cfg.SOLVER.WARMUP_ITERS = 1
+        cfg.SOLVER.CHECKPOINT_PERIOD = 100
+        trainer = train_net.Trainer(cfg)
+        self.assertIsInstance(trainer, WSISTrainer)
+        self.assertIsInstance(trainer._trainer, AutocastTrainer)
+        self.assertTrue(trainer.cfg.SOLVER.AMP.ENABLED)
+        trainer.train()  # 2 bfloat16 steps, then DensityEvaluator at the end
+        self.assertEqual(trainer.iter, 2)  # max_iter after a finished run
+        self.assertTrue(np.isfinite(trainer.storage.history("total_loss").latest()))
+        self.assertTrue(np.isfinite(trainer._last_eval_results["density"]["MAE"]))
 
 
 if __name__ == "__main__":

@@ -211,6 +211,34 @@ class TestTraining(unittest.TestCase):
             for key in ("lc/cls_accuracy", "lc/count_mae_S", "lc/num_peaks_per_map"):
                 self.assertIn(key, storage.latest())
 
+    def test_channels_last_and_bfloat16_autocast(self):
+        # MODEL.CHANNELS_LAST gives the float32 model's losses up to rounding; under bfloat16
+        # autocast the maps reaching the peak op and the losses are contiguous float32
+        torch.manual_seed(0)
+        model = build_model(small_cfg()).train()
+        torch.manual_seed(0)
+        model_cl = build_model(small_cfg(**{"MODEL.CHANNELS_LAST": "True"})).train()
+        model_cl.load_state_dict(model.state_dict())
+        stem = model_cl.backbone.stem.conv1.weight
+        self.assertTrue(stem.is_contiguous(memory_format=torch.channels_last))
+        batch = train_batch()
+        with EventStorage(0):
+            ref = model(batch)
+            out = model_cl(batch)
+        for key in ref:
+            self.assertAlmostEqual(float(out[key]), float(ref[key]), places=3, msg=key)
+        with EventStorage(0), torch.autocast("cpu", dtype=torch.bfloat16):
+            images = model_cl.preprocess_image(batch)
+            m, d = model_cl.predict_maps(images.tensor)
+            losses = model_cl(batch)
+        for t in (m, d):
+            self.assertEqual(t.dtype, torch.float32)
+            self.assertTrue(t.is_contiguous())
+        total = sum(losses.values())
+        self.assertTrue(torch.isfinite(total))
+        total.backward()
+        self.assertGreater(float(stem.grad.abs().sum()), 0.0)
+
     def test_nan_stops_simple_trainer(self):
         model = build_model(small_cfg()).train()
         with torch.no_grad():

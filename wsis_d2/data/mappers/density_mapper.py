@@ -64,8 +64,10 @@ class RandomRot90(T.Augmentation):
 def build_density_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     """
     Training: optional ResizeShortestEdge (``INPUT.MIN_SIZE_TRAIN`` > 0), optional RandomCrop
-    (``INPUT.CROP``), random flips (``INPUT.DENSITY.FLIPS``) and optional random quarter turns
-    (``INPUT.DENSITY.ROTATE_90``). Test: optional ResizeShortestEdge (``INPUT.MIN_SIZE_TEST`` > 0).
+    (``INPUT.CROP``), random flips (``INPUT.DENSITY.FLIPS``), optional random quarter turns
+    (``INPUT.DENSITY.ROTATE_90``) and an optional random intensity gain (``INPUT.DENSITY.BRIGHTNESS``,
+    one factor per image: the model has to count cells, not integrate brightness, since exposure
+    and staining vary between images). Test: optional ResizeShortestEdge (``INPUT.MIN_SIZE_TEST`` > 0).
     A minimum size of 0 keeps the original size (density targets are built after resizing, so
     counts are unchanged).
     """
@@ -86,6 +88,13 @@ def build_density_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
             augs.append(T.RandomFlip(horizontal=flip == "horizontal", vertical=flip == "vertical"))
         if cfg.INPUT.DENSITY.ROTATE_90:
             augs.append(RandomRot90())
+        lo, hi = (float(v) for v in cfg.INPUT.DENSITY.BRIGHTNESS)
+        if not 0.0 < lo <= hi:
+            raise ValueError(
+                f"INPUT.DENSITY.BRIGHTNESS must be (min, max) with 0 < min <= max, got {(lo, hi)}"
+            )
+        if (lo, hi) != (1.0, 1.0):
+            augs.append(T.RandomBrightness(lo, hi))
     elif cfg.INPUT.MIN_SIZE_TEST > 0:
         augs.append(
             T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")

@@ -21,7 +21,19 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-__all__ = ["conv_block", "FCRN", "FCRN_A", "FCRN_B"]
+__all__ = ["block_norm", "conv_block", "FCRN", "FCRN_A", "FCRN_B"]
+
+
+def block_norm(norm: str, channels: int):
+    """
+    detectron2's ``get_norm``, except that "GN" uses ``min(32, max(channels // 8, 1))`` groups of
+    at least 8 channels (detectron2's fixed 32 groups cannot divide the narrow widths of these
+    networks). GN and "" do not depend on the batch, so training crops and whole test images are
+    normalised alike.
+    """
+    if norm == "GN":
+        return nn.GroupNorm(min(32, max(channels // 8, 1)), channels)
+    return get_norm(norm, channels)
 
 
 def conv_block(in_channels: int, out_channels: int, num_convs: int, norm: str) -> nn.Sequential:
@@ -45,7 +57,7 @@ def conv_block(in_channels: int, out_channels: int, num_convs: int, norm: str) -
             kernel_size=3,
             padding=1,
             bias=not norm,
-            norm=get_norm(norm, out_channels),
+            norm=block_norm(norm, out_channels),
             activation=F.relu,
         )
         weight_init.c2_msra_fill(conv)

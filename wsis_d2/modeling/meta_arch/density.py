@@ -172,6 +172,7 @@ class DensityCounter(nn.Module):
         peak_radius: int = 2,
         peak_threshold: float = 0.3,
         peak_box_size: float = 12.0,
+        channels_last: bool = False,
     ):
         """
         Args:
@@ -186,6 +187,7 @@ class DensityCounter(nn.Module):
             peak_radius: non-maximum window radius of the peak finder.
             peak_threshold: fraction of an isolated kernel's height 1/(2πσ²) a peak must reach.
             peak_box_size: side of the boxes drawn around peaks (output pixels).
+            channels_last: keep weights and inputs in channels-last (NHWC) memory format.
         """
         super().__init__()
         self.backbone = backbone
@@ -216,6 +218,9 @@ class DensityCounter(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         if self.pixel_mean.shape != self.pixel_std.shape:
             raise ValueError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD must have the same length")
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_config(cls, cfg):
@@ -236,6 +241,7 @@ class DensityCounter(nn.Module):
             "peak_radius": d.PEAKS.RADIUS,
             "peak_threshold": d.PEAKS.THRESHOLD,
             "peak_box_size": d.PEAKS.BOX_SIZE,
+            "channels_last": cfg.MODEL.CHANNELS_LAST,
         }
 
     @property
@@ -250,8 +256,17 @@ class DensityCounter(nn.Module):
         return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
     def predict_raw(self, images: ImageList) -> torch.Tensor:
-        """(N, C, H_pad, W_pad) scaled density s·D̂ of a padded batch."""
-        return self.head(self.backbone(images.tensor)[self.in_feature])
+        """
+        (N, C, H_pad, W_pad) scaled density s·D̂ of a padded batch. Under autocast the backbone
+        runs in the autocast dtype and the 1x1 head in float32, so that the regressed density (and
+        the count, its integral over ~10^5 pixels) keeps float32 precision.
+        """
+        x = images.tensor
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(x)[self.in_feature]
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.head(features.float())
 
     def forward(self, batched_inputs: List[Dict]):
         """

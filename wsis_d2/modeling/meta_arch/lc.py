@@ -110,6 +110,7 @@ class ImageLevelCounter(nn.Module):
         proposal_bg_penalty: float = 1.0,
         proposal_bg_threshold: float = 1.0,
         proposal_contour_width: int = 5,
+        channels_last: bool = False,
     ):
         """
         Args:
@@ -134,6 +135,8 @@ class ImageLevelCounter(nn.Module):
                 vector; < 0: one vector per peak (exact PRMs).
             density_weight: β of the density-aware instance score.
             proposal_*: PRM instance retrieval with box proposals.
+            channels_last: keep weights and inputs in channels-last (NHWC) memory format
+                (``MODEL.CHANNELS_LAST``).
         """
         super().__init__()
         self.backbone = backbone
@@ -182,6 +185,9 @@ class ImageLevelCounter(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         if self.pixel_mean.shape != self.pixel_std.shape:
             raise ValueError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD must have the same length")
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_config(cls, cfg):
@@ -223,6 +229,7 @@ class ImageLevelCounter(nn.Module):
             "proposal_bg_penalty": prm.PROPOSAL_BG_PENALTY,
             "proposal_bg_threshold": prm.PROPOSAL_BG_THRESHOLD,
             "proposal_contour_width": prm.PROPOSAL_CONTOUR_WIDTH,
+            "channels_last": cfg.MODEL.CHANNELS_LAST,
         }
 
     @property
@@ -242,8 +249,14 @@ class ImageLevelCounter(nn.Module):
         return ImageList.from_tensors(images, divisor)
 
     def predict_maps(self, tensor: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(N, 3, H, W) normalised batch -> class maps M and density maps D (N, C, h, w)."""
-        return self.head(self.backbone(tensor)[self.in_feature])
+        """
+        (N, 3, H, W) normalised batch -> class maps M and density maps D (N, C, h, w), contiguous
+        float32 (also under autocast and channels-last: the peak op and the losses read them).
+        """
+        if self.channels_last:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        class_maps, density_maps = self.head(self.backbone(tensor)[self.in_feature])
+        return class_maps.float().contiguous(), density_maps.float().contiguous()
 
     @staticmethod
     def map_sizes(image_sizes, input_shape, map_shape) -> List[Tuple[int, int]]:

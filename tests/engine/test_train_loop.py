@@ -1,0 +1,83 @@
+"""wsis_d2.engine: the training loop chosen by SOLVER.AMP (bfloat16 autocast on CPU)."""
+
+import pytest
+import torch
+from torch import nn
+
+from detectron2.config import get_cfg
+from detectron2.engine import AMPTrainer, SimpleTrainer
+from detectron2.utils.events import EventStorage
+
+from wsis_d2 import add_wsis_config
+from wsis_d2.engine import AutocastTrainer, amp_dtype, build_train_loop
+
+
+class _Model(nn.Module):
+    """A conv net returning a loss dict; records the dtype its conv ran in."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.seen_dtype = None
+
+    def forward(self, batch):
+        x = torch.stack([b["x"] for b in batch])
+        y = self.conv(x)
+        self.seen_dtype = y.dtype
+        return {"loss_a": y.float().square().mean(), "loss_b": 0.5 * y.float().mean().abs()}
+
+
+def _loader():
+    gen = torch.Generator().manual_seed(0)
+    while True:
+        yield [{"x": torch.randn(3, 8, 8, generator=gen)} for _ in range(2)]
+
+
+def _cfg(enabled, dtype="bfloat16", device="cpu"):
+    cfg = get_cfg()
+    add_wsis_config(cfg)
+    cfg.SOLVER.AMP.ENABLED = enabled
+    cfg.SOLVER.AMP.DTYPE = dtype
+    cfg.MODEL.DEVICE = device
+    return cfg
+
+
+def test_build_train_loop_choice():
+    model = _Model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop = build_train_loop(_cfg(False), model, _loader(), opt)
+    assert type(loop) is SimpleTrainer
+    loop = build_train_loop(_cfg(True, "bfloat16"), model, _loader(), opt)
+    assert isinstance(loop, AutocastTrainer) and loop.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="float16.*needs CUDA"):
+        build_train_loop(_cfg(True, "float16"), model, _loader(), opt)
+    with pytest.raises(ValueError, match="SOLVER.AMP.DTYPE"):
+        amp_dtype(_cfg(True, "half"))
+    assert issubclass(AutocastTrainer, SimpleTrainer) and not issubclass(
+        AutocastTrainer, AMPTrainer
+    )
+
+
+def test_autocast_step_runs_bfloat16_and_updates_float32_weights():
+    torch.manual_seed(0)
+    model = _Model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop = build_train_loop(_cfg(True), model, _loader(), opt)
+    before = model.conv.weight.detach().clone()
+    with EventStorage() as storage:
+        loop.storage = storage
+        loop.iter = 0
+        loop.run_step()
+        total = storage.history("total_loss").latest()
+    assert model.seen_dtype == torch.bfloat16  # the conv ran under autocast
+    assert model.conv.weight.dtype == torch.float32  # parameters and update stay float32
+    assert not torch.equal(before, model.conv.weight)
+    assert torch.isfinite(torch.tensor(total)) and total > 0
+
+
+def test_autocast_trainer_rejects_float16():
+    model = _Model()
+    with pytest.raises(ValueError, match="bfloat16 only"):
+        AutocastTrainer(
+            model, _loader(), torch.optim.SGD(model.parameters(), lr=0.1), torch.float16
+        )

@@ -1,0 +1,42 @@
+"""
+``WSISTrainer``: detectron2's ``DefaultTrainer`` with wsis_d2's optimizer choice
+(``SOLVER.OPTIMIZER``) and training loop (``SOLVER.AMP.DTYPE``). ``tools/train_net.py`` derives its
+``Trainer`` from it and only adds data loaders and evaluators.
+"""
+
+from detectron2.engine import DefaultTrainer
+
+from ..solver import build_optimizer
+from .train_loop import build_train_loop
+
+__all__ = ["WSISTrainer"]
+
+
+class WSISTrainer(DefaultTrainer):
+    """
+    DefaultTrainer whose optimizer is :func:`wsis_d2.solver.build_optimizer` (SGD or AdamW) and
+    whose loop is :func:`wsis_d2.engine.build_train_loop`: with ``SOLVER.AMP.ENABLED`` and
+    ``SOLVER.AMP.DTYPE`` "bfloat16" it runs autocast also on CPU (detectron2's own AMPTrainer is
+    CUDA float16 only).
+    """
+
+    def __init__(self, cfg):
+        if not cfg.SOLVER.AMP.ENABLED:
+            super().__init__(cfg)
+            return
+        # DefaultTrainer builds model, optimizer, loader, scheduler and hooks with its float32 loop;
+        # the same model, loader and optimizer then run in the loop SOLVER.AMP asks for
+        fp32_cfg = cfg.clone()
+        fp32_cfg.defrost()
+        fp32_cfg.SOLVER.AMP.ENABLED = False
+        fp32_cfg.freeze()
+        super().__init__(fp32_cfg)
+        self.cfg.defrost()
+        self.cfg.SOLVER.AMP.ENABLED = True
+        self.cfg.freeze()
+        loop = self._trainer
+        self._trainer = build_train_loop(self.cfg, loop.model, loop.data_loader, loop.optimizer)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)  # SOLVER.OPTIMIZER: SGD (detectron2's) or AdamW
