@@ -10,7 +10,7 @@ from .config import add_wsis_config
 from . import data  # noqa: F401  (registers builtin datasets)
 from . import modeling  # noqa: F401  (registers META_ARCH / BACKBONE entries)
 from . import evaluation  # noqa: F401
-from . import solver  # noqa: F401  (build_optimizer, used by tools/train_net.py)
+from . import solver  # noqa: F401  (build_optimizer: SOLVER.OPTIMIZER, used by engine.WSISTrainer)
 
 __version__ = "0.1.0"
 __all__ = ["add_wsis_config"]

@@ -55,9 +55,9 @@ void build_integral(const scalar_t* map, double* s, int64_t H, int64_t W) {
 // ---- forward: the entries of S that the box corners need, computed while sweeping the map ----
 //
 // Sweeping y = 0..H, the column sums col[x] = sum of map[:y, x] are updated row by row
-// (O(H*W)). A corner (x, y) in cell (i, j) reads S at rows j and j+1 only, and the two corners of a box
-// edge share their rows, so a box needs 4 row reads of F(x2) - F(x1) = sum of col over the box's
-// columns (O(box width)), never the whole (H+1) x (W+1) array: the map is read once and the
+// (O(H*W)). A corner (x, y) in cell (i, j) reads S at rows j and j+1 only, and the two corners of
+// a box edge share their rows, so a box needs 4 row reads of F(x2) - F(x1) = sum of col over the
+// box's columns (O(box width)), never the whole (H+1) x (W+1) array: the map is read once and the
 // working set (two rows) stays in the L1 cache. The rows are added into a block accumulator of
 // the map's dtype (`part`, vectorised at the dtype's width), flushed into the float64 `col` every
 // kFlushRows rows, so that float32 maps are summed at float32 SIMD width with float64 accuracy
@@ -65,8 +65,8 @@ void build_integral(const scalar_t* map, double* s, int64_t H, int64_t W) {
 
 constexpr int64_t kFlushRows = 32;  // rows summed in the map dtype between flushes
 
-// Hot loops compiled for AVX2 and for the baseline ISA, chosen at load time (GCC function
-// multi-versioning), since the extension cannot assume AVX2 at build time.
+// Hot loops compiled for AVX-512, AVX2 and the baseline ISA, chosen at load time (GCC function
+// multi-versioning), since the extension cannot assume either at build time.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define WSIS_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -143,7 +143,8 @@ struct SweepScratch {
   SweepScratch(int64_t H, int64_t W) : col(W), part(W), row_start(H + 3) {}
 };
 
-// Sums over one map of the B boxes b[5 * order[t]], t < B, into out[order[t]]; O(H*W + B*box width).
+// Sums over one map of the B boxes b[5 * order[t]], t < B, into out[order[t]];
+// O(H*W + B*box width).
 // Returns false (out untouched) if the map has NaN or inf (or float32 partial sums overflow).
 template <typename scalar_t>
 bool sweep_map(const scalar_t* map, int64_t H, int64_t W, const scalar_t* b, const int64_t* order,
