@@ -246,6 +246,20 @@ class BoxScoreTestBody:
                 box_mean(maps, boxes[:, :4], classes, use_reference=ref)
         with self.assertRaisesRegex(ValueError, "context_scale"):
             box_context_gap(maps, boxes, classes, context_scale=0.5)
+        # the same messages when scoring from prebuilt integral images
+        integral = IntegralImage(maps)
+        flipped = boxes.clone()
+        flipped[2, 4] = flipped[2, 2] - 0.5
+        wrong_image = boxes.clone()
+        wrong_image[0, 0] = 7.0
+        for bad_boxes, bad_classes, message in (
+            (nan_box, classes, "boxes contain NaN"),
+            (flipped, classes, r"boxes\[2\] has x2 < x1 or y2 < y1"),
+            (boxes, classes + 10, "classes must be in"),
+            (wrong_image, classes, "image indices"),
+        ):
+            with self.assertRaisesRegex(ValueError, message):
+                integral.box_mean(bad_boxes, bad_classes)
 
     def test_context_boxes(self):
         b = torch.tensor([[0, 2.0, 4.0, 6.0, 8.0]])
@@ -260,7 +274,7 @@ class TestBoxScoreCPU(BoxScoreTestBody, unittest.TestCase):
         boxes = torch.tensor([[0, 0.5, 0.5, 1.5, 1.5]])
         with self.assertRaisesRegex(ValueError, "NaN or inf"):
             torch.ops.wsis_d2.box_sum_forward(maps, boxes, torch.zeros(1, dtype=torch.long))
-        with self.assertRaisesRegex(ValueError, "image index"):
+        with self.assertRaisesRegex(ValueError, "image indices"):
             torch.ops.wsis_d2.box_sum_forward(maps, boxes + 1, torch.zeros(1, dtype=torch.long))
 
     def test_missing_extension_falls_back_to_reference(self):

@@ -35,8 +35,7 @@ import torch
 from ._ext import compiled_ops_available
 
 
-def _validate(maps: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor) -> None:
-    """Shapes, NaN / order of the box corners, index ranges. Maps are checked by the callers."""
+def _check_shapes(maps: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor) -> None:
     if maps.dim() != 4 or not maps.is_floating_point():
         raise ValueError(f"maps must be a floating (N, C, H, W) tensor, got {tuple(maps.shape)}")
     if maps.shape[2] == 0 or maps.shape[3] == 0:
@@ -47,6 +46,11 @@ def _validate(maps: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor) ->
         raise ValueError(
             f"classes must be (K,) with K={boxes.shape[0]}, got {tuple(classes.shape)}"
         )
+
+
+def _validate(maps: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor) -> None:
+    """Shapes, NaN / order of the box corners, index ranges. Maps are checked by the callers."""
+    _check_shapes(maps, boxes, classes)
     if len(boxes) == 0:
         return
     b = boxes.detach()
@@ -78,6 +82,12 @@ def _check_scored_maps_finite(maps: torch.Tensor, boxes: torch.Tensor, classes: 
             f"maps[{int(boxes[k, 0])}, {int(classes[k])}] (scored by boxes[{k}]) "
             "contains NaN or inf"
         )
+
+
+def _clipped_areas(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    hi = boxes.new_tensor([width, height, width, height])
+    c = torch.minimum(boxes[:, 1:].clamp(min=0), hi)
+    return (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])
 
 
 def _clip(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -158,9 +168,22 @@ def box_sum(
     """
     classes = torch.as_tensor(classes, device=maps.device).long()
     boxes = boxes.to(maps.dtype)
+    if (
+        not use_reference
+        and maps.device.type == "cpu"
+        and maps.dtype in (torch.float32, torch.float64)
+        and compiled_ops_available(maps.device)
+    ):
+        # the CPU kernel validates the boxes (the messages of _validate) and clamps them itself,
+        # with zero gradient for a clamped coordinate as torch.clamp
+        _check_shapes(maps, boxes, classes)
+        args = (maps.contiguous(), boxes.contiguous(), classes.contiguous())
+        needs_grad = torch.is_grad_enabled() and (maps.requires_grad or boxes.requires_grad)
+        total = _BoxSum.apply(*args) if needs_grad else torch.ops.wsis_d2.box_sum_forward(*args)
+        return total, _clipped_areas(boxes, maps.shape[2], maps.shape[3])
     _validate(maps, boxes, classes)
     clipped = _clip(boxes, maps.shape[2], maps.shape[3])
-    areas = (clipped[:, 3] - clipped[:, 1]) * (clipped[:, 4] - clipped[:, 2])
+    areas = _clipped_areas(boxes, maps.shape[2], maps.shape[3])
     if use_reference or not compiled_ops_available(maps.device):
         _check_scored_maps_finite(maps, boxes, classes)
         return box_sum_reference(maps, clipped, classes), areas
@@ -288,9 +311,13 @@ class IntegralImage:
         classes = torch.as_tensor(classes, device=self.S.device).long()
         boxes = boxes.to(self.dtype)
         empty = self.S.new_zeros(self.shape[0], self.shape[1], 1, 1).to(self.dtype)
+        areas = _clipped_areas(boxes, self.shape[2], self.shape[3])
+        if self.S.device.type == "cpu" and compiled_ops_available(self.S.device):
+            # the CPU kernel validates and clamps the boxes itself, as in ``box_sum``
+            _check_shapes(empty, boxes, classes)
+            return _BoxSumIntegral.apply(self.S, boxes.contiguous(), classes.contiguous()), areas
         _validate(empty, boxes, classes)  # shapes, NaN, order, index ranges (maps checked once)
         clipped = _clip(boxes, self.shape[2], self.shape[3])
-        areas = (clipped[:, 3] - clipped[:, 1]) * (clipped[:, 4] - clipped[:, 2])
         if not compiled_ops_available(self.S.device):
             return box_sum_reference(self._maps, clipped, classes), areas
         return _BoxSumIntegral.apply(self.S, clipped.contiguous(), classes.contiguous()), areas

