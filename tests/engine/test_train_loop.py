@@ -9,7 +9,7 @@ from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.utils.events import EventStorage
 
 from wsis_d2 import add_wsis_config
-from wsis_d2.engine import AutocastTrainer, amp_dtype, build_train_loop
+from wsis_d2.engine import AutocastTrainer, WSISTrainer, amp_dtype, build_train_loop
 
 
 class _Model(nn.Module):
@@ -81,3 +81,41 @@ def test_autocast_trainer_rejects_float16():
         AutocastTrainer(
             model, _loader(), torch.optim.SGD(model.parameters(), lr=0.1), torch.float16
         )
+
+
+class _CountingLoader:
+    """An iterable loader that counts how often it is started (worker processes in detectron2)."""
+
+    def __init__(self):
+        self.started = 0
+
+    def __iter__(self):
+        self.started += 1
+        return _loader()
+
+
+def test_wsis_trainer_bfloat16_starts_the_loader_once(tmp_path):
+    loader = _CountingLoader()
+
+    class Trainer(WSISTrainer):
+        @classmethod
+        def build_model(cls, cfg):
+            return _Model()
+
+        @classmethod
+        def build_train_loader(cls, cfg):
+            return loader
+
+    cfg = _cfg(True)
+    cfg.OUTPUT_DIR = str(tmp_path)
+    cfg.SOLVER.MAX_ITER = 3
+    cfg.SOLVER.STEPS = ()
+    cfg.SOLVER.BASE_LR = 0.01
+    trainer = Trainer(cfg)
+    assert isinstance(trainer._trainer, AutocastTrainer)
+    assert trainer._trainer.data_loader is loader and trainer.cfg.SOLVER.AMP.ENABLED
+    before = trainer.model.conv.weight.detach().clone()
+    trainer.train()
+    assert trainer.iter == 3 and trainer.model.seen_dtype == torch.bfloat16
+    assert not torch.equal(before, trainer.model.conv.weight)
+    assert loader.started == 1

@@ -35,8 +35,26 @@ class WSISTrainer(DefaultTrainer):
         self.cfg.SOLVER.AMP.ENABLED = True
         self.cfg.freeze()
         loop = self._trainer
-        self._trainer = build_train_loop(self.cfg, loop.model, loop.data_loader, loop.optimizer)
+        # the new loop continues the float32 loop's iterator: a second iter() of the loader would
+        # start its workers a second time (detectron2 v0.6 starts them in SimpleTrainer.__init__)
+        self._trainer = build_train_loop(
+            self.cfg, loop.model, _StartedIterator(loop), loop.optimizer
+        )
+        self._trainer.data_loader = loop.data_loader
 
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)  # SOLVER.OPTIMIZER: SGD (detectron2's) or AdamW
+
+
+class _StartedIterator:
+    """
+    An iterable whose ``iter()`` is the data-loader iterator of an existing loop (created when first
+    asked for, where the loop creates it lazily as in detectron2 main).
+    """
+
+    def __init__(self, loop):
+        self._loop = loop
+
+    def __iter__(self):
+        return self._loop._data_loader_iter
