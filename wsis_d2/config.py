@@ -158,8 +158,15 @@ def add_density_config(cfg):
     _C.INPUT.DENSITY.FLIPS = ["horizontal", "vertical"]
     # also rotate training images by a random multiple of 90° (square crops only)
     _C.INPUT.DENSITY.ROTATE_90 = False
-    # (min, max) of a random intensity gain per training image (pixels x factor, clipped); (1, 1) off
+    # (min, max) of a random intensity gain per training image (pixels x factor, clipped);
+    # (1, 1): off
     _C.INPUT.DENSITY.BRIGHTNESS = (1.0, 1.0)
+    # Training crops: loss mask of this many pixels along the borders that are crop cuts (a cell
+    # cut there is labelled by whether its centre fell inside; at real image borders every visible
+    # cell is labelled). 0 = off.
+    _C.INPUT.DENSITY.CROP_EDGE_MARGIN = 0
+    # probability per axis that a training crop is snapped to an image edge (absolute crops only)
+    _C.INPUT.DENSITY.CROP_EDGE_PROB = 0.0
     return cfg
 
 
@@ -177,8 +184,8 @@ def add_engine_config(cfg):
     """Mixed precision and memory format of training (``wsis_d2.engine``)."""
     _C = cfg
     # autocast dtype when SOLVER.AMP.ENABLED (wsis_d2.engine.build_train_loop): "float16" is
-    # detectron2's AMPTrainer (CUDA, gradient scaler); "bfloat16" is wsis_d2's AutocastTrainer (CPU or
-    # CUDA, no scaler; about 1.5-2x faster convolutions on CPUs with AVX-512 BF16 or AMX)
+    # detectron2's AMPTrainer (CUDA, gradient scaler); "bfloat16" is wsis_d2's AutocastTrainer (CPU
+    # or CUDA, no scaler; about 1.5-2x faster convolutions on CPUs with AVX-512 BF16 or AMX)
     _C.SOLVER.AMP.DTYPE = "float16"
     # keep weights and activations of convolutional models in channels-last (NHWC) memory format,
     # which oneDNN (CPU) and cuDNN (with autocast) run faster; results are the same up to rounding

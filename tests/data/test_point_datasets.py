@@ -28,8 +28,11 @@ from wsis_d2.data.datasets.point_datasets import (
 )
 from wsis_d2.data.mappers.density_mapper import (
     DensityDatasetMapper,
+    RandomEdgeCrop,
     Rot90Transform,
+    artificial_edges,
     build_density_augmentation,
+    crop_edge_mask,
 )
 
 LOGGER = "wsis_d2.data.datasets.point_datasets"
@@ -343,6 +346,97 @@ class TestMapper(unittest.TestCase):
         cfg.INPUT.DENSITY.BRIGHTNESS = (0.0, 1.0)
         with self.assertRaisesRegex(ValueError, "INPUT.DENSITY.BRIGHTNESS"):
             build_density_augmentation(cfg, True)
+
+    def test_artificial_edges_match_brute_force(self):
+        # an output border is an original border iff every pixel on it came from the same
+        # border of the original image; checked on an image of original pixel coordinates
+        h, w = 12, 10
+        ys, xs = np.mgrid[0:h, 0:w]
+        coords = np.stack([ys, xs, np.zeros_like(ys)], axis=2).astype(np.uint8)
+        augs = T.AugmentationList(
+            [
+                RandomEdgeCrop((6, 5), edge_prob=0.5),
+                T.RandomFlip(horizontal=True, vertical=False),
+                T.RandomFlip(horizontal=False, vertical=True),
+            ]
+        )
+        np.random.seed(3)
+        seen = set()
+        for trial in range(60):
+            aug_input = T.AugInput(coords.copy())
+            tl = augs(aug_input)
+            if trial % 2:  # and quarter turns
+                k = trial % 4
+                tl = tl + T.TransformList([Rot90Transform(k, *aug_input.image.shape[:2])])
+                aug_input.image = Rot90Transform(k, *aug_input.image.shape[:2]).apply_image(
+                    aug_input.image
+                )
+            out = aug_input.image
+            oy, ox = out[..., 0].astype(int), out[..., 1].astype(int)
+
+            def real(side_y, side_x):
+                on_top = np.all(side_y == 0) or np.all(side_y == h - 1)
+                on_left = np.all(side_x == 0) or np.all(side_x == w - 1)
+                return bool(on_top or on_left)
+
+            expected = {
+                "top": not real(oy[0], ox[0]),
+                "bottom": not real(oy[-1], ox[-1]),
+                "left": not real(oy[:, 0], ox[:, 0]),
+                "right": not real(oy[:, -1], ox[:, -1]),
+            }
+            got = artificial_edges(tl, h, w)
+            self.assertEqual(got, expected, f"trial {trial}: {tl.transforms}")
+            seen.add(tuple(sorted(k for k, v in got.items() if v)))
+        self.assertGreater(len(seen), 4)
+
+    def test_crop_edge_mask_and_edge_crop(self):
+        edges = {"top": True, "bottom": False, "left": False, "right": True}
+        mask = crop_edge_mask(edges, 6, 5, 2)
+        self.assertFalse(mask[:2].any() or mask[:, 3:].any())
+        self.assertTrue(mask[2:, :3].all())
+        self.assertTrue(crop_edge_mask(edges, 6, 5, 0).all())
+        np.random.seed(0)
+        image = np.zeros((20, 30, 3), np.uint8)
+        snapped = [RandomEdgeCrop((8, 10), 1.0).get_transform(image) for _ in range(40)]
+        self.assertEqual({t.x0 for t in snapped}, {0, 20})
+        self.assertEqual({t.y0 for t in snapped}, {0, 12})
+        free = [RandomEdgeCrop((8, 10), 0.0).get_transform(image) for _ in range(200)]
+        self.assertGreater(len({t.x0 for t in free}), 10)
+        self.assertTrue(all(0 <= t.x0 <= 20 and 0 <= t.y0 <= 12 for t in free))
+        self.assertEqual((free[0].h, free[0].w), (8, 10))
+
+    def test_crop_edge_config(self):
+        cfg = get_cfg()
+        add_wsis_config(cfg)
+        cfg.INPUT.CROP.ENABLED = True
+        cfg.INPUT.CROP.TYPE = "absolute"
+        cfg.INPUT.CROP.SIZE = [8, 8]
+        cfg.INPUT.DENSITY.CROP_EDGE_PROB = 0.5
+        cfg.INPUT.DENSITY.CROP_EDGE_MARGIN = 2
+        self.assertTrue(
+            any(isinstance(a, RandomEdgeCrop) for a in build_density_augmentation(cfg, True))
+        )
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "a.png")
+            _save_image(path, 20, 24)
+            record = {"file_name": path, "height": 20, "width": 24, "points": [[3.0, 4.0]]}
+            out = DensityDatasetMapper(cfg, is_train=True)(record)
+            mask = out["loss_mask"]
+            self.assertEqual(tuple(mask.shape), (8, 8))
+            self.assertLess(int(mask.sum()), 64)  # at least one crop cut
+            self.assertNotIn("loss_mask", DensityDatasetMapper(cfg, is_train=False)(record))
+        cfg.INPUT.DENSITY.CROP_EDGE_PROB = 1.5
+        with self.assertRaisesRegex(ValueError, "CROP_EDGE_PROB"):
+            build_density_augmentation(cfg, True)
+        cfg.INPUT.DENSITY.CROP_EDGE_PROB = 0.5
+        cfg.INPUT.CROP.TYPE = "relative"
+        with self.assertRaisesRegex(ValueError, "CROP_EDGE_PROB needs"):
+            build_density_augmentation(cfg, True)
+        cfg.INPUT.CROP.TYPE = "absolute"
+        cfg.INPUT.DENSITY.CROP_EDGE_MARGIN = -1
+        with self.assertRaisesRegex(ValueError, "CROP_EDGE_MARGIN"):
+            DensityDatasetMapper(cfg, is_train=True)
 
     def test_unreadable_image(self):
         with tempfile.TemporaryDirectory() as d:

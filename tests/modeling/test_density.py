@@ -229,6 +229,9 @@ class TestDensityCounter(unittest.TestCase):
         inputs = self._inputs([(16, 24), (13, 19)], [3, 2])
         inputs[0]["roi"] = torch.zeros(16, 24, dtype=torch.bool)
         inputs[0]["roi"][:, :10] = True
+        # crop-cut band of the mapper's CROP_EDGE_MARGIN: out of the loss, like outside the ROI
+        inputs[1]["loss_mask"] = torch.ones(13, 19, dtype=torch.bool)
+        inputs[1]["loss_mask"][:3] = False
         images = model.preprocess_image(inputs)
         with torch.no_grad(), EventStorage():
             pred = model.predict_raw(images)
@@ -239,10 +242,14 @@ class TestDensityCounter(unittest.TestCase):
             h, w = inp["image"].shape[-2:]
             target = 100.0 * gaussian_density_map(inp["points"], (h, w), 3.0)
             mask = inp.get("roi", torch.ones(h, w, dtype=torch.bool))
+            mask = mask & inp.get("loss_mask", torch.ones(h, w, dtype=torch.bool))
             diff = (pred[i, :, :h, :w] - target)[:, mask]
             sq += float((diff**2).sum())
             n += int(mask.sum())
         self.assertAlmostEqual(loss, sq / n, places=5)
+        inputs[1]["loss_mask"] = torch.ones(12, 19, dtype=torch.bool)
+        with EventStorage(), self.assertRaisesRegex(ValueError, "loss_mask .* has shape"):
+            model(inputs)
 
     def test_adaptive_targets_keep_counts(self):
         cfg = small_cfg("density_unet_mall.yaml")

@@ -18,7 +18,15 @@ from detectron2.data import transforms as T
 from ..datasets.point_datasets import load_roi_mask
 from .build import DATASET_MAPPER_REGISTRY
 
-__all__ = ["DensityDatasetMapper", "Rot90Transform", "RandomRot90", "build_density_augmentation"]
+__all__ = [
+    "DensityDatasetMapper",
+    "Rot90Transform",
+    "RandomRot90",
+    "RandomEdgeCrop",
+    "artificial_edges",
+    "crop_edge_mask",
+    "build_density_augmentation",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +69,81 @@ class RandomRot90(T.Augmentation):
         return Rot90Transform(k, image.shape[0], image.shape[1])
 
 
+class RandomEdgeCrop(T.Augmentation):
+    """
+    detectron2's absolute RandomCrop whose offset along each axis is, with probability
+    ``edge_prob``, snapped to one of the two image edges (either, uniformly): counting networks
+    see the real image borders (cells cut by the border and labelled) as often as they need to.
+    """
+
+    def __init__(self, crop_size, edge_prob: float = 0.0):
+        super().__init__()
+        self._init(locals())
+
+    def get_transform(self, image):
+        h, w = image.shape[:2]
+        ch, cw = min(int(self.crop_size[0]), h), min(int(self.crop_size[1]), w)
+        offsets = []
+        for size, crop in ((h, ch), (w, cw)):
+            if np.random.rand() < self.edge_prob:
+                offsets.append(0 if np.random.rand() < 0.5 else size - crop)
+            else:
+                offsets.append(int(np.random.randint(size - crop + 1)))
+        return T.CropTransform(offsets[1], offsets[0], cw, ch)
+
+
+def artificial_edges(transforms, height: int, width: int) -> Dict[str, bool]:
+    """
+    Which borders of the augmented image are crop cuts through the original image (``True``)
+    rather than the original image's own borders, following crops, flips, quarter turns and
+    resizes of ``transforms`` (a detectron2 TransformList) of an image of ``height`` x ``width``.
+    """
+    e = {"top": False, "bottom": False, "left": False, "right": False}
+    h, w = height, width
+    for t in transforms.transforms:
+        if isinstance(t, T.CropTransform):
+            e["left"] |= t.x0 > 0
+            e["top"] |= t.y0 > 0
+            e["right"] = e["right"] or t.x0 + t.w < w
+            e["bottom"] = e["bottom"] or t.y0 + t.h < h
+            h, w = t.h, t.w
+        elif isinstance(t, T.HFlipTransform):
+            e["left"], e["right"] = e["right"], e["left"]
+        elif isinstance(t, T.VFlipTransform):
+            e["top"], e["bottom"] = e["bottom"], e["top"]
+        elif isinstance(t, Rot90Transform):
+            for _ in range(t.k):  # counter-clockwise: (x, y) -> (y, w - x)
+                e = {"top": e["right"], "left": e["top"], "bottom": e["left"], "right": e["bottom"]}
+                h, w = w, h
+        elif isinstance(t, T.ResizeTransform):
+            h, w = t.new_h, t.new_w
+    return e
+
+
+def crop_edge_mask(edges: Dict[str, bool], height: int, width: int, margin: int) -> np.ndarray:
+    """(height, width) bool: False within ``margin`` pixels of the artificial ``edges``."""
+    mask = np.ones((height, width), dtype=bool)
+    if margin > 0:
+        if edges["top"]:
+            mask[:margin] = False
+        if edges["bottom"]:
+            mask[height - margin :] = False
+        if edges["left"]:
+            mask[:, :margin] = False
+        if edges["right"]:
+            mask[:, width - margin :] = False
+    return mask
+
+
 def build_density_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     """
     Training: optional ResizeShortestEdge (``INPUT.MIN_SIZE_TRAIN`` > 0), optional RandomCrop
-    (``INPUT.CROP``), random flips (``INPUT.DENSITY.FLIPS``), optional random quarter turns
-    (``INPUT.DENSITY.ROTATE_90``) and an optional random intensity gain (``INPUT.DENSITY.BRIGHTNESS``,
-    one factor per image: the model has to count cells, not integrate brightness, since exposure
-    and staining vary between images). Test: optional ResizeShortestEdge (``INPUT.MIN_SIZE_TEST`` > 0).
-    A minimum size of 0 keeps the original size (density targets are built after resizing, so
+    (``INPUT.CROP``; :class:`RandomEdgeCrop` with ``INPUT.DENSITY.CROP_EDGE_PROB`` > 0), random
+    flips (``INPUT.DENSITY.FLIPS``), optional random quarter turns (``INPUT.DENSITY.ROTATE_90``)
+    and an optional random intensity gain (``INPUT.DENSITY.BRIGHTNESS``, one factor per image: the
+    model has to count cells, not integrate brightness, since exposure and staining vary between
+    images). Test: optional ResizeShortestEdge (``INPUT.MIN_SIZE_TEST`` > 0). A minimum size of 0
+    keeps the original size (density targets are built after resizing, so
     counts are unchanged).
     """
     augs: List[T.Augmentation] = []
@@ -81,7 +156,15 @@ def build_density_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
                 )
             )
         if cfg.INPUT.CROP.ENABLED:
-            augs.append(T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
+            edge_prob = float(cfg.INPUT.DENSITY.CROP_EDGE_PROB)
+            if not 0.0 <= edge_prob <= 1.0:
+                raise ValueError(f"INPUT.DENSITY.CROP_EDGE_PROB must be in [0, 1], got {edge_prob}")
+            if edge_prob > 0:
+                if cfg.INPUT.CROP.TYPE != "absolute":
+                    raise ValueError("INPUT.DENSITY.CROP_EDGE_PROB needs INPUT.CROP.TYPE absolute")
+                augs.append(RandomEdgeCrop(cfg.INPUT.CROP.SIZE, edge_prob))
+            else:
+                augs.append(T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
         for flip in cfg.INPUT.DENSITY.FLIPS:
             if flip not in ("horizontal", "vertical"):
                 raise ValueError(f"INPUT.DENSITY.FLIPS: unknown flip {flip!r}")
@@ -110,7 +193,9 @@ class DensityDatasetMapper:
         {..., "image": uint8 Tensor (C, H, W) in INPUT.FORMAT, "points": float32 Tensor (P, 2),
          "point_classes": int64 Tensor (P,), "roi": bool Tensor (H, W) (only if the dict has one)}
 
-    Points are transformed with the image; those that leave it (crops) are dropped.
+    Points are transformed with the image; those that leave it (crops) are dropped. With
+    ``crop_edge_margin`` > 0 (training), the dict also gets "loss_mask": bool Tensor (H, W), False
+    within that many pixels of the borders that are crop cuts (see :func:`artificial_edges`).
     """
 
     @configurable
@@ -120,25 +205,32 @@ class DensityDatasetMapper:
         *,
         augmentations: List[Union[T.Augmentation, T.Transform]],
         image_format: str = "BGR",
+        crop_edge_margin: int = 0,
     ):
         """
         Args:
             is_train: kept for the detectron2 mapper interface (augmentations differ).
             augmentations: applied to image, points and ROI.
             image_format: as in ``detection_utils.read_image``.
+            crop_edge_margin: width of the loss mask along crop cuts (training only; 0 = none).
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
+        self.crop_edge_margin = int(crop_edge_margin) if is_train else 0
         mode = "training" if is_train else "inference"
         logger.info(f"[DensityDatasetMapper] augmentations used in {mode}: {augmentations}")
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
+        margin = int(cfg.INPUT.DENSITY.CROP_EDGE_MARGIN)
+        if margin < 0:
+            raise ValueError(f"INPUT.DENSITY.CROP_EDGE_MARGIN must be >= 0, got {margin}")
         return {
             "is_train": is_train,
             "augmentations": build_density_augmentation(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
+            "crop_edge_margin": margin,
         }
 
     def __call__(self, dataset_dict: Dict) -> Dict:
@@ -172,6 +264,7 @@ class DensityDatasetMapper:
         if roi is not None and roi.shape != image.shape[:2]:
             raise ValueError(f"{file_name}: ROI shape {roi.shape} != image {image.shape[:2]}")
 
+        orig_size = image.shape[:2]
         aug_input = T.AugInput(image, sem_seg=roi)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
@@ -189,4 +282,9 @@ class DensityDatasetMapper:
         dataset_dict["point_classes"] = torch.as_tensor(classes[keep], dtype=torch.long)
         if roi is not None:
             dataset_dict["roi"] = torch.as_tensor(aug_input.sem_seg.astype(bool))
+        if self.crop_edge_margin > 0:
+            edges = artificial_edges(transforms, *orig_size)
+            dataset_dict["loss_mask"] = torch.as_tensor(
+                crop_edge_mask(edges, height, width, self.crop_edge_margin)
+            )
         return dataset_dict

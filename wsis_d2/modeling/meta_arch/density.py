@@ -147,10 +147,11 @@ class DensityCounter(nn.Module):
     stride-1 output) and a 1x1 conv give C density channels at input resolution.
 
     Input per image (detectron2 list of dicts): "image" (C_in, H, W) in ``cfg.INPUT.FORMAT``;
-    training also needs "points" (P, 2) x, y float and optionally "point_classes" (P,) int64 and
-    "roi" (H, W) bool. Output per image at test time: {"density": (C, height, width) with the
-    density of the original image, "counts": (C,)} plus "instances" (one box per density peak) when
-    ``MODEL.DENSITY.PEAKS.ENABLED``.
+    training also needs "points" (P, 2) x, y float and optionally "point_classes" (P,) int64,
+    "roi" (H, W) bool and "loss_mask" (H, W) bool (pixels left out of the loss only, e.g. along
+    crop cuts; see ``DensityDatasetMapper``). Output per image at test time: {"density":
+    (C, height, width) with the density of the original image, "counts": (C,)} plus "instances"
+    (one box per density peak) when ``MODEL.DENSITY.PEAKS.ENABLED``.
     """
 
     @configurable
@@ -307,7 +308,8 @@ class DensityCounter(nn.Module):
         """
         Returns:
             target: (N, C, H_pad, W_pad) scaled density s·D, zero in the padding.
-            valid: (N, 1, H_pad, W_pad) 1 inside each image (and its ROI), 0 elsewhere.
+            valid: (N, 1, H_pad, W_pad) 1 inside each image (and its ROI and loss_mask), 0
+                elsewhere.
         """
         n = len(batched_inputs)
         h_pad, w_pad = images.tensor.shape[-2:]
@@ -333,6 +335,14 @@ class DensityCounter(nn.Module):
                         f"ROI of {inp.get('file_name', i)} has shape {tuple(region.shape)}, "
                         f"image has {(h, w)}"
                     )
+            if inp.get("loss_mask") is not None:
+                loss_mask = torch.as_tensor(inp["loss_mask"], device=self.device)
+                if loss_mask.shape != (h, w):
+                    raise ValueError(
+                        f"loss_mask of {inp.get('file_name', i)} has shape "
+                        f"{tuple(loss_mask.shape)}, image has {(h, w)}"
+                    )
+                region = region * loss_mask.to(torch.float32)
             target[i, :, :h, :w] = density * self.density_scale
             valid[i, 0, :h, :w] = region
         return target, valid
