@@ -209,6 +209,22 @@ class BoxScoreTestBody:
         _, ring = box_context_gap(maps, boxes[3:].detach(), self._zeros(1))
         self.assertEqual(ring.item(), 0.0)
 
+    def test_gradients_at_the_image_bounds_match_the_reference(self):
+        # coordinates exactly at 0 / W / H and beyond: sums, areas and their box gradients are the
+        # same on every path (torch.clamp semantics: zero gradient at and beyond the bounds)
+        g = torch.Generator().manual_seed(4)
+        maps = torch.rand(1, 2, 9, 11, generator=g, dtype=torch.float64).to(self.device)
+        rows = [[0, 0.0, 2.5, 11.0, 9.0], [0, -3.0, 0.0, 4.5, 12.0], [0, 2.3, 1.5, 6.4, 4.2]]
+        classes = torch.tensor([0, 1, 1], device=self.device)
+        results = []
+        for ref in (False, True):
+            boxes = torch.tensor(rows, dtype=torch.float64, device=self.device).requires_grad_()
+            total, area = box_sum(maps, boxes, classes, use_reference=ref)
+            (grad,) = torch.autograd.grad((total + area).sum(), boxes)
+            results.append((total.detach(), area.detach(), grad))
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected)
+
     def test_empty_box_list(self):
         maps = torch.rand(1, 2, 5, 5, device=self.device)
         boxes = torch.zeros(0, 5, device=self.device)

@@ -10,8 +10,8 @@ coordinates, where the integral has a kink, the op uses the one-sided derivative
 right/below (from the left/above at x = W / y = H).
 
 Boxes are (K, 5) rows (n, x1, y1, x2, y2): image index n, then corners with x1 <= x2, y1 <= y2.
-They are clipped to the image before scoring; the mean is over the clipped part, and a clipped
-coordinate gets zero gradient. A box with zero area after clipping (zero size, or fully outside)
+They are clipped to the image before scoring; the mean is over the clipped part, and a coordinate
+at or beyond the image bounds gets zero gradient (as through torch.clamp). A box with zero area after clipping (zero size, or fully outside)
 has mean 0 and zero gradient. ValueError for: NaN in boxes, x2 < x1 or y2 < y1 (malformed, not
 treated as empty), image index / class out of range, NaN or inf in a map that some box scores.
 
@@ -84,18 +84,16 @@ def _check_scored_maps_finite(maps: torch.Tensor, boxes: torch.Tensor, classes: 
         )
 
 
-def _clipped_areas(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    hi = boxes.new_tensor([width, height, width, height])
-    c = torch.minimum(boxes[:, 1:].clamp(min=0), hi)
-    return (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])
-
-
 def _clip(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     x1 = boxes[:, 1].clamp(0, width)
     y1 = boxes[:, 2].clamp(0, height)
     x2 = boxes[:, 3].clamp(0, width)
     y2 = boxes[:, 4].clamp(0, height)
     return torch.stack([boxes[:, 0], x1, y1, x2, y2], dim=1)
+
+
+def _areas(clipped: torch.Tensor) -> torch.Tensor:
+    return (clipped[:, 3] - clipped[:, 1]) * (clipped[:, 4] - clipped[:, 2])
 
 
 class _BoxSum(torch.autograd.Function):
@@ -174,16 +172,16 @@ def box_sum(
         and maps.dtype in (torch.float32, torch.float64)
         and compiled_ops_available(maps.device)
     ):
-        # the CPU kernel validates the boxes (the messages of _validate) and clamps them itself,
-        # with zero gradient for a clamped coordinate as torch.clamp
+        # the CPU kernel validates the unclipped boxes (the messages of _validate; a flipped box
+        # can look valid once clipped) and clamps them itself, with torch.clamp's gradients
         _check_shapes(maps, boxes, classes)
         args = (maps.contiguous(), boxes.contiguous(), classes.contiguous())
         needs_grad = torch.is_grad_enabled() and (maps.requires_grad or boxes.requires_grad)
         total = _BoxSum.apply(*args) if needs_grad else torch.ops.wsis_d2.box_sum_forward(*args)
-        return total, _clipped_areas(boxes, maps.shape[2], maps.shape[3])
+        return total, _areas(_clip(boxes, maps.shape[2], maps.shape[3]))
     _validate(maps, boxes, classes)
     clipped = _clip(boxes, maps.shape[2], maps.shape[3])
-    areas = _clipped_areas(boxes, maps.shape[2], maps.shape[3])
+    areas = _areas(clipped)
     if use_reference or not compiled_ops_available(maps.device):
         _check_scored_maps_finite(maps, boxes, classes)
         return box_sum_reference(maps, clipped, classes), areas
@@ -311,13 +309,13 @@ class IntegralImage:
         classes = torch.as_tensor(classes, device=self.S.device).long()
         boxes = boxes.to(self.dtype)
         empty = self.S.new_zeros(self.shape[0], self.shape[1], 1, 1).to(self.dtype)
-        areas = _clipped_areas(boxes, self.shape[2], self.shape[3])
+        clipped = _clip(boxes, self.shape[2], self.shape[3])
+        areas = _areas(clipped)
         if self.S.device.type == "cpu" and compiled_ops_available(self.S.device):
             # the CPU kernel validates and clamps the boxes itself, as in ``box_sum``
             _check_shapes(empty, boxes, classes)
             return _BoxSumIntegral.apply(self.S, boxes.contiguous(), classes.contiguous()), areas
         _validate(empty, boxes, classes)  # shapes, NaN, order, index ranges (maps checked once)
-        clipped = _clip(boxes, self.shape[2], self.shape[3])
         if not compiled_ops_available(self.S.device):
             return box_sum_reference(self._maps, clipped, classes), areas
         return _BoxSumIntegral.apply(self.S, clipped.contiguous(), classes.contiguous()), areas

@@ -102,8 +102,8 @@ def artificial_edges(transforms, height: int, width: int) -> Dict[str, bool]:
     h, w = height, width
     for t in transforms.transforms:
         if isinstance(t, T.CropTransform):
-            e["left"] |= t.x0 > 0
-            e["top"] |= t.y0 > 0
+            e["left"] = e["left"] or t.x0 > 0
+            e["top"] = e["top"] or t.y0 > 0
             e["right"] = e["right"] or t.x0 + t.w < w
             e["bottom"] = e["bottom"] or t.y0 + t.h < h
             h, w = t.h, t.w

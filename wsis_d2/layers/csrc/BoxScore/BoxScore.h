@@ -4,7 +4,7 @@
 // of map[:y, :x], interpolated bilinearly between its integer corners is exactly
 // F(x, y) = integral of the piecewise-constant map over [0, x] x [0, y]; a box [x1, x2] x [y1, y2]
 // integrates to F(x2, y2) - F(x1, y2) - F(x2, y1) + F(x1, y1). Coordinates are clamped to the image
-// [0, W] x [0, H] (the Python side clips first); a clamped coordinate gets zero gradient.
+// [0, W] x [0, H]; as with torch.clamp, a coordinate at or beyond a bound gets zero gradient.
 #pragma once
 #include <torch/types.h>
 #include <cmath>
@@ -92,7 +92,8 @@ WSIS_HOST_DEVICE inline void interp_grad(const double* s, int64_t SW, const Corn
 }
 
 // The clamped box of row b = [n, x1, y1, x2, y2]: c = [x1, y1, x2, y2]; inside[q] is 1 where the
-// coordinate was not clamped (its gradient passes), 0 otherwise.
+// coordinate lies strictly inside its bounds (its gradient passes, as through torch.clamp), 0
+// otherwise.
 template <typename scalar_t>
 WSIS_HOST_DEVICE inline void clamp_box(const scalar_t* b, int64_t H, int64_t W, double* c,
                                        double* inside) {
@@ -100,7 +101,7 @@ WSIS_HOST_DEVICE inline void clamp_box(const scalar_t* b, int64_t H, int64_t W, 
   for (int q = 0; q < 4; ++q) {
     const double v = static_cast<double>(b[q + 1]);
     c[q] = clamp_coord(v, hi[q]);
-    inside[q] = (v >= 0 && v <= static_cast<double>(hi[q])) ? 1.0 : 0.0;
+    inside[q] = (v > 0 && v < static_cast<double>(hi[q])) ? 1.0 : 0.0;
   }
 }
 

@@ -65,7 +65,8 @@ void build_integral(const scalar_t* map, double* s, int64_t H, int64_t W) {
 
 constexpr int64_t kFlushRows = 32;  // rows summed in the map dtype between flushes
 // Each row is prefetched this far ahead of the sweep: the hardware prefetcher alone leaves the
-// sweep latency bound (~1.8x the time of maps.sum() on one thread; ~1.25x with this).
+// sweep latency bound (2.0x the time of maps.sum() on one thread, 1.4x on two; with this 1.4x
+// and 1.14x).
 constexpr int64_t kPrefetchBytes = 16384;
 
 // Prefetch the bytes [p, p + n) of a map row into the cache (one hint per 64-byte line).
@@ -185,6 +186,7 @@ bool sweep_map(const scalar_t* map, int64_t H, int64_t W, const scalar_t* b, con
   double* col = s.col.data();
   scalar_t* part = s.part.data();
   int64_t rows_in_part = 0;
+  const int64_t ahead = kPrefetchBytes / static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t y = 0; y <= H;) {
     for (int64_t t = s.row_start[y]; t < s.row_start[y + 1]; ++t) {
       const RowRead& r = s.sorted[t];
@@ -193,7 +195,6 @@ bool sweep_map(const scalar_t* map, int64_t H, int64_t W, const scalar_t* b, con
       s.acc[r.box] += r.w * (range_sum(col, part, r.i1, r.i2) + r.fx2 * c2 - r.fx1 * c1);
     }
     if (y == H) break;
-    const int64_t ahead = kPrefetchBytes / static_cast<int64_t>(sizeof(scalar_t));
     if ((y + 1) * W + ahead <= H * W) prefetch_row(map + y * W + ahead, W * sizeof(scalar_t));
     add_row(part, map + y * W, W);
     ++y;
