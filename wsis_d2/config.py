@@ -193,9 +193,27 @@ def add_engine_config(cfg):
     return cfg
 
 
+def add_backbone_config(cfg):
+    """Backbones wsis_d2 adds to detectron2's BACKBONE_REGISTRY (besides the density ones)."""
+    _C = cfg
+    # MobileNetV2 (wsis_d2/modeling/backbone/mobilenet.py), e.g. from torchvision's ImageNet
+    # weights converted by tools/fetch_mobilenet_weights.py
+    _C.MODEL.MOBILENET = CN()
+    # stages to return: "m1".."m5" (output strides 2, 4, 8, 16, 32)
+    _C.MODEL.MOBILENET.OUT_FEATURES = ["m4"]
+    # the first FREEZE_AT stages keep their weights (0: train all)
+    _C.MODEL.MOBILENET.FREEZE_AT = 2
+    # "FrozenBN" (ImageNet statistics fixed, for fine-tuning from weights) or "BN"
+    _C.MODEL.MOBILENET.NORM = "FrozenBN"
+    # 2: "m5" at stride 16 (dilated depthwise convs) instead of 32
+    _C.MODEL.MOBILENET.M5_DILATION = 1
+    return cfg
+
+
 def add_wsis_config(cfg):
     """Add all wsis_d2 keys to ``cfg`` (a detectron2 CfgNode) and return it."""
     add_data_config(cfg)
+    add_backbone_config(cfg)
     add_solver_config(cfg)
     add_engine_config(cfg)
     add_synthetic_config(cfg)
