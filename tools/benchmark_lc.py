@@ -279,7 +279,7 @@ def main():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config-file", default=LC_CONFIG, help="LC config (model and solver)")
-    parser.add_argument("--lc-iters", type=int, default=2400, help="LC training iterations")
+    parser.add_argument("--lc-iters", type=int, default=6000, help="LC training iterations")
     parser.add_argument("--supervised-config", default="", help="Mask R-CNN config")
     parser.add_argument("--supervised-iters", type=int, default=300, help="Mask R-CNN iterations")
     parser.add_argument("--supervised-json", default="", help="read supervised mAP_r50 from here")
