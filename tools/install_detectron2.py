@@ -158,7 +158,8 @@ def _have_detectron2():
     return importlib.util.find_spec("detectron2") is not None
 
 
-def _sha256(path):
+def file_sha256(path):
+    """Hex SHA-256 of a file (also used by tools/fetch_mobilenet_weights.py)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -186,11 +187,11 @@ def main():
 
     os.makedirs(args.workdir, exist_ok=True)
     tarball = os.path.join(args.workdir, TARBALL)
-    if not os.path.exists(tarball) or _sha256(tarball) != SHA256:
+    if not os.path.exists(tarball) or file_sha256(tarball) != SHA256:
         # setup.py of the release imports torch, hence no build isolation
         _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
               "--no-build-isolation", "-d", args.workdir, PACKAGE])
-    digest = _sha256(tarball)
+    digest = file_sha256(tarball)
     if digest != SHA256:
         raise SystemExit(f"{tarball}: sha256 {digest} != expected {SHA256}; refusing to install")
 

@@ -41,7 +41,7 @@ MOBILENET_V2_STAGES = {
     "m4": ((7, 14), 16, 96),
     "m5": ((14, 18), 32, 320),
 }
-_ORDER = ["m1", "m2", "m3", "m4", "m5"]
+_ORDER = list(MOBILENET_V2_STAGES)
 
 
 def _dilate_stage(stage: nn.Sequential, dilation: int) -> None:
@@ -105,6 +105,7 @@ class MobileNetV2Backbone(Backbone):
             self.features = FrozenBatchNorm2d.convert_frozen_batchnorm(self.features)
         self._stages = _ORDER[: last + 1]
         self._out_features = list(out_features)
+        # read by Backbone.output_shape
         self._out_feature_strides = {}
         self._out_feature_channels = {}
         for name in self._stages:
@@ -118,7 +119,6 @@ class MobileNetV2Backbone(Backbone):
             (start, stop), _, _ = MOBILENET_V2_STAGES[name]
             for p in self.features[start:stop].parameters():
                 p.requires_grad_(False)
-        self.freeze_at = int(freeze_at)
 
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec = None):
@@ -157,15 +157,6 @@ class MobileNetV2Backbone(Backbone):
             if name in self._out_features:
                 outputs[name] = x
         return outputs
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {
-            name: ShapeSpec(
-                channels=self._out_feature_channels[name],
-                stride=self._out_feature_strides[name],
-            )
-            for name in self._out_features
-        }
 
 
 @BACKBONE_REGISTRY.register()
