@@ -20,6 +20,8 @@ head_overhead <= 0.15, prm_backward_ratio <= 2.
 
     python tools/benchmark_lc.py                            # full run (~40 min on 2 cores)
     python tools/benchmark_lc.py --lc-iters 20 --supervised-iters 20 --eval-images 10   # smoke
+    python tools/benchmark_lc.py --lc-weights output/benchmark_lc/lc/model_final.pth \
+        MODEL.LC.PRM.MASK_MODE threshold    # re-evaluate a trained model with other settings
 """
 
 import argparse
@@ -34,6 +36,7 @@ import time
 import numpy as np
 import torch
 
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetFromList, MetadataCatalog
 from detectron2.data import build_detection_test_loader
@@ -133,6 +136,17 @@ def train_and_evaluate(trainer_cls, cfg, eval_images):
     start = time.perf_counter()
     results, dicts, loader = _evaluate(cfg, trainer.model, eval_images)
     return trainer.model, results, train_time, time.perf_counter() - start, dicts, loader
+
+
+def evaluate_checkpoint(trainer_cls, cfg, weights, eval_images):
+    """Evaluate LC from a checkpoint of an earlier run (same config), without training."""
+    if not os.path.isfile(weights):
+        raise ValueError(f"--lc-weights: no such file {weights}")
+    model = trainer_cls.build_model(cfg)
+    DetectionCheckpointer(model).load(weights)
+    start = time.perf_counter()
+    results, dicts, loader = _evaluate(cfg, model, eval_images)
+    return model, results, 0.0, time.perf_counter() - start, dicts, loader
 
 
 def baseline_mrmse(num_images):
@@ -280,6 +294,12 @@ def main():
     )
     parser.add_argument("--config-file", default=LC_CONFIG, help="LC config (model and solver)")
     parser.add_argument("--lc-iters", type=int, default=6000, help="LC training iterations")
+    parser.add_argument(
+        "--lc-weights",
+        default="",
+        help="evaluate this LC checkpoint (trained by an earlier run with the same config and "
+        "--lc-iters) instead of training; e.g. to measure other inference settings",
+    )
     parser.add_argument("--supervised-config", default="", help="Mask R-CNN config")
     parser.add_argument("--supervised-iters", type=int, default=300, help="Mask R-CNN iterations")
     parser.add_argument("--supervised-json", default="", help="read supervised mAP_r50 from here")
@@ -302,9 +322,14 @@ def main():
     cfg = _cfg(args.config_file, args.opts, os.path.join(args.output_dir, "lc"))
     _schedule(cfg, args.lc_iters)
     cfg.freeze()
-    model, results, lc_train_time, lc_eval_time, dicts, loader = train_and_evaluate(
-        trainer_cls, cfg, args.eval_images
-    )
+    if args.lc_weights:
+        model, results, lc_train_time, lc_eval_time, dicts, loader = evaluate_checkpoint(
+            trainer_cls, cfg, args.lc_weights, args.eval_images
+        )
+    else:
+        model, results, lc_train_time, lc_eval_time, dicts, loader = train_and_evaluate(
+            trainer_cls, cfg, args.eval_images
+        )
     counting, instance = results["counting"], results["wsis_instance"]
     ratio, prm_images, prm_peaks = prm_backward_ratio(model, loader, dicts, args.prm_images)
     overhead_cfg = _cfg(args.overhead_config, [], os.path.join(args.output_dir, "overhead"))
@@ -327,6 +352,7 @@ def main():
         "lc_fwd_bwd_s": t_full,
         "lc_iters": args.lc_iters,
         "lc_train_s": lc_train_time,
+        "lc_weights": args.lc_weights,
         "lc_eval_s": lc_eval_time,
         "supervised_iters": 0 if args.supervised_json else args.supervised_iters,
         "supervised_train_s": sup_train_time,

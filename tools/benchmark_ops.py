@@ -10,9 +10,13 @@ Workloads:
   (``box_sum(..., use_reference=True)``). Also printed: scoring from integral images built
   beforehand (``IntegralImage``, one step of CCGR's box refinement) and, as the floor of any method
   that reads every scored map once, ``maps.sum()``.
+- graph segmentation: scikit-image's astronaut photo resized to 160x240x3 uint8, k = 1000,
+  sigma = 0.8, min_size = 10; op = ``graph_segment`` (blur + edge weights + the compiled op),
+  reference = the same with ``graph_segment_reference``, same labels; also printed:
+  ``skimage.segmentation.felzenszwalb`` with the same parameters.
 
 Prints the timings (medians over --repeats runs, after one warm-up), then as its last line one JSON
-object {"peaks_speedup": ..., "box_score_speedup": ...}.
+object {"peaks_speedup": ..., "box_score_speedup": ..., "graph_segment_speedup": ...}.
 """
 
 import argparse
@@ -23,6 +27,8 @@ import sys
 import time
 
 import torch
+from skimage import data, transform
+from skimage.segmentation import felzenszwalb
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,8 +36,11 @@ from wsis_d2.layers import (  # noqa: E402
     IntegralImage,
     box_sum,
     compiled_ops_available,
+    edge_weights,
     find_peaks,
     find_peaks_reference,
+    graph_segment,
+    graph_segment_reference,
 )
 
 
@@ -98,11 +107,34 @@ def main():
         f"  from prebuilt integral images: {box_prebuilt * 1e3:.3f} ms; "
         f"maps.sum() over the same maps (memory-read floor): {read_floor * 1e3:.2f} ms"
     )
+
+    photo = transform.resize(data.astronaut(), (160, 240), anti_aliasing=True)
+    photo = (photo * 255).round().astype("uint8")
+    image = torch.from_numpy(photo).permute(2, 0, 1)
+    seg_args = (1000.0, 0.8, 10)
+
+    def seg_ref():
+        return graph_segment_reference(edge_weights(image, seg_args[1]), seg_args[0], seg_args[2])
+
+    labels = graph_segment(image, *seg_args)
+    if not torch.equal(labels, seg_ref()):
+        raise SystemExit("graph_segment and its reference disagree")
+    seg_op = median_time(lambda: graph_segment(image, *seg_args), args.repeats)
+    seg_ref_time = median_time(seg_ref, max(1, args.ref_repeats // 3))
+    seg_skimage = median_time(
+        lambda: felzenszwalb(photo, *seg_args, channel_axis=-1), args.ref_repeats
+    )
+    print(
+        f"graph segmentation 160x240x3 ({int(labels.max()) + 1} segments), {args.threads} threads: "
+        f"op {seg_op * 1e3:.2f} ms, reference {seg_ref_time * 1e3:.1f} ms, "
+        f"skimage felzenszwalb {seg_skimage * 1e3:.2f} ms"
+    )
     print(
         json.dumps(
             {
                 "peaks_speedup": round(peaks_ref / peaks_op, 2),
                 "box_score_speedup": round(box_ref / box_op, 2),
+                "graph_segment_speedup": round(seg_ref_time / seg_op, 2),
             }
         )
     )

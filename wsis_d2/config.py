@@ -80,8 +80,16 @@ def add_lc_config(cfg):
     _C.MODEL.LC.PRM.ENABLED = True
     # σ (input pixels) of the Gaussian smoothing of the gradient magnitude Σ|∂M/∂I|
     _C.MODEL.LC.PRM.SMOOTH_SIGMA = 2.0
-    # mask = connected component (holding the peak) of PRM >= MASK_THRESHOLD · max PRM
+    # "threshold": mask = connected component (holding the peak) of PRM >= MASK_THRESHOLD · max PRM;
+    # "segments": the same on the mean PRM of image regions (Felzenszwalb-Huttenlocher graph-based
+    # segmentation of the input image), so that masks follow image edges
+    _C.MODEL.LC.PRM.MASK_MODE = "threshold"
     _C.MODEL.LC.PRM.MASK_THRESHOLD = 0.3
+    # MASK_MODE "segments": k (larger: bigger regions), Gaussian σ and minimum region size (input
+    # pixels) of the graph-based segmentation
+    _C.MODEL.LC.PRM.SEGMENT_SCALE = 1000.0
+    _C.MODEL.LC.PRM.SEGMENT_SIGMA = 0.8
+    _C.MODEL.LC.PRM.SEGMENT_MIN_SIZE = 10
     # largest number of peaks per batched backward pass (memory bound); 0 = all at once
     _C.MODEL.LC.PRM.MAX_BATCH = 32
     # peaks at least this far apart (input pixels) share one backward vector, their summed map
@@ -121,6 +129,11 @@ def add_density_config(cfg):
     _C.MODEL.DENSITY.SCALE = 100.0
     # weight λ of the pixel-wise MSE loss
     _C.MODEL.DENSITY.LOSS_WEIGHT = 1.0
+    # weight μ of the local count loss: squared error of the counts in non-overlapping windows
+    # (0 = off); the pixel-wise MSE alone leaves the mass of crowded regions free to drift
+    _C.MODEL.DENSITY.COUNT_LOSS_WEIGHT = 0.0
+    # side (input pixels) of the count-loss windows
+    _C.MODEL.DENSITY.COUNT_LOSS_WINDOW = 16
     _C.MODEL.DENSITY.PEAKS = CN()
     # also return point detections (density peaks) as Instances
     _C.MODEL.DENSITY.PEAKS.ENABLED = False

@@ -22,6 +22,7 @@ from wsis_d2.modeling.backbone.fcrn import block_norm
 from wsis_d2.modeling.meta_arch.density import (
     adaptive_sigmas,
     density_mse_loss,
+    density_window_count_loss,
     gaussian_density_map,
 )
 
@@ -112,6 +113,47 @@ class TestTargets(unittest.TestCase):
         valid = torch.tensor([[[[1.0, 1.0], [0.0, 1.0]]]])
         self.assertAlmostEqual(float(density_mse_loss(pred, target)), (1 + 0 + 4 + 0) / 4)
         self.assertAlmostEqual(float(density_mse_loss(pred, target, valid)), (1 + 0 + 0) / 3)
+
+    def test_window_count_loss_brute_force(self):
+        gen = torch.Generator().manual_seed(3)
+        pred = torch.rand(2, 2, 7, 10, generator=gen) * 5
+        target = torch.rand(2, 2, 7, 10, generator=gen) * 5
+        valid = (torch.rand(2, 1, 7, 10, generator=gen) > 0.3).float()
+        valid[1, :, 4:, :] = 0  # windows of the bottom row of image 1 hold no valid pixel
+        w, s = 4, 2.0
+        for v in (None, valid):
+            vv = torch.ones(2, 1, 7, 10) if v is None else v
+            total, k = 0.0, 0
+            for n in range(2):
+                for y in range(0, 7, w):
+                    for x in range(0, 10, w):
+                        area = vv[n, 0, y : y + w, x : x + w]
+                        if area.sum() == 0:
+                            continue
+                        k += 1
+                        for c in range(2):
+                            d = (
+                                pred[n, c, y : y + w, x : x + w]
+                                - target[n, c, y : y + w, x : x + w]
+                            )
+                            total += float((d * area).sum() / s) ** 2
+            got = float(density_window_count_loss(pred, target, v, window=w, scale=s))
+            self.assertAlmostEqual(got, total / (2 * k), places=4)
+        # a window of the whole map is the squared error of the image counts
+        got = density_window_count_loss(pred, target, None, window=10, scale=1.0)
+        expected = ((pred - target).sum(dim=(2, 3)) ** 2).mean()
+        self.assertAlmostEqual(float(got), float(expected), places=3)
+        # mass moved inside a window costs nothing, across windows it does
+        t = torch.zeros(1, 1, 8, 8)
+        t[0, 0, 1, 1] = 1.0
+        p = torch.zeros(1, 1, 8, 8)
+        p[0, 0, 2, 2] = 1.0
+        self.assertEqual(float(density_window_count_loss(p, t, None, window=4)), 0.0)
+        p = torch.zeros(1, 1, 8, 8)
+        p[0, 0, 5, 5] = 1.0
+        self.assertAlmostEqual(float(density_window_count_loss(p, t, None, window=4)), 2 / 4)
+        with self.assertRaisesRegex(ValueError, "window"):
+            density_window_count_loss(p, t, None, window=0)
 
 
 class TestBackbones(unittest.TestCase):
@@ -250,6 +292,25 @@ class TestDensityCounter(unittest.TestCase):
         inputs[1]["loss_mask"] = torch.ones(12, 19, dtype=torch.bool)
         with EventStorage(), self.assertRaisesRegex(ValueError, "loss_mask .* has shape"):
             model(inputs)
+
+    def test_window_count_loss_in_training(self):
+        cfg = small_cfg()
+        cfg.MODEL.DENSITY.COUNT_LOSS_WEIGHT = 0.5
+        cfg.MODEL.DENSITY.COUNT_LOSS_WINDOW = 8
+        model = build_model(cfg)
+        model.train()
+        inputs = self._inputs([(16, 24), (13, 19)], [3, 2])
+        images = model.preprocess_image(inputs)
+        with torch.no_grad(), EventStorage():
+            pred = model.predict_raw(images)
+            target, valid = model.prepare_targets(inputs, images)
+            losses = model(inputs)
+        self.assertEqual(set(losses), {"loss_density", "loss_density_count"})
+        expected = 0.5 * density_window_count_loss(pred, target, valid, 8, 100.0)
+        self.assertAlmostEqual(float(losses["loss_density_count"]), float(expected), places=5)
+        cfg.MODEL.DENSITY.COUNT_LOSS_WINDOW = 0
+        with self.assertRaisesRegex(ValueError, "COUNT_LOSS_WINDOW"):
+            build_model(cfg)
 
     def test_adaptive_targets_keep_counts(self):
         cfg = small_cfg("density_unet_mall.yaml")

@@ -18,6 +18,7 @@ from detectron2.utils.events import EventStorage
 import wsis_d2  # noqa: F401  (registers models)
 from wsis_d2 import add_wsis_config
 from wsis_d2.evaluation import CountingEvaluator, InstanceAPEvaluator
+from wsis_d2.modeling.prm import segment_image
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
 C = 3
@@ -383,6 +384,36 @@ class TestInference(unittest.TestCase):
             self.model.inference_single(inp, counts=torch.tensor([1.0, -1.0, 0.0]))
         with self.assertRaisesRegex(ValueError, "inference counts"):
             self.model.inference_single(inp, counts=torch.tensor([1.0, 1.0]))
+
+    def test_segment_masks(self):
+        inp = make_input(64, 80, [0] * C, seed=9)
+        inp["height"], inp["width"] = 96, 120
+        self.model.prm_mask_mode = "segments"
+        try:
+            out = self.model([inp])[0]
+        finally:
+            self.model.prm_mask_mode = "threshold"
+        self._check(inp, out)
+        # every mask is a union of whole regions of the input image's segmentation
+        seg = torch.nn.functional.interpolate(
+            segment_image(
+                inp["image"],
+                self.model.prm_segment_scale,
+                self.model.prm_segment_sigma,
+                self.model.prm_segment_min_size,
+            )[None, None].float(),
+            size=(96, 120),
+            mode="nearest",
+        )[0, 0].long()
+        for mask in out["instances"].pred_masks:
+            inside = torch.unique(seg[mask])
+            self.assertTrue(bool(torch.isin(seg, inside)[mask].all()))
+            for r in inside:
+                self.assertTrue(bool(mask[seg == r].all()), "a region is cut by a mask")
+        cfg = self.cfg.clone()
+        cfg.MODEL.LC.PRM.MASK_MODE = "blobs"
+        with self.assertRaisesRegex(ValueError, "MASK_MODE"):
+            build_model(cfg)
 
     def test_proposals_choose_boxes(self):
         inp = make_input(64, 80, [0] * C, seed=8)

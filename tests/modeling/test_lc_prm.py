@@ -12,6 +12,8 @@ from wsis_d2.modeling.prm import (
     group_peaks,
     prm_instance_masks,
     score_box_proposals,
+    segment_image,
+    segment_instance_masks,
     split_group_maps,
 )
 
@@ -97,6 +99,49 @@ class TestPRMMasks(unittest.TestCase):
         self.assertEqual(tuple(m.shape), (1, 8, 12))
         self.assertTrue(bool(m[0, :3, :5].all()))
         self.assertFalse(bool(m[0, 5:, :].any()) or bool(m[0, :, 7:].any()))
+
+
+class TestSegmentMasks(unittest.TestCase):
+    def test_region_means_thresholded_and_peak_component(self):
+        seg = torch.zeros(6, 8, dtype=torch.long)
+        seg[:, 4:] = 1  # two regions: left and right halves
+        seg[0:2, 0:2] = 2  # a small corner region
+        prm = torch.zeros(2, 6, 8)
+        prm[0, 2:4, 1:3] = 1.0  # inside region 0: mean 4/20 = 0.2
+        prm[0, 0, 0] = 0.1  # region 2: mean 0.025
+        prm[1, :, 5] = 0.5  # region 1: mean 3/24
+        prm[1, 1, 1] = 1.0  # region 2: mean 0.25, the best one of map 1
+        pts = torch.tensor([[1.5, 2.5], [6.5, 3.5]])
+        m = segment_instance_masks(prm, pts, seg, 0.4)
+        self.assertTrue(torch.equal(m[0], seg == 0))
+        # map 1: region 1 (mean 0.125 = 0.5 of the best) and region 2 (the best) pass 0.4, but
+        # they are not connected; the peak lies in region 1
+        self.assertTrue(torch.equal(m[1], seg == 1))
+        m = segment_instance_masks(prm, pts, seg, 0.6)
+        # only region 2 passes for map 1; the peak lies outside: the component with most mass
+        self.assertTrue(torch.equal(m[1], seg == 2))
+        # nearest-neighbour resize to the output size
+        big = segment_instance_masks(prm, pts, seg, 0.4, out_size=(12, 16))
+        self.assertTrue(
+            torch.equal(big[0], (seg == 0).repeat_interleave(2, 0).repeat_interleave(2, 1))
+        )
+        self.assertEqual(tuple(segment_instance_masks(prm[:0], pts[:0], seg, 0.5).shape), (0, 6, 8))
+        with self.assertRaisesRegex(ValueError, "segments"):
+            segment_instance_masks(prm, pts, seg[:5], 0.5)
+
+    def test_segment_image_follows_flat_regions(self):
+        img = torch.zeros(3, 20, 30)
+        img[:, :, 15:] = 200.0
+        img[0, 5:12, 3:9] = 255.0  # a red square on the dark half
+        labels = segment_image(img, scale=100.0, sigma=0.0, min_size=5)
+        self.assertEqual(tuple(labels.shape), (20, 30))
+        self.assertEqual(labels.dtype, torch.int64)
+        self.assertEqual(len(torch.unique(labels)), 3)
+        self.assertEqual(len(torch.unique(labels[6:11, 4:8])), 1)
+        self.assertNotEqual(int(labels[8, 5]), int(labels[0, 0]))
+        self.assertNotEqual(int(labels[0, 0]), int(labels[0, 29]))
+        with self.assertRaisesRegex(ValueError, "image"):
+            segment_image(img[0])
 
 
 class TestGrouping(unittest.TestCase):

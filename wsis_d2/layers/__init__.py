@@ -9,6 +9,7 @@ from .box_score import (
     box_sum_reference,
     context_boxes,
 )
+from .graph_segment import edge_weights, graph_segment, graph_segment_reference
 from .peaks import (
     Peaks,
     find_peaks,
@@ -29,6 +30,9 @@ __all__ = [
     "box_context_gap",
     "box_sum_reference",
     "context_boxes",
+    "edge_weights",
+    "graph_segment",
+    "graph_segment_reference",
     "compiled_ops_available",
     "cuda_ops_available",
 ]

@@ -25,6 +25,9 @@ TORCH_LIBRARY(wsis_d2, m) {
   m.def("box_sum_integral(Tensor S, Tensor boxes, Tensor classes) -> Tensor");
   m.def("box_sum_integral_backward(Tensor grad, Tensor S, Tensor boxes, Tensor classes)"
         " -> Tensor");
+  // GraphSegment: Felzenszwalb-Huttenlocher labels (H, W) from grid edge weights (4, H, W), CPU
+  // only; see GraphSegment/GraphSegment.h
+  m.def("graph_segment(Tensor weights, float scale, int min_size) -> Tensor");
 }
 
 } // namespace wsis_d2

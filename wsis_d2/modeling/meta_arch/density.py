@@ -140,6 +140,45 @@ def density_mse_loss(
     return (err * valid).sum() / denom
 
 
+def density_window_count_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    valid: Optional[torch.Tensor] = None,
+    window: int = 16,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """
+    Local count loss: the squared error of the counts in a grid of non-overlapping w×w windows
+    W_k (the training-time counterpart of GAME),
+
+        L_cnt = 1 / (C·K) Σ_n Σ_c Σ_k ( Σ_{p ∈ W_k ∩ Ω} (F_c(p) − s·D_c(p)) / s )²,
+
+    in units of objects². Windows at the right and bottom edges may be partial; windows without
+    any valid pixel do not count in K.
+
+    Args:
+        pred: (N, C, H, W) network output F.
+        target: (N, C, H, W) scaled target s·D.
+        valid: (N, 1, H, W) 0/1 mask of Ω, or None (all pixels).
+        window: w, window side in pixels.
+        scale: s.
+
+    Returns:
+        scalar loss.
+    """
+    if window < 1:
+        raise ValueError(f"count-loss window must be >= 1, got {window}")
+    diff = pred - target
+    area = torch.ones_like(pred[:, :1]) if valid is None else valid.to(diff.dtype)
+    diff = diff * area
+    # window sums (divisor 1; ceil_mode keeps the partial windows at the edges)
+    sums = F.avg_pool2d(diff, window, window, ceil_mode=True, divisor_override=1) / scale
+    covered = F.avg_pool2d(area, window, window, ceil_mode=True, divisor_override=1) > 0
+    err = (sums**2) * covered
+    denom = (covered.sum() * pred.shape[1]).clamp_min(1)
+    return err.sum() / denom
+
+
 @META_ARCH_REGISTRY.register()
 class DensityCounter(nn.Module):
     """
@@ -167,6 +206,8 @@ class DensityCounter(nn.Module):
         adaptive_sigma_range: Tuple[float, float] = (1.0, 20.0),
         density_scale: float = 100.0,
         loss_weight: float = 1.0,
+        count_loss_weight: float = 0.0,
+        count_loss_window: int = 16,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         peaks_enabled: bool = False,
@@ -183,6 +224,9 @@ class DensityCounter(nn.Module):
             adaptive_k, adaptive_beta, adaptive_sigma_range: geometry-adaptive σ_i (k = 0: off).
             density_scale: s; the network regresses s·D.
             loss_weight: λ of the MSE loss.
+            count_loss_weight: μ of the local count loss (0: off), see
+                :func:`density_window_count_loss`.
+            count_loss_window: its window side w.
             pixel_mean, pixel_std: input normalisation, one value per input channel.
             peaks_enabled: also return point detections.
             peak_radius: non-maximum window radius of the peak finder.
@@ -211,6 +255,12 @@ class DensityCounter(nn.Module):
         self.adaptive_sigma_range = tuple(float(v) for v in adaptive_sigma_range)
         self.density_scale = float(density_scale)
         self.loss_weight = float(loss_weight)
+        self.count_loss_weight = float(count_loss_weight)
+        self.count_loss_window = int(count_loss_window)
+        if self.count_loss_window < 1:
+            raise ValueError(
+                f"MODEL.DENSITY.COUNT_LOSS_WINDOW must be >= 1, got {count_loss_window}"
+            )
         self.peaks_enabled = peaks_enabled
         self.peak_radius = int(peak_radius)
         self.peak_threshold = float(peak_threshold)
@@ -236,6 +286,8 @@ class DensityCounter(nn.Module):
             "adaptive_sigma_range": tuple(d.ADAPTIVE_SIGMA_RANGE),
             "density_scale": d.SCALE,
             "loss_weight": d.LOSS_WEIGHT,
+            "count_loss_weight": d.COUNT_LOSS_WEIGHT,
+            "count_loss_window": d.COUNT_LOSS_WINDOW,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "peaks_enabled": d.PEAKS.ENABLED,
@@ -289,7 +341,12 @@ class DensityCounter(nn.Module):
                 storage = get_event_storage()
                 storage.put_scalar("density/count_mae", (pred_counts - true_counts).abs().mean())
                 storage.put_scalar("density/true_count", true_counts.mean())
-            return {"loss_density": self.loss_weight * loss}
+            losses = {"loss_density": self.loss_weight * loss}
+            if self.count_loss_weight > 0:
+                losses["loss_density_count"] = self.count_loss_weight * density_window_count_loss(
+                    pred, target, valid, self.count_loss_window, self.density_scale
+                )
+            return losses
         return self.inference(pred, batched_inputs, images.image_sizes)
 
     def target_density(self, points: torch.Tensor, classes, image_size) -> torch.Tensor:

@@ -44,6 +44,8 @@ from ..prm import (
     group_peaks,
     prm_instance_masks,
     score_box_proposals,
+    segment_image,
+    segment_instance_masks,
     split_group_maps,
 )
 
@@ -103,6 +105,10 @@ class ImageLevelCounter(nn.Module):
         prm_enabled: bool = True,
         prm_smooth_sigma: float = 2.0,
         prm_mask_threshold: float = 0.3,
+        prm_mask_mode: str = "threshold",
+        prm_segment_scale: float = 1000.0,
+        prm_segment_sigma: float = 0.8,
+        prm_segment_min_size: int = 10,
         prm_max_batch: int = 32,
         prm_group_distance: float = -1.0,
         density_weight: float = 1.0,
@@ -131,6 +137,10 @@ class ImageLevelCounter(nn.Module):
             class_threshold: presence threshold on σ(s_c) at inference.
             prm_enabled: compute instances at inference.
             prm_smooth_sigma, prm_mask_threshold, prm_max_batch: see ``add_lc_config``.
+            prm_mask_mode: "threshold" (PRM thresholded) or "segments" (region means of the PRM
+                thresholded, :func:`segment_instance_masks`).
+            prm_segment_scale, prm_segment_sigma, prm_segment_min_size: the graph-based
+                segmentation of "segments" (:func:`segment_image`).
             prm_group_distance: peaks at least this far apart (input pixels) share a backward
                 vector; < 0: one vector per peak (exact PRMs).
             density_weight: β of the density-aware instance score.
@@ -173,6 +183,23 @@ class ImageLevelCounter(nn.Module):
         if not 0.0 < self.prm_mask_threshold <= 1.0:
             raise ValueError(
                 f"MODEL.LC.PRM.MASK_THRESHOLD must be in (0, 1], got {prm_mask_threshold}"
+            )
+        if prm_mask_mode not in ("threshold", "segments"):
+            raise ValueError(
+                f"MODEL.LC.PRM.MASK_MODE must be 'threshold' or 'segments', got {prm_mask_mode!r}"
+            )
+        self.prm_mask_mode = prm_mask_mode
+        self.prm_segment_scale = float(prm_segment_scale)
+        self.prm_segment_sigma = float(prm_segment_sigma)
+        self.prm_segment_min_size = int(prm_segment_min_size)
+        if (
+            self.prm_segment_scale <= 0
+            or self.prm_segment_sigma < 0
+            or self.prm_segment_min_size < 1
+        ):
+            raise ValueError(
+                "MODEL.LC.PRM.SEGMENT_SCALE must be > 0, SEGMENT_SIGMA >= 0 and SEGMENT_MIN_SIZE "
+                f">= 1, got {prm_segment_scale}, {prm_segment_sigma}, {prm_segment_min_size}"
             )
         self.prm_max_batch = int(prm_max_batch)
         self.prm_group_distance = float(prm_group_distance)
@@ -222,6 +249,10 @@ class ImageLevelCounter(nn.Module):
             "prm_enabled": prm.ENABLED,
             "prm_smooth_sigma": prm.SMOOTH_SIGMA,
             "prm_mask_threshold": prm.MASK_THRESHOLD,
+            "prm_mask_mode": prm.MASK_MODE,
+            "prm_segment_scale": prm.SEGMENT_SCALE,
+            "prm_segment_sigma": prm.SEGMENT_SIGMA,
+            "prm_segment_min_size": prm.SEGMENT_MIN_SIZE,
             "prm_max_batch": prm.MAX_BATCH,
             "prm_group_distance": prm.GROUP_DISTANCE,
             "density_weight": prm.DENSITY_WEIGHT,
@@ -501,7 +532,21 @@ class ImageLevelCounter(nn.Module):
         density_maps = density_maps.detach()
         group_prms = gradient_to_prm(grads[:, 0, :, :in_h, :in_w], self.prm_smooth_sigma)
         prms = split_group_maps(group_prms, points, groups)  # (P, in_h, in_w)
-        masks = prm_instance_masks(prms, points, self.prm_mask_threshold, (out_h, out_w))
+        if self.prm_mask_mode == "segments":
+            image = inp["image"][:, :in_h, :in_w]
+            if tuple(image.shape[-2:]) != (in_h, in_w):
+                raise ValueError(
+                    f"MODEL.LC.PRM.MASK_MODE 'segments' needs the input image at "
+                    f"{(in_h, in_w)}, got {tuple(image.shape[-2:])}"
+                )
+            segments = segment_image(
+                image, self.prm_segment_scale, self.prm_segment_sigma, self.prm_segment_min_size
+            )
+            masks = segment_instance_masks(
+                prms, points, segments, self.prm_mask_threshold, (out_h, out_w)
+            )
+        else:
+            masks = prm_instance_masks(prms, points, self.prm_mask_threshold, (out_h, out_w))
         classes = keep[:, 1]
         boxes = BitMasks(masks).get_bounding_boxes()
         proposals = inp.get("proposals")
