@@ -23,8 +23,6 @@ constexpr uint32_t kDigitMask = kBuckets - 1;
 constexpr int kPasses = 3;  // 3 x 11 bits cover the 32 key bits
 constexpr uint32_t kNegativeZero = 0x80000000u;
 constexpr uint32_t kInfinity = 0x7f800000u;  // patterns >= this: inf, NaN or negative
-// edges ahead whose pixels are prefetched in the merge loop (their order is random in the image)
-constexpr size_t kPrefetch = 16;
 // Workspaces of images up to this many pixels (~85 bytes each) stay allocated between calls:
 // fresh multi-megabyte buffers cost more in page faults than the sort (~0.8 ms at 160x240).
 constexpr int64_t kKeepPixels = int64_t(1) << 19;
@@ -42,12 +40,6 @@ struct Workspace {
   std::vector<int32_t> label;
   std::vector<uint8_t> small;
 };
-
-inline void prefetch(const void* p) {
-#if defined(__GNUC__)
-  __builtin_prefetch(p);
-#endif
-}
 
 inline float key_to_float(Edge e) {
   const uint32_t bits = static_cast<uint32_t>(e >> 32);
@@ -171,12 +163,6 @@ void segment(const float* weights, int64_t H, int64_t W, double scale, int64_t m
   Node* nodes = ws.nodes.data();
   for (int32_t p = 0; p < N; ++p) nodes[p] = Node{p, 1, scale};  // Int = 0 for one pixel
   for (size_t i = 0; i < n; ++i) {
-    if (i + kPrefetch < n) {
-      const uint32_t ahead = static_cast<uint32_t>(edges[i + kPrefetch]);
-      const int32_t p = static_cast<int32_t>(ahead >> 2);
-      prefetch(nodes + p);
-      prefetch(nodes + p + offset[ahead & 3]);
-    }
     const uint32_t id = static_cast<uint32_t>(edges[i]);
     const int32_t p = static_cast<int32_t>(id >> 2);
     const int32_t a = find(nodes, p), b = find(nodes, p + offset[id & 3]);
