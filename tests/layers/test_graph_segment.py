@@ -222,25 +222,32 @@ class GraphSegmentSemanticsTest(unittest.TestCase):
         return graph_segment_reference(edge_weights(image, sigma), scale, min_size)
 
 
+def check_rejects_bad_weights(test, segment):
+    """Errors that both the op and the reference raise, naming the offending argument."""
+    w = torch.zeros(4, 3, 5)
+    for bad, pattern in (
+        (w.double(), "float32"),
+        (w[:3], r"\(4, H, W\)"),
+        (w[0], r"\(4, H, W\)"),
+        (torch.zeros(4, 0, 5), "1x1"),
+    ):
+        with test.assertRaisesRegex(ValueError, pattern):
+            segment(bad, 1.0, 0)
+    for value in (float("nan"), float("inf"), -1.0):
+        bad = w.clone()
+        bad[2, 1, 3] = value
+        with test.assertRaisesRegex(ValueError, r"finite and >= 0, got .* at \(2, 1, 3\)"):
+            segment(bad, 1.0, 0)
+    for scale in (-1.0, float("nan"), float("inf")):
+        with test.assertRaisesRegex(ValueError, "scale"):
+            segment(w, scale, 0)
+    with test.assertRaisesRegex(ValueError, "min_size"):
+        segment(w, 1.0, -2)
+
+
 class GraphSegmentReferenceErrorsTest(unittest.TestCase):
     def test_bad_weights(self):
-        w = torch.zeros(4, 3, 5)
-        for bad, pattern in (
-            (w[:3], r"\(4, H, W\)"),
-            (w.double(), "float32"),
-            (torch.zeros(4, 0, 5), "1x1"),
-        ):
-            with self.assertRaisesRegex(ValueError, pattern):
-                graph_segment_reference(bad, 1.0, 0)
-        for value in (float("nan"), float("inf"), -1.0):
-            bad = w.clone()
-            bad[2, 1, 3] = value
-            with self.assertRaisesRegex(ValueError, r"finite and >= 0, got .* at \(2, 1, 3\)"):
-                graph_segment_reference(bad, 1.0, 0)
-        with self.assertRaisesRegex(ValueError, "scale"):
-            graph_segment_reference(w, -1.0, 0)
-        with self.assertRaisesRegex(ValueError, "min_size"):
-            graph_segment_reference(w, 1.0, -2)
+        check_rejects_bad_weights(self, graph_segment_reference)
 
 
 @unittest.skipIf(not compiled_ops_available(), "wsis_d2._C is not built")
@@ -299,26 +306,11 @@ class GraphSegmentOpTest(unittest.TestCase):
 
     def test_op_errors(self):
         op = torch.ops.wsis_d2.graph_segment
-        w = torch.zeros(4, 3, 5)
-        for bad, pattern in (
-            (w.double(), "float32"),
-            (w[:3], r"\(4, H, W\)"),
-            (w[0], r"\(4, H, W\)"),
-            (torch.zeros(4, 5, 3).transpose(1, 2), "contiguous"),
-            (torch.zeros(4, 0, 5), "1x1"),
-        ):
-            with self.assertRaisesRegex(ValueError, pattern):
-                op(bad, 1.0, 0)
-        for value in (float("nan"), float("inf"), -1.0):
-            bad = w.clone()
-            bad[2, 1, 3] = value
-            with self.assertRaisesRegex(ValueError, r"finite and >= 0, got .* at \(2, 1, 3\)"):
-                op(bad, 1.0, 0)
-        for scale in (-1.0, float("nan"), float("inf")):
-            with self.assertRaisesRegex(ValueError, "scale"):
-                op(w, scale, 0)
+        check_rejects_bad_weights(self, op)
+        with self.assertRaisesRegex(ValueError, "contiguous"):
+            op(torch.zeros(4, 5, 3).transpose(1, 2), 1.0, 0)
         with self.assertRaisesRegex(ValueError, "min_size"):
-            op(w, 1.0, -1)
+            op(torch.zeros(4, 3, 5), 1.0, -1)
 
     def test_close_to_skimage(self):
         # skimage's felzenszwalb on uint8 images uses the same k on the 0..255 scale; it breaks

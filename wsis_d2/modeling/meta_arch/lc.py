@@ -533,14 +533,12 @@ class ImageLevelCounter(nn.Module):
         group_prms = gradient_to_prm(grads[:, 0, :, :in_h, :in_w], self.prm_smooth_sigma)
         prms = split_group_maps(group_prms, points, groups)  # (P, in_h, in_w)
         if self.prm_mask_mode == "segments":
-            image = inp["image"][:, :in_h, :in_w]
-            if tuple(image.shape[-2:]) != (in_h, in_w):
-                raise ValueError(
-                    f"MODEL.LC.PRM.MASK_MODE 'segments' needs the input image at "
-                    f"{(in_h, in_w)}, got {tuple(image.shape[-2:])}"
-                )
+            # regions of the network input itself (in_h x in_w), the pixels of the PRMs
             segments = segment_image(
-                image, self.prm_segment_scale, self.prm_segment_sigma, self.prm_segment_min_size
+                inp["image"],
+                self.prm_segment_scale,
+                self.prm_segment_sigma,
+                self.prm_segment_min_size,
             )
             masks = segment_instance_masks(
                 prms, points, segments, self.prm_mask_threshold, (out_h, out_w)
