@@ -3,7 +3,7 @@
 Benchmark of LC / ILC (``ImageLevelCounter``) on the embedded synthetic scenes, sized for a 2-core
 CPU (~40 minutes in all at the default budgets):
 
-1. train LC with a fixed schedule (``--lc-iters``) on ``wsis_synth_train``, evaluate on
+1. train LC with a fixed schedule (``--lc-iters``) on ``wsis_synth_train_4k`` (``--train-set``), evaluate on
    ``wsis_synth_val`` (counting errors and mAP^r);
 2. the counting baseline: every image predicted with each class's mean training count;
 3. the fully supervised reference: stock Mask R-CNN trained on the same data with
@@ -57,14 +57,14 @@ from wsis_d2.evaluation import (
 )  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LC_CONFIG = os.path.join(ROOT, "configs", "demo", "lc_mnv2_synthetic_demo.yaml")
+LC_CONFIG = os.path.join(ROOT, "configs", "demo", "lc_mnv2_synthetic_bench.yaml")
 # head_overhead: the paper's model (R-50, stride 32, 448x448, 20 classes)
 OVERHEAD_CONFIG = os.path.join(ROOT, "configs", "lc_r50.yaml")
 SUPERVISED_CONFIGS = [
     os.path.join(ROOT, "configs", "demo", "mask_rcnn_R_50_FPN_synthetic.yaml"),
     os.path.join(ROOT, "configs", "demo", "mask_rcnn_R_18_FPN_synthetic.yaml"),
 ]
-TRAIN_SET, VAL_SET = "wsis_synth_train", "wsis_synth_val"
+TRAIN_SET, VAL_SET = "wsis_synth_train_4k", "wsis_synth_val"
 
 logger = logging.getLogger("benchmark_lc")
 
@@ -219,12 +219,14 @@ def head_overhead(cfg, repeats=7):
     return ratio - 1.0, t_bare, t_full
 
 
-def prm_backward_ratio(model, loader, dicts, max_images):
+def prm_backward_ratio(model, loader, dicts, max_images, repeats=3):
     """
     Σ (CPU time of inference with masks − counts only) / Σ CPU time of counts only (one forward
     and the peak search), over validation images with at least one object. The retained peaks
     are the image's true number of objects per class (``inference_single(..., counts=GT)``), so
     the ratio measures the masks of all the objects of an image whatever the model predicts.
+    Each image is run once with and once without masks first (so that first-call costs of its
+    size are not counted), then ``repeats`` times each, interleaved; the medians are used.
     """
     model.eval()
     gt = {d["image_id"]: torch.as_tensor(d["class_counts"], dtype=torch.float32) for d in dicts}
@@ -247,9 +249,15 @@ def prm_backward_ratio(model, loader, dicts, max_images):
             with torch.no_grad():
                 outputs.append(model.inference_single(inp, counts=counts))
 
-        counts_only()  # warm-up of this image size
-        forward = _cpu_time(counts_only)
-        total = _cpu_time(with_masks)
+        # warm-up of this image size (oneDNN primitives of the forward and of the backward),
+        # then the median of interleaved repeats of each
+        counts_only()
+        with_masks()
+        forwards, totals = [], []
+        for _ in range(repeats):
+            forwards.append(_cpu_time(counts_only))
+            totals.append(_cpu_time(with_masks))
+        forward, total = statistics.median(forwards), statistics.median(totals)
         t_forward += forward
         t_masks += max(0.0, total - forward)
         peaks += int(counts.sum())
@@ -289,10 +297,16 @@ def supervised_map(args, trainer_cls):
 
 
 def main():
+    global TRAIN_SET
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config-file", default=LC_CONFIG, help="LC config (model and solver)")
+    parser.add_argument(
+        "--train-set",
+        default=TRAIN_SET,
+        help="training split of LC, of the supervised reference and of the counting baseline",
+    )
     parser.add_argument("--lc-iters", type=int, default=6000, help="LC training iterations")
     parser.add_argument(
         "--lc-weights",
@@ -313,6 +327,7 @@ def main():
     parser.add_argument("--output-dir", default="output/benchmark_lc")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="LC config overrides KEY VALUE ...")
     args = parser.parse_args()
+    TRAIN_SET = args.train_set
     setup_logger(name="detectron2", abbrev_name="d2")
     setup_logger(name="benchmark_lc")
     torch.manual_seed(0)

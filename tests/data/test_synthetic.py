@@ -250,6 +250,7 @@ def test_builtin_registration():
         "wsis_synth_test": 200,
         "wsis_synth_mini_train": 16,
         "wsis_synth_mini_val": 8,
+        "wsis_synth_train_4k": 4000,
     }
     assert {k: v[1].num_images for k, v in tables.items()} == expected
     assert len({v[1].seed for v in tables.values()}) == len(tables)

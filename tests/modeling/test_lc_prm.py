@@ -102,6 +102,31 @@ class TestPRMMasks(unittest.TestCase):
 
 
 class TestSegmentMasks(unittest.TestCase):
+    def test_peak_components_match_whole_image_labelling(self):
+        # the labelling inside the foreground's bounding box equals labelling the whole map
+        from scipy import ndimage
+
+        from wsis_d2.modeling.prm import _peak_components
+
+        rng = np.random.default_rng(3)
+        fg = ndimage.gaussian_filter(rng.random((40, 24, 30)), (0, 1.5, 1.5)) > 0.56
+        fg[0] = False  # an empty map
+        weights = rng.random(fg.shape)
+        px, py = rng.integers(0, 30, 40).tolist(), rng.integers(0, 24, 40).tolist()
+        out = _peak_components(fg, weights, px, py)
+        for i in range(40):
+            labels, count = ndimage.label(fg[i], structure=np.ones((3, 3), bool))
+            if count == 0:
+                self.assertFalse(out[i].any())
+                continue
+            keep = labels[py[i], px[i]]
+            if keep == 0:
+                mass = ndimage.sum_labels(weights[i], labels, np.arange(1, count + 1))
+                keep = int(np.argmax(mass)) + 1
+            np.testing.assert_array_equal(out[i], labels == keep)
+        self.assertGreater(int((fg[np.arange(40), py, px]).sum()), 5)  # both cases occur
+        self.assertGreater(int((~fg[np.arange(40), py, px]).sum()), 5)
+
     def test_region_means_thresholded_and_peak_component(self):
         seg = torch.zeros(6, 8, dtype=torch.long)
         seg[:, 4:] = 1  # two regions: left and right halves
@@ -173,6 +198,42 @@ class TestGrouping(unittest.TestCase):
         self.assertEqual(float(out[0, 5, 5]), 1.0)
         self.assertEqual(float(out[1, 5, 15]), 0.5)
         torch.testing.assert_close(out.sum(0), maps[0])  # a partition of the group map
+
+    def test_split_pooled_watershed(self):
+        # odd sizes, three members: the pooled watershed still partitions the group map, each
+        # member keeps its own peak, and stride 1 agrees away from the basin borders
+        y, x = torch.meshgrid(torch.arange(21.0), torch.arange(33.0), indexing="ij")
+        centres = [(5.0, 5.0, 1.0), (26.0, 6.0, 0.7), (15.0, 16.0, 0.4)]
+        maps = sum(a * torch.exp(-((x - cx) ** 2 + (y - cy) ** 2) / 18.0) for cx, cy, a in centres)
+        maps = maps[None]
+        pts = torch.tensor([[cx, cy] for cx, cy, _ in centres])
+        groups = torch.zeros(3, dtype=torch.long)
+        fine = split_group_maps(maps, pts, groups, stride=1)
+        for stride in (2, 3):
+            out = split_group_maps(maps, pts, groups, stride=stride)
+            torch.testing.assert_close(out.sum(0), maps[0])
+            self.assertEqual(int((out > 0).sum(0).max()), 1)
+            for j, (cx, cy, _) in enumerate(centres):
+                self.assertGreater(float(out[j, int(cy), int(cx)]), 0.0)
+            # owners differ only in a band along the basin borders
+            own_f, own_p = fine.argmax(0), out.argmax(0)
+            self.assertLess(float((own_f != own_p).float().mean()), 0.1)
+
+    def test_split_members_in_one_pooled_cell(self):
+        maps = torch.zeros(1, 8, 8)
+        maps[0, 4, 4] = 1.0
+        maps[0, 5, 5] = 0.9
+        pts = torch.tensor([[4.0, 4.0], [5.0, 5.0]])  # the same 2x2 cell
+        out = split_group_maps(maps, pts, torch.tensor([0, 0]), stride=2)
+        self.assertEqual(float(out[0, 4, 4]), 1.0)
+        self.assertAlmostEqual(float(out[1, 5, 5]), 0.9, places=6)
+        # single-member groups keep their whole map
+        two = torch.stack([maps[0], 2 * maps[0]])
+        out = split_group_maps(two, pts, torch.tensor([1, 0]))
+        torch.testing.assert_close(out[0], two[1])
+        torch.testing.assert_close(out[1], two[0])
+        with self.assertRaisesRegex(ValueError, "stride"):
+            split_group_maps(maps, pts, torch.tensor([0, 0]), stride=0)
 
 
 class TestProposals(unittest.TestCase):

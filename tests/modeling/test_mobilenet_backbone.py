@@ -15,6 +15,7 @@ from detectron2.modeling import build_backbone, build_model
 
 import wsis_d2  # noqa: F401  (registers the backbone)
 from wsis_d2 import add_wsis_config
+from wsis_d2.layers import FusedFrozenBatchNorm2d
 from wsis_d2.modeling.backbone.mobilenet import convert_torchvision_mobilenet_v2
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -80,7 +81,14 @@ class TestMobileNetV2Backbone(unittest.TestCase):
         backbone.train()
         with torch.no_grad():
             torch.testing.assert_close(backbone(x)["m5"], ref32, rtol=1e-4, atol=1e-4)
-        self.assertTrue(any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules()))
+        frozen = [m for m in backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
+        self.assertTrue(frozen and all(isinstance(m, FusedFrozenBatchNorm2d) for m in frozen))
+        # the input gradient (peak response maps) equals torchvision's
+        xg = x.clone().requires_grad_()
+        xr = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(backbone(xg)["m5"].square().sum(), xg)
+        (gr,) = torch.autograd.grad(tv.features[:18](xr).square().sum(), xr)
+        torch.testing.assert_close(g, gr, rtol=1e-3, atol=1e-4)
 
     def test_checkpointer_loads_the_converted_file(self):
         tv = _random_torchvision()

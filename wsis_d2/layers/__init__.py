@@ -1,6 +1,7 @@
 """Custom ops of wsis_d2 (compiled in ``wsis_d2._C``) with their pure-PyTorch references."""
 
 from ._ext import compiled_ops_available, cuda_ops_available
+from .batch_norm import FusedFrozenBatchNorm2d, fuse_frozen_batchnorm
 from .box_score import (
     IntegralImage,
     box_context_gap,
@@ -19,6 +20,8 @@ from .peaks import (
 )
 
 __all__ = [
+    "FusedFrozenBatchNorm2d",
+    "fuse_frozen_batchnorm",
     "Peaks",
     "find_peaks",
     "find_peaks_reference",

@@ -136,7 +136,7 @@ def group_peaks(points: torch.Tensor, min_distance: float) -> torch.Tensor:
 
 
 def split_group_maps(
-    maps: torch.Tensor, points: torch.Tensor, groups: torch.Tensor
+    maps: torch.Tensor, points: torch.Tensor, groups: torch.Tensor, stride: int = 2
 ) -> torch.Tensor:
     """
     Share each group's response map among its members: a seeded watershed of the map (markers at
@@ -144,33 +144,51 @@ def split_group_maps(
     whose map is the group map on its own basin and zero elsewhere. Single-member groups keep
     the whole map.
 
+    The watershed runs on the map average-pooled by ``stride`` (each basin label then covers a
+    ``stride`` x ``stride`` block): the maps come from a network of stride >= 8 and are smoothed,
+    so basin borders move by at most ``stride - 1`` pixels, for ~stride² less work. A group whose
+    members share a pooled cell is split at full resolution.
+
     Args:
         maps: (G, H, W) non-negative group maps.
         points: (P, 2) x, y in pixel coordinates of ``maps``.
         groups: (P,) group of each peak.
+        stride: pooling of the watershed (1: full resolution).
 
     Returns:
-        (P, H, W).
+        (P, H, W); every pixel of a group map belongs to exactly one member.
     """
+    if stride < 1:
+        raise ValueError(f"split_group_maps: stride must be >= 1, got {stride}")
     num = points.shape[0]
     height, width = maps.shape[-2:]
     out = maps.new_zeros((num, height, width))
     if num == 0:
         return out
-    px = points[:, 0].floor().long().clamp(0, width - 1).tolist()
-    py = points[:, 1].floor().long().clamp(0, height - 1).tolist()
-    for g in groups.unique().tolist():
-        mem = torch.nonzero(groups == g).flatten().tolist()
-        if len(mem) == 1:
-            out[mem[0]] = maps[g]
-            continue
-        markers = np.zeros((height, width), dtype=np.int32)
-        for j, p in enumerate(mem):
-            markers[py[p], px[p]] = j + 1
-        basins = watershed(-maps[g].detach().cpu().numpy(), markers)
-        basins = torch.from_numpy(basins).to(maps.device)
-        for j, p in enumerate(mem):
-            out[p] = torch.where(basins == j + 1, maps[g], torch.zeros_like(maps[g]))
+    px = points[:, 0].floor().long().clamp(0, width - 1)
+    py = points[:, 1].floor().long().clamp(0, height - 1)
+    groups = groups.to(torch.long)
+    sizes = torch.bincount(groups, minlength=maps.shape[0])
+    single = sizes[groups] == 1
+    if bool(single.any()):
+        out[single] = maps[groups[single]]
+    for g in torch.nonzero(sizes > 1).flatten().tolist():
+        mem = torch.nonzero(groups == g).flatten()
+        s = stride
+        cells = (py[mem] // s) * ((width + s - 1) // s) + px[mem] // s
+        if s > 1 and torch.unique(cells).numel() < mem.numel():
+            s = 1  # two members in one pooled cell
+        field = maps[g].detach().float()
+        if s > 1:
+            pad = (0, (-width) % s, 0, (-height) % s)
+            field = F.avg_pool2d(F.pad(field[None, None], pad, mode="replicate"), s)[0, 0]
+        markers = np.zeros(tuple(field.shape), dtype=np.int32)
+        markers[(py[mem] // s).tolist(), (px[mem] // s).tolist()] = np.arange(1, mem.numel() + 1)
+        basins = torch.from_numpy(watershed(-field.cpu().numpy(), markers)).to(maps.device)
+        if s > 1:
+            basins = basins.repeat_interleave(s, 0).repeat_interleave(s, 1)[:height, :width]
+        ids = torch.arange(1, mem.numel() + 1, device=maps.device)
+        out[mem] = torch.where(basins[None] == ids[:, None, None], maps[g][None], out.new_zeros(()))
     return out
 
 
@@ -264,14 +282,21 @@ def _peak_components(fg: np.ndarray, weights: np.ndarray, px: List[int], py: Lis
     out = np.zeros(fg.shape, dtype=bool)
     structure = np.ones((3, 3), dtype=bool)
     for i in range(fg.shape[0]):
-        labels, count = ndimage.label(fg[i], structure=structure)
-        if count == 0:
+        # label inside the bounding box of the foreground only (masks are object-sized)
+        rows = np.flatnonzero(fg[i].any(axis=1))
+        if rows.size == 0:
             continue
-        keep = labels[py[i], px[i]]
+        cols = np.flatnonzero(fg[i].any(axis=0))
+        y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        labels, count = ndimage.label(fg[i, y0:y1, x0:x1], structure=structure)
+        inside = y0 <= py[i] < y1 and x0 <= px[i] < x1
+        keep = labels[py[i] - y0, px[i] - x0] if inside else 0
         if keep == 0:
-            mass = ndimage.sum_labels(weights[i], labels, index=np.arange(1, count + 1))
+            mass = ndimage.sum_labels(
+                weights[i, y0:y1, x0:x1], labels, index=np.arange(1, count + 1)
+            )
             keep = int(np.argmax(mass)) + 1
-        out[i] = labels == keep
+        out[i, y0:y1, x0:x1] = labels == keep
     return out
 
 

@@ -26,6 +26,8 @@ _PREDEFINED_SPLITS_SYNTHETIC: Dict[str, Tuple[str, SyntheticSpec]] = {
     "wsis_synth_test": ("test", SyntheticSpec(num_images=200, seed=3003)),
     "wsis_synth_mini_train": ("mini_train", SyntheticSpec(num_images=16, seed=4004)),
     "wsis_synth_mini_val": ("mini_val", SyntheticSpec(num_images=8, seed=5005)),
+    # a larger training split (generated in about a minute on first use)
+    "wsis_synth_train_4k": ("train_4k", SyntheticSpec(num_images=4000, seed=6006)),
 }
 
 # name -> (root or None, split directory, spec) of every registered synthetic dataset

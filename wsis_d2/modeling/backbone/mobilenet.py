@@ -26,6 +26,8 @@ from detectron2.config import configurable
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
+from ...layers.batch_norm import fuse_frozen_batchnorm
+
 __all__ = [
     "MobileNetV2Backbone",
     "build_mobilenet_v2_backbone",
@@ -102,7 +104,10 @@ class MobileNetV2Backbone(Backbone):
             *list(features.children())[: MOBILENET_V2_STAGES[_ORDER[last]][0][1]]
         )
         if norm == "FrozenBN":
-            self.features = FrozenBatchNorm2d.convert_frozen_batchnorm(self.features)
+            # fused frozen BN: one op also when gradients flow through (training, PRMs)
+            self.features = fuse_frozen_batchnorm(
+                FrozenBatchNorm2d.convert_frozen_batchnorm(self.features)
+            )
         self._stages = _ORDER[: last + 1]
         self._out_features = list(out_features)
         # read by Backbone.output_shape

@@ -29,6 +29,7 @@ from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
 from ... import layers as wsis_layers
+from ...layers.batch_norm import fuse_frozen_batchnorm
 from ..heads.lc_heads import build_lc_head
 from ..losses.lc_losses import (
     estimate_counts,
@@ -149,7 +150,8 @@ class ImageLevelCounter(nn.Module):
                 (``MODEL.CHANNELS_LAST``).
         """
         super().__init__()
-        self.backbone = backbone
+        # frozen BN layers of any backbone as one op when the input needs a gradient (PRMs)
+        self.backbone = fuse_frozen_batchnorm(backbone)
         self.head = head
         self.in_feature = in_feature
         out_shape = backbone.output_shape()
