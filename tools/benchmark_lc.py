@@ -3,8 +3,8 @@
 Benchmark of LC / ILC (``ImageLevelCounter``) on the embedded synthetic scenes, sized for a 2-core
 CPU (~40 minutes in all at the default budgets):
 
-1. train LC with a fixed schedule (``--lc-iters``) on ``wsis_synth_train_4k`` (``--train-set``), evaluate on
-   ``wsis_synth_val`` (counting errors and mAP^r);
+1. train LC with a fixed schedule (``--lc-iters``) on ``wsis_synth_train_4k`` (``--train-set``),
+   evaluate on ``wsis_synth_val`` (counting errors and mAP^r);
 2. the counting baseline: every image predicted with each class's mean training count;
 3. the fully supervised reference: stock Mask R-CNN trained on the same data with
    ``--supervised-iters`` (or its mAP^r_50 read from ``--supervised-json``);
@@ -84,13 +84,13 @@ def _load_trainer_class():
     return BenchmarkTrainer
 
 
-def _cfg(config_file, opts, output_dir):
+def _cfg(config_file, opts, output_dir, train_set=TRAIN_SET):
     cfg = get_cfg()
     add_wsis_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(opts)
     cfg.MODEL.DEVICE = "cpu"
-    cfg.DATASETS.TRAIN = (TRAIN_SET,)
+    cfg.DATASETS.TRAIN = (train_set,)
     cfg.DATASETS.TEST = (VAL_SET,)
     cfg.TEST.EVAL_PERIOD = 0
     cfg.TEST.WSIS_COCO_EVAL = False
@@ -149,9 +149,9 @@ def evaluate_checkpoint(trainer_cls, cfg, weights, eval_images):
     return model, results, 0.0, time.perf_counter() - start, dicts, loader
 
 
-def baseline_mrmse(num_images):
+def baseline_mrmse(num_images, train_set):
     """mRMSE of predicting every image with each class's mean training count."""
-    train = np.array([d["class_counts"] for d in DatasetCatalog.get(TRAIN_SET)], dtype=np.float64)
+    train = np.array([d["class_counts"] for d in DatasetCatalog.get(train_set)], dtype=np.float64)
     val = DatasetCatalog.get(VAL_SET)
     if num_images > 0:
         val = val[:num_images]
@@ -289,7 +289,7 @@ def supervised_map(args, trainer_cls):
     if config is None:
         raise ValueError(f"no supervised config: none of {SUPERVISED_CONFIGS} exists")
     logger.info("supervised reference: %s, %d iterations", config, args.supervised_iters)
-    cfg = _cfg(config, [], os.path.join(args.output_dir, "supervised"))
+    cfg = _cfg(config, [], os.path.join(args.output_dir, "supervised"), args.train_set)
     _schedule(cfg, args.supervised_iters)
     cfg.freeze()
     _, results, train_time, _, _, _ = train_and_evaluate(trainer_cls, cfg, args.eval_images)
@@ -297,7 +297,6 @@ def supervised_map(args, trainer_cls):
 
 
 def main():
-    global TRAIN_SET
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -327,14 +326,13 @@ def main():
     parser.add_argument("--output-dir", default="output/benchmark_lc")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="LC config overrides KEY VALUE ...")
     args = parser.parse_args()
-    TRAIN_SET = args.train_set
     setup_logger(name="detectron2", abbrev_name="d2")
     setup_logger(name="benchmark_lc")
     torch.manual_seed(0)
     os.makedirs(args.output_dir, exist_ok=True)
     trainer_cls = _load_trainer_class()
 
-    cfg = _cfg(args.config_file, args.opts, os.path.join(args.output_dir, "lc"))
+    cfg = _cfg(args.config_file, args.opts, os.path.join(args.output_dir, "lc"), args.train_set)
     _schedule(cfg, args.lc_iters)
     cfg.freeze()
     if args.lc_weights:
@@ -355,7 +353,7 @@ def main():
         "mRMSE_nz": counting["mRMSE_nz"],
         "m_relRMSE": counting["m_relRMSE"],
         "m_relRMSE_nz": counting["m_relRMSE_nz"],
-        "baseline_mRMSE": baseline_mrmse(args.eval_images),
+        "baseline_mRMSE": baseline_mrmse(args.eval_images, args.train_set),
         "mAP_r25": instance["mAP_r25"],
         "mAP_r50": instance["mAP_r50"],
         "supervised_mAP_r50": sup_map,
