@@ -50,8 +50,15 @@ def add_lc_config(cfg):
     _C.MODEL.LC.LOWER_COUNT = 5
     # --- data side (LCDatasetMapper, wsis_d2/data/mappers/lc_mapper.py) ---
     # ILC supervision: the training mapper turns counts >= t̃ into ">= t̃" (counts = t̃,
-    # count_ge = True); False = exact counts for every class (LC with full count supervision)
+    # count_ge = True); False = exact counts for every class (LC with full count supervision:
+    # the mapper marks them "count_exact", so counts >= t̃ enter the MSE instead of the ranking)
     _C.MODEL.LC.LOWER_COUNT_SUPERVISION = True
+    # probability that a training input is a mosaic: a GRID x GRID tiling of the image and
+    # GRID² − 1 random training images, each resized into its tile. Counts of the tiles are
+    # censored one by one and then summed, so a mosaic whose tiles all have exact counts gives an
+    # exact count beyond t̃ (without new labels); 0 = off
+    _C.MODEL.LC.MOSAIC_PROB = 0.0
+    _C.MODEL.LC.MOSAIC_GRID = 2
     # --- end of data side ---
     # weight of the classification loss L_class
     _C.MODEL.LC.CLS_LOSS_WEIGHT = 1.0
@@ -174,6 +181,11 @@ def add_density_config(cfg):
     # (min, max) of a random intensity gain per training image (pixels x factor, clipped);
     # (1, 1): off
     _C.INPUT.DENSITY.BRIGHTNESS = (1.0, 1.0)
+    # (min, max) of an independent random gain per colour channel (stain strengths); (1, 1): off
+    _C.INPUT.DENSITY.CHANNEL_GAIN = (1.0, 1.0)
+    # probability and (min, max) σ in pixels of a random Gaussian blur of training images
+    _C.INPUT.DENSITY.BLUR_PROB = 0.0
+    _C.INPUT.DENSITY.BLUR_SIGMA = (0.3, 1.0)
     # Training crops: loss mask of this many pixels along the borders that are crop cuts (a cell
     # cut there is labelled by whether its centre fell inside; at real image borders every visible
     # cell is labelled). 0 = off.

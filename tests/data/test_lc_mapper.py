@@ -233,6 +233,77 @@ class TestLCDatasetMapper(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "CROP"):
             build_dataset_mapper(cfg, is_train=True)
 
+    def _colour_image(self, name, bgr):
+        path = os.path.join(self.tmp.name, name)
+        Image.fromarray(np.full((H, W, 3), bgr[::-1], np.uint8)).save(path)  # stored as RGB
+        return path
+
+    def test_mosaic_sums_tile_counts_censored_per_tile(self):
+        colours = [(10, 20, 30), (200, 40, 90), (60, 160, 250), (120, 120, 0)]
+        counts = [[3, 0, 0], [1, 0, 4], [0, 2, 0], [6, 0, 1]]
+        dicts = [
+            self._dict(file_name=self._colour_image(f"tile{i}.png", c), class_counts=n)
+            for i, (c, n) in enumerate(zip(colours, counts))
+        ]
+        mapper = LCDatasetMapper(
+            True,
+            augmentations=[],
+            image_format="BGR",
+            num_classes=3,
+            lower_count=5,
+            mosaic_prob=1.0,
+            mosaic_grid=2,
+            mosaic_pool=dicts[1:],
+        )
+        np.random.seed(0)
+        seen_ge = seen_exact_beyond = False
+        for _ in range(20):
+            out = mapper(dicts[0])
+            image = out["image"].numpy().transpose(1, 2, 0)
+            self.assertEqual(image.shape, (H, W, 3))  # the first image's size
+            # which image fills each tile (constant colours), and the targets they imply
+            tiles = [image[:15, :20], image[:15, 20:], image[15:, :20], image[15:, 20:]]
+            used = []
+            for tile in tiles:
+                match = [i for i, c in enumerate(colours) if (tile == np.array(c)).all()]
+                self.assertEqual(len(match), 1)
+                used.append(match[0])
+            self.assertIn(0, used)  # the input itself is one of the tiles
+            tile_counts = np.array([counts[i] for i in used])
+            ge = (tile_counts >= 5).any(axis=0)
+            total = np.minimum(tile_counts, 5).sum(axis=0)
+            self.assertEqual(out["counts"].tolist(), total.tolist())
+            self.assertEqual(out["count_ge"].tolist(), ge.tolist())
+            self.assertEqual(out["count_exact"].tolist(), (~ge).tolist())
+            self.assertEqual(out["mosaic_tiles"], 4)
+            self.assertEqual(out["labels"].tolist(), (total > 0).astype(float).tolist())
+            seen_ge |= bool(ge[0])
+            seen_exact_beyond |= bool((total[~ge] >= 5).any())
+        self.assertTrue(seen_ge and seen_exact_beyond)
+
+        # no mosaics at test time, and plain training inputs are never exact beyond t̃
+        test = LCDatasetMapper(
+            False, augmentations=[], num_classes=3, mosaic_prob=1.0, mosaic_pool=dicts
+        )
+        self.assertEqual(tuple(test(dicts[3])["image"].shape), (3, H, W))
+        self.assertNotIn("count_exact", test(dicts[3]))
+        plain = self._mapper(lower_count=5)(dicts[3])
+        self.assertEqual(plain["count_exact"].tolist(), [False, False, False])
+        self.assertEqual(plain["mosaic_tiles"], 1)
+
+    def test_mosaic_bad_pool_is_named_when_built(self):
+        bad = self._dict(file_name="/data/bad_counts.png", class_counts=[1, 2])
+        with self.assertRaisesRegex(ValueError, "bad_counts.png.*class_counts"):
+            LCDatasetMapper(
+                True, augmentations=[], num_classes=3, mosaic_prob=0.5, mosaic_pool=[bad]
+            )
+        with self.assertRaisesRegex(ValueError, "mosaic_pool"):
+            LCDatasetMapper(True, augmentations=[], num_classes=3, mosaic_prob=0.5)
+        with self.assertRaisesRegex(ValueError, "MOSAIC_PROB"):
+            LCDatasetMapper(True, augmentations=[], num_classes=3, mosaic_prob=1.5)
+        with self.assertRaisesRegex(ValueError, "MOSAIC_GRID"):
+            LCDatasetMapper(True, augmentations=[], num_classes=3, mosaic_grid=1)
+
     def test_synthetic_split_maps(self):
         old = os.environ.get("DETECTRON2_DATASETS")
         os.environ["DETECTRON2_DATASETS"] = os.path.join(self.tmp.name, "data")
@@ -242,6 +313,15 @@ class TestLCDatasetMapper(unittest.TestCase):
             cfg.DATASETS.TRAIN = ("wsis_synth_mini_val",)
             cfg.INPUT.DATASET_MAPPER = "LCDatasetMapper"
             cfg.INPUT.MIN_SIZE_TRAIN = (64,)
+            mosaics = cfg.clone()
+            mosaics.MODEL.LC.MOSAIC_PROB = 1.0
+            mapper = build_dataset_mapper(mosaics, is_train=True)
+            self.assertEqual(len(mapper.mosaic_pool), len(dicts))
+            out = mapper(dicts[0])
+            self.assertEqual(out["counts"].shape, (8,))
+            # the input is one of the tiles: its censored counts are part of the sum
+            own = np.minimum(np.asarray(dicts[0]["class_counts"]), cfg.MODEL.LC.LOWER_COUNT)
+            self.assertTrue((out["counts"].numpy() >= own).all())
             mapper = build_dataset_mapper(cfg, is_train=True)
             self.assertEqual(mapper.num_classes, 8)
             for d in dicts:

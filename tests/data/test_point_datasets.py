@@ -28,6 +28,8 @@ from wsis_d2.data.datasets.point_datasets import (
 )
 from wsis_d2.data.mappers.density_mapper import (
     DensityDatasetMapper,
+    RandomChannelGain,
+    RandomGaussianBlur,
     RandomEdgeCrop,
     Rot90Transform,
     artificial_edges,
@@ -345,6 +347,50 @@ class TestMapper(unittest.TestCase):
         self.assertGreater(len(gains), 5)
         cfg.INPUT.DENSITY.BRIGHTNESS = (0.0, 1.0)
         with self.assertRaisesRegex(ValueError, "INPUT.DENSITY.BRIGHTNESS"):
+            build_density_augmentation(cfg, True)
+
+    def test_channel_gain_and_blur(self):
+        cfg = get_cfg()
+        add_wsis_config(cfg)
+        cfg.INPUT.CROP.ENABLED = False
+        cfg.INPUT.DENSITY.FLIPS = []
+        cfg.INPUT.MIN_SIZE_TRAIN = (0,)
+        cfg.INPUT.DENSITY.CHANNEL_GAIN = (0.5, 1.5)
+        cfg.INPUT.DENSITY.BLUR_PROB = 1.0
+        cfg.INPUT.DENSITY.BLUR_SIGMA = (1.0, 2.0)
+        augs = build_density_augmentation(cfg, True)
+        self.assertEqual([type(a) for a in augs], [RandomChannelGain, RandomGaussianBlur])
+        # a flat image: the gain is one factor per channel, independent between channels
+        flat = np.full((6, 7, 3), 100, np.uint8)
+        np.random.seed(0)
+        ratios = []
+        for _ in range(10):
+            out = T.AugInput(flat.copy())
+            T.AugmentationList(augs[:1])(out)
+            per_channel = [np.unique(out.image[..., k]) for k in range(3)]
+            self.assertTrue(all(len(v) == 1 for v in per_channel))
+            values = np.array([int(v[0]) for v in per_channel])
+            self.assertTrue(((values >= 50) & (values <= 150)).all())
+            ratios.append(values[1] / values[0])
+        self.assertGreater(np.std(ratios), 0.05)
+        # blur spreads a single bright pixel and keeps its mass (up to rounding)
+        dot = np.zeros((21, 21, 3), np.uint8)
+        dot[10, 10] = 250
+        out = T.AugInput(dot.copy())
+        T.AugmentationList(augs[1:])(out)
+        self.assertLess(int(out.image[10, 10, 0]), 250)
+        self.assertGreater(int(out.image[10, 11, 0]), 0)
+        self.assertLess(abs(int(out.image[..., 0].astype(int).sum()) - 250), 30)
+        cfg.INPUT.DENSITY.BLUR_PROB = 0.0
+        cfg.INPUT.DENSITY.CHANNEL_GAIN = (1.0, 1.0)
+        self.assertEqual(build_density_augmentation(cfg, True), [])
+        cfg.INPUT.DENSITY.CHANNEL_GAIN = (0.0, 1.0)
+        with self.assertRaisesRegex(ValueError, "CHANNEL_GAIN"):
+            build_density_augmentation(cfg, True)
+        cfg.INPUT.DENSITY.CHANNEL_GAIN = (1.0, 1.0)
+        cfg.INPUT.DENSITY.BLUR_PROB = 0.5
+        cfg.INPUT.DENSITY.BLUR_SIGMA = (2.0, 1.0)
+        with self.assertRaisesRegex(ValueError, "BLUR_SIGMA"):
             build_density_augmentation(cfg, True)
 
     def test_artificial_edges_match_brute_force(self):

@@ -186,6 +186,11 @@ class TestCountAndRankingLoss(unittest.TestCase):
         self.assertAlmostEqual(float(lc_count_loss(t_hat, t, select)), (0.145 + 2.5) / 2, places=6)
         none = torch.zeros_like(select)
         self.assertEqual(float(lc_count_loss(t_hat, t, none)), 0.0)
+        # per-image weights (a mosaic of 4 images: 1/4)
+        w = torch.tensor([1.0, 0.25])
+        self.assertAlmostEqual(
+            float(lc_count_loss(t_hat, t, select, weights=w)), (0.145 + 2.5 / 4) / 2, places=6
+        )
 
     def test_ranking_loss_by_hand(self):
         t_hat = torch.tensor([[3.0, 6.0, 0.0], [4.5, 0.0, 0.0]])
@@ -196,6 +201,20 @@ class TestCountAndRankingLoss(unittest.TestCase):
         lc_ranking_loss(t_hat, 5, select).backward()
         # d/dt̂ of max(0, t̃ − t̂)/|S̃|/N: −1/2/2 where active, 0 where t̂ >= t̃ or not selected
         self.assertEqual(t_hat.grad.tolist(), [[-0.25, 0.0, 0.0], [-0.5, 0.0, 0.0]])
+
+    def test_ranking_loss_with_per_class_bounds(self):
+        # mosaics: a lower bound 8 (tiles ">= 5" and 3) instead of t̃ = 5
+        t_hat = torch.tensor([[6.0, 6.0], [4.0, 9.0]])
+        select = torch.tensor([[True, True], [True, True]])
+        bounds = torch.tensor([[8, 5], [5, 8]])
+        # image 0: (2 + 0) / 2 = 1; image 1: (1 + 0) / 2 = 0.5
+        self.assertAlmostEqual(float(lc_ranking_loss(t_hat, bounds, select)), 0.75, places=6)
+        same = torch.full((2, 2), 5)
+        self.assertAlmostEqual(
+            float(lc_ranking_loss(t_hat, same, select)),
+            float(lc_ranking_loss(t_hat, 5, select)),
+            places=6,
+        )
 
 
 if __name__ == "__main__":

@@ -58,13 +58,21 @@ def make_input(h, w, counts, count_ge=None, seed=0, name="img"):
     }
 
 
-def train_batch():
+def train_batch(mosaic=False):
     # odd sizes; S, S̃ (count only known as >= 5), S0 and an image with no object at all
-    return [
+    batch = [
         make_input(67, 93, [2, 0, 5], [False, False, True], seed=1, name="a"),
         make_input(81, 55, [0, 1, 0], seed=2, name="b"),
         make_input(59, 71, [0, 0, 0], seed=3, name="c"),
     ]
+    if mosaic:
+        # a mosaic's targets: an exact 7 (tiles 4 + 3), a lower bound 8 (tiles >= 5 and 3) and
+        # an exact 2; and the same counts without "count_exact" (ILC: ranked against t̃)
+        batch.append(make_input(64, 64, [7, 8, 2], [False, True, False], seed=4, name="m"))
+        batch[-1]["count_exact"] = torch.tensor([True, False, True])
+        batch[-1]["mosaic_tiles"] = 4
+        batch.append(make_input(60, 50, [7, 8, 2], [False, True, False], seed=5, name="n"))
+    return batch
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,8 +107,10 @@ def reference_losses(model, m, d, batch, image_sizes, iteration=0):
         counts = inp["counts"].numpy()
         ge = inp["count_ge"].numpy()
         labels = inp["labels"].numpy()
+        exact_given = inp.get("count_exact", torch.zeros(C, dtype=torch.bool)).numpy() & ~ge
+        bound = np.where(ge, np.maximum(counts, t_tilde), t_tilde)
         present = labels > 0.5
-        beyond = present & (ge | (counts >= t_tilde))
+        beyond = present & (ge | ((counts >= t_tilde) & ~exact_given))
         exact = present & ~beyond & (counts >= 1)
         absent = ~present
         s = np.zeros(C)
@@ -126,9 +136,9 @@ def reference_losses(model, m, d, batch, image_sizes, iteration=0):
             l_neg += np.mean(neg_terms) / n
         sel = (exact | absent) if (model.count_absent and not stage1) else exact
         if sel.any():
-            l_count += np.mean((t_hat[sel] - counts[sel]) ** 2) / n
+            l_count += np.mean((t_hat[sel] - counts[sel]) ** 2) / n / inp.get("mosaic_tiles", 1)
         if beyond.any():
-            l_rank += np.mean(np.maximum(0.0, t_tilde - t_hat[beyond])) / n
+            l_rank += np.mean(np.maximum(0.0, bound[beyond] - t_hat[beyond])) / n
     if model.spatial_mode == "official":
         l_pos = float(np.mean(pooled_pos)) if pooled_pos else 0.0
         l_neg = float(np.mean(pooled_neg)) if pooled_neg else 0.0
@@ -190,6 +200,26 @@ class TestTraining(unittest.TestCase):
                     self.assertGreater(float(losses["loss_sp_pos"]), 0.0)
                     self.assertGreater(float(losses["loss_sp_neg"]), 0.0)
                 self.assertGreater(float(losses["loss_rank"]), 0.0)
+
+    def test_mosaic_targets_exact_beyond_t_tilde_and_larger_bounds(self):
+        # "count_exact" moves a count >= t̃ from the ranking (S̃) to the MSE and the guidance (S);
+        # a lower bound above t̃ replaces t̃ in the hinge
+        batch = train_batch(mosaic=True)
+        for count_mode in ("paper", "official"):
+            with self.subTest(count=count_mode):
+                torch.manual_seed(0)
+                model = build_model(small_cfg(**{"MODEL.LC.COUNT_MODE": count_mode})).train()
+                losses, (m, d), sizes, _ = run_losses(model, batch)
+                ref = reference_losses(model, m, d, batch, sizes)
+                for key in ref:
+                    self.assertAlmostEqual(float(losses[key]), ref[key], places=4, msg=key)
+                # the same maps without the flag: the exact 7 is ranked, which changes the losses
+                plain = [dict(x) for x in batch]
+                plain[3].pop("count_exact")
+                plain[3].pop("mosaic_tiles")
+                ref_plain = reference_losses(model, m, d, plain, sizes)
+                self.assertNotAlmostEqual(ref_plain["loss_count"], ref["loss_count"], places=4)
+                self.assertNotAlmostEqual(ref_plain["loss_sp_pos"], ref["loss_sp_pos"], places=4)
 
     def test_train_steps_and_backward(self):
         torch.manual_seed(0)

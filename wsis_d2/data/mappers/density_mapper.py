@@ -7,6 +7,7 @@ import copy
 import logging
 from typing import Dict, List, Union
 
+import cv2
 import numpy as np
 import torch
 from PIL import UnidentifiedImageError
@@ -23,6 +24,8 @@ __all__ = [
     "Rot90Transform",
     "RandomRot90",
     "RandomEdgeCrop",
+    "RandomChannelGain",
+    "RandomGaussianBlur",
     "artificial_edges",
     "crop_edge_mask",
     "build_density_augmentation",
@@ -92,6 +95,57 @@ class RandomEdgeCrop(T.Augmentation):
         return T.CropTransform(offsets[1], offsets[0], cw, ch)
 
 
+def _as_uint8_like(result: np.ndarray, image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.uint8:
+        return np.clip(np.round(result), 0, 255).astype(np.uint8)
+    return result.astype(image.dtype)
+
+
+class RandomChannelGain(T.Augmentation):
+    """
+    An independent random gain per colour channel, uniform in [lo, hi] (clipped to 0..255 for
+    uint8): the stains of a fluorescence image (nucleus, cytoplasm) vary in strength
+    independently between preparations. Points and density targets are unchanged.
+    """
+
+    def __init__(self, lo: float, hi: float):
+        super().__init__()
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"channel gain range must satisfy 0 < lo <= hi, got {(lo, hi)}")
+        self._init(locals())
+
+    def get_transform(self, image):
+        channels = image.shape[2] if image.ndim == 3 else 1
+        gains = np.random.uniform(self.lo, self.hi, size=channels).astype(np.float32)
+        return T.ColorTransform(
+            lambda img: _as_uint8_like(img.astype(np.float32) * gains.reshape(1, 1, -1), img)
+        )
+
+
+class RandomGaussianBlur(T.Augmentation):
+    """
+    With probability ``prob``, a Gaussian blur with σ uniform in [lo, hi] pixels (out-of-focus
+    and thicker preparations); points and density targets are unchanged.
+    """
+
+    def __init__(self, lo: float, hi: float, prob: float = 0.5):
+        super().__init__()
+        if not (0.0 < lo <= hi and 0.0 <= prob <= 1.0):
+            raise ValueError(f"blur needs 0 < lo <= hi and prob in [0, 1], got {(lo, hi, prob)}")
+        self._init(locals())
+
+    def get_transform(self, image):
+        if np.random.rand() >= self.prob:
+            return T.NoOpTransform()
+        sigma = float(np.random.uniform(self.lo, self.hi))
+
+        def blur(img):
+            out = cv2.GaussianBlur(img.astype(np.float32), (0, 0), sigma)
+            return _as_uint8_like(out.reshape(img.shape), img)
+
+        return T.ColorTransform(blur)
+
+
 def artificial_edges(transforms, height: int, width: int) -> Dict[str, bool]:
     """
     Which borders of the augmented image are crop cuts through the original image (``True``)
@@ -140,9 +194,10 @@ def build_density_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     Training: optional ResizeShortestEdge (``INPUT.MIN_SIZE_TRAIN`` > 0), optional RandomCrop
     (``INPUT.CROP``; :class:`RandomEdgeCrop` with ``INPUT.DENSITY.CROP_EDGE_PROB`` > 0), random
     flips (``INPUT.DENSITY.FLIPS``), optional random quarter turns (``INPUT.DENSITY.ROTATE_90``)
-    and an optional random intensity gain (``INPUT.DENSITY.BRIGHTNESS``, one factor per image: the
+    an optional random intensity gain (``INPUT.DENSITY.BRIGHTNESS``, one factor per image: the
     model has to count cells, not integrate brightness, since exposure and staining vary between
-    images). Test: optional ResizeShortestEdge (``INPUT.MIN_SIZE_TEST`` > 0). A minimum size of 0
+    images), optional random gains per colour channel (``INPUT.DENSITY.CHANNEL_GAIN``) and an
+    optional random Gaussian blur (``INPUT.DENSITY.BLUR_PROB``, ``BLUR_SIGMA``). Test: optional ResizeShortestEdge (``INPUT.MIN_SIZE_TEST`` > 0). A minimum size of 0
     keeps the original size (density targets are built after resizing, so
     counts are unchanged).
     """
@@ -178,6 +233,23 @@ def build_density_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
             )
         if (lo, hi) != (1.0, 1.0):
             augs.append(T.RandomBrightness(lo, hi))
+        lo, hi = (float(v) for v in cfg.INPUT.DENSITY.CHANNEL_GAIN)
+        if (lo, hi) != (1.0, 1.0):
+            if not 0.0 < lo <= hi:
+                raise ValueError(
+                    "INPUT.DENSITY.CHANNEL_GAIN must be (min, max) with 0 < min <= max, got "
+                    f"{(lo, hi)}"
+                )
+            augs.append(RandomChannelGain(lo, hi))
+        blur_prob = float(cfg.INPUT.DENSITY.BLUR_PROB)
+        if blur_prob > 0:
+            lo, hi = (float(v) for v in cfg.INPUT.DENSITY.BLUR_SIGMA)
+            if not (0.0 < lo <= hi and blur_prob <= 1.0):
+                raise ValueError(
+                    "INPUT.DENSITY.BLUR_SIGMA must be (min, max) with 0 < min <= max and "
+                    f"BLUR_PROB in [0, 1], got {(lo, hi)}, {blur_prob}"
+                )
+            augs.append(RandomGaussianBlur(lo, hi, blur_prob))
     elif cfg.INPUT.MIN_SIZE_TEST > 0:
         augs.append(
             T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")

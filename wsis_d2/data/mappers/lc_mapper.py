@@ -8,12 +8,13 @@ import copy
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import cv2
 import numpy as np
 import torch
 from PIL import UnidentifiedImageError
 
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
@@ -132,12 +133,24 @@ class LCDatasetMapper:
          "labels": float32 Tensor (C,) image-level labels 0/1,
          "counts": int64 Tensor (C,) counts (t̃ where only ">= t̃" is known),
          "count_ge": bool Tensor (C,) True where the count is only known to be >= t̃,
+         "count_exact": bool Tensor (C,) True where the count is exact also when >= t̃,
+         "mosaic_tiles": int, g² for a mosaic, else 1 (training only),
          "instances": Instances at (H, W) with gt_boxes, gt_classes (+ gt_masks)  # eval only}
 
     Counts come from ``class_counts`` (else the non-crowd annotations) and are unchanged by
     resizing and flipping. Images without objects are kept (all labels 0). Lower-count censoring
     (``MODEL.LC.LOWER_COUNT_SUPERVISION``, t̃ = ``MODEL.LC.LOWER_COUNT``) applies in training
     only; at test time counts are exact and count_ge is all False.
+
+    Mosaics (training only, ``mosaic_prob`` > 0): the augmented image is cut into a g × g grid
+    and every tile is filled with a training image (this one and g² − 1 random ones from the
+    pool), augmented and resized into it. Each tile's counts are censored at t̃ on their own,
+    as an annotator of lower counts would give them, and then summed: "counts" is the sum (a lower
+    bound where "count_ge"), and "count_exact" marks the classes whose tiles are all exact, whose
+    sum is then an exact count even when it reaches t̃; "mosaic_tiles" = g² lets the model
+    weigh the mosaic's count error like one image's. The objects of a tile are g times smaller
+    than in its own image, like the objects of the crowded images, whose counts lower-count
+    supervision never states exactly.
     """
 
     @configurable
@@ -150,6 +163,9 @@ class LCDatasetMapper:
         num_classes: int,
         lower_count: Optional[int] = None,
         mask_format: str = "bitmask",
+        mosaic_prob: float = 0.0,
+        mosaic_grid: int = 2,
+        mosaic_pool: Optional[List[Dict]] = None,
     ):
         """
         Args:
@@ -161,6 +177,10 @@ class LCDatasetMapper:
             num_classes: C.
             lower_count: t̃ for lower-count censoring of training counts; None = exact counts.
             mask_format: "bitmask" or "polygon", for the test-time "instances".
+            mosaic_prob: probability that a training input is a mosaic (see the class docstring).
+            mosaic_grid: g, tiles per side of a mosaic (>= 2).
+            mosaic_pool: dataset dicts the other tiles are drawn from (the training set);
+                required when ``mosaic_prob`` > 0 and ``is_train``.
         """
         if num_classes < 1:
             raise ValueError(f"LCDatasetMapper: num_classes must be >= 1, got {num_classes}")
@@ -172,10 +192,32 @@ class LCDatasetMapper:
         self.num_classes = int(num_classes)
         self.lower_count = None if lower_count is None else int(lower_count)
         self.mask_format = mask_format
+        if not 0.0 <= mosaic_prob <= 1.0:
+            raise ValueError(f"MODEL.LC.MOSAIC_PROB must be in [0, 1], got {mosaic_prob}")
+        if mosaic_grid < 2:
+            raise ValueError(f"MODEL.LC.MOSAIC_GRID must be >= 2, got {mosaic_grid}")
+        self.mosaic_prob = float(mosaic_prob) if is_train else 0.0
+        self.mosaic_grid = int(mosaic_grid)
+        self.mosaic_pool: List[Dict] = []
+        if self.mosaic_prob > 0:
+            if not mosaic_pool:
+                raise ValueError("LCDatasetMapper: mosaics need a non-empty mosaic_pool")
+            # only what a tile needs; the counts are checked here, so that a bad dict is named
+            # when the mapper is built and not in a data-loader worker
+            for d in mosaic_pool:
+                slim = {k: d[k] for k in ("file_name", "height", "width") if k in d}
+                slim["class_counts"] = class_counts_of(d, self.num_classes)
+                self.mosaic_pool.append(slim)
         mode = "training" if is_train else "inference"
         logger.info(
             f"[LCDatasetMapper] {mode}: {num_classes} classes, lower count t̃={self.lower_count}, "
             f"augmentations {augmentations}"
+            + (
+                f", {self.mosaic_grid}x{self.mosaic_grid} mosaics with probability "
+                f"{self.mosaic_prob} from {len(self.mosaic_pool)} images"
+                if self.mosaic_prob > 0
+                else ""
+            )
         )
 
     @classmethod
@@ -195,6 +237,10 @@ class LCDatasetMapper:
                 f"MODEL.LC.NUM_CLASSES is {cfg.MODEL.LC.NUM_CLASSES}; using {num_classes}"
             )
         censor = is_train and cfg.MODEL.LC.LOWER_COUNT_SUPERVISION
+        mosaic_prob = cfg.MODEL.LC.MOSAIC_PROB if is_train else 0.0
+        pool = None
+        if mosaic_prob > 0:
+            pool = [d for name in names for d in DatasetCatalog.get(name)]
         return {
             "is_train": is_train,
             "augmentations": utils.build_augmentation(cfg, is_train),
@@ -202,6 +248,9 @@ class LCDatasetMapper:
             "num_classes": num_classes,
             "lower_count": cfg.MODEL.LC.LOWER_COUNT if censor else None,
             "mask_format": cfg.INPUT.MASK_FORMAT,
+            "mosaic_prob": mosaic_prob,
+            "mosaic_grid": cfg.MODEL.LC.MOSAIC_GRID,
+            "mosaic_pool": pool,
         }
 
     def _read_image(self, dataset_dict: Dict) -> np.ndarray:
@@ -219,6 +268,41 @@ class LCDatasetMapper:
         utils.check_image_size(dataset_dict, image)
         return image
 
+    def _mosaic(self, image: np.ndarray, counts: np.ndarray):
+        """
+        Tile ``image`` (H, W, 3), already augmented, with g² images: itself and g² − 1 random
+        images of the pool, each augmented and resized into its tile (tiles in random order).
+
+        Returns:
+            the (H, W, 3) mosaic and its targets (labels, counts, count_ge, count_exact) of
+            :func:`image_level_targets` summed over the tiles.
+        """
+        g = self.mosaic_grid
+        height, width = image.shape[:2]
+        ys = np.linspace(0, height, g + 1).round().astype(int)
+        xs = np.linspace(0, width, g + 1).round().astype(int)
+        canvas = np.empty_like(image)
+        slots = np.random.permutation(g * g)
+        partners = np.random.randint(len(self.mosaic_pool), size=g * g - 1)
+        total = torch.zeros(self.num_classes, dtype=torch.long)
+        count_ge = torch.zeros(self.num_classes, dtype=torch.bool)
+        for k, slot in enumerate(slots):
+            if k == 0:
+                tile, tile_counts = image, counts
+            else:
+                d = self.mosaic_pool[int(partners[k - 1])]
+                aug_input = T.AugInput(self._read_image(d))
+                self.augmentations(aug_input)
+                tile, tile_counts = aug_input.image, d["class_counts"]
+            r, c = divmod(int(slot), g)
+            size = (int(xs[c + 1] - xs[c]), int(ys[r + 1] - ys[r]))  # (w, h) for cv2
+            resized = cv2.resize(tile, size, interpolation=cv2.INTER_AREA)
+            canvas[ys[r] : ys[r + 1], xs[c] : xs[c + 1]] = resized.reshape(size[1], size[0], -1)
+            _, tile_t, tile_ge = image_level_targets(tile_counts, self.lower_count)
+            total += tile_t
+            count_ge |= tile_ge
+        return canvas, ((total > 0).to(torch.float32), total, count_ge, ~count_ge)
+
     def __call__(self, dataset_dict: Dict) -> Dict:
         """
         Args:
@@ -235,12 +319,24 @@ class LCDatasetMapper:
         transforms = self.augmentations(aug_input)
         image = aug_input.image
         image_shape = image.shape[:2]
-        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
-        labels, counts_t, count_ge = image_level_targets(counts, self.lower_count)
+        g = self.mosaic_grid
+        mosaic = self.mosaic_prob > 0 and min(image_shape) >= g
+        mosaic = mosaic and np.random.rand() < self.mosaic_prob
+        if mosaic:
+            image, targets = self._mosaic(image, counts)
+        else:
+            targets = image_level_targets(counts, self.lower_count)
+            # counts >= t̃ of a single image are exact only without censoring
+            targets = targets + (torch.full_like(targets[2], self.lower_count is None),)
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        labels, counts_t, count_ge, count_exact = targets
         dataset_dict["labels"] = labels
         dataset_dict["counts"] = counts_t
         dataset_dict["count_ge"] = count_ge
+        if self.is_train:
+            dataset_dict["count_exact"] = count_exact
+            dataset_dict["mosaic_tiles"] = g * g if mosaic else 1
 
         annos = dataset_dict.pop("annotations", None)
         dataset_dict.pop("class_counts", None)

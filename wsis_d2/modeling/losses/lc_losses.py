@@ -16,7 +16,7 @@ Where the official code (github.com/GuoleiSun/CountSeg) differs from the paper, 
 follows the paper and ``mode="official"`` the code; each docstring says how.
 """
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -174,7 +174,10 @@ def lc_spatial_loss(
 
 
 def lc_count_loss(
-    counts_hat: torch.Tensor, counts: torch.Tensor, select: torch.Tensor
+    counts_hat: torch.Tensor,
+    counts: torch.Tensor,
+    select: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """
     Count (global) loss of the exactly known counts (paper Sec. 3.2, Eq. 4, first term):
@@ -189,6 +192,9 @@ def lc_count_loss(
         counts_hat: (N, C) t̂.
         counts: (N, C) t (0 for absent classes).
         select: (N, C) bool, the classes that enter.
+        weights: optional (N,) weight of each image's term (mosaics of g² images: 1/g², since
+            their count error is the sum of g² tile errors: a mosaic then weighs as much as one
+            image whose tile errors are independent); None: all 1.
 
     Returns:
         scalar.
@@ -196,11 +202,14 @@ def lc_count_loss(
     sq = (counts_hat - counts.to(counts_hat.dtype)) ** 2
     sq = torch.where(select, sq, torch.zeros_like(sq))
     num = select.sum(dim=1).to(counts_hat.dtype)
-    return (sq.sum(dim=1) / num.clamp_min(1.0)).sum() / counts_hat.shape[0]
+    per_image = sq.sum(dim=1) / num.clamp_min(1.0)
+    if weights is not None:
+        per_image = per_image * weights.to(per_image.dtype)
+    return per_image.sum() / counts_hat.shape[0]
 
 
 def lc_ranking_loss(
-    counts_hat: torch.Tensor, lower_count: float, select: torch.Tensor
+    counts_hat: torch.Tensor, lower_count: Union[float, torch.Tensor], select: torch.Tensor
 ) -> torch.Tensor:
     """
     Ranking loss of the counts beyond the subitizing range (paper Sec. 3.2, Eq. 4, second term,
@@ -209,17 +218,22 @@ def lc_ranking_loss(
         L_rank = Σ_{c ∈ S̃} 1/|S̃| · max(0, t̃ − t̂_c),
 
     per image (zero where S̃ is empty), averaged over the N images; a hinge with zero margin
-    (the official ``MarginRankingLoss(margin=0)``).
+    (the official ``MarginRankingLoss(margin=0)``). A per-class bound may replace t̃ where a
+    larger lower bound is known (mosaics: the sum of the tiles' bounds).
 
     Args:
         counts_hat: (N, C) t̂.
-        lower_count: t̃.
+        lower_count: t̃, a number or an (N, C) tensor of lower bounds.
         select: (N, C) bool, S̃.
 
     Returns:
         scalar.
     """
-    hinge = F.relu(float(lower_count) - counts_hat)
+    if isinstance(lower_count, torch.Tensor):
+        bound = lower_count.to(counts_hat.dtype)
+    else:
+        bound = torch.full_like(counts_hat, float(lower_count))
+    hinge = F.relu(bound - counts_hat)
     hinge = torch.where(select, hinge, torch.zeros_like(hinge))
     num = select.sum(dim=1).to(counts_hat.dtype)
     return (hinge.sum(dim=1) / num.clamp_min(1.0)).sum() / counts_hat.shape[0]

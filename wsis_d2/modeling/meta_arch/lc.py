@@ -73,8 +73,11 @@ class ImageLevelCounter(nn.Module):
 
     Input per image (detectron2 list of dicts, ``LCDatasetMapper``): "image" (3, H, W) uint8 or
     float in ``cfg.INPUT.FORMAT``; "height", "width" of the output; for training "labels" (C,)
-    0/1, "counts" (C,) int (exact where known) and "count_ge" (C,) bool (True where the count is
-    only known to be >= t̃, then counts[c] = t̃); optional "proposals" (Instances with
+    0/1, "counts" (C,) int (exact where known), "count_ge" (C,) bool (True where the count is
+    only a lower bound, counts[c] >= t̃) and optional "count_exact" (C,) bool (True where a count
+    >= t̃ is exact, e.g. of a mosaic of exactly counted tiles; without it such counts are ranked
+    against t̃ as in ILC) and "mosaic_tiles" (int, the number of images of a mosaic, whose count
+    MSE is divided by it; default 1); optional "proposals" (Instances with
     proposal_boxes in input coordinates) at inference.
 
     Output per image at inference: {"instances": Instances(pred_boxes, pred_masks, scores,
@@ -360,7 +363,7 @@ class ImageLevelCounter(nn.Module):
     # training
 
     def _targets(self, batched_inputs: List[Dict]):
-        labels, counts, count_ge = [], [], []
+        labels, counts, count_ge, count_exact, tiles = [], [], [], [], []
         for i, inp in enumerate(batched_inputs):
             where = inp.get("file_name", f"input {i}")
             if "labels" not in inp and "counts" not in inp:
@@ -374,7 +377,11 @@ class ImageLevelCounter(nn.Module):
             ge = inp.get("count_ge")
             ge = torch.zeros_like(cnt, dtype=torch.bool) if ge is None else torch.as_tensor(ge)
             ge = ge.reshape(-1).to(torch.bool)
-            for field, t in (("labels", lab), ("counts", cnt), ("count_ge", ge)):
+            ex = inp.get("count_exact")
+            ex = torch.zeros_like(cnt, dtype=torch.bool) if ex is None else torch.as_tensor(ex)
+            ex = ex.reshape(-1).to(torch.bool)
+            fields = (("labels", lab), ("counts", cnt), ("count_ge", ge), ("count_exact", ex))
+            for field, t in fields:
                 if t.numel() != self.num_classes:
                     raise ValueError(
                         f"Training input {where}: field '{field}' has {t.numel()} entries, "
@@ -383,25 +390,30 @@ class ImageLevelCounter(nn.Module):
             labels.append(lab)
             counts.append(cnt)
             count_ge.append(ge)
+            count_exact.append(ex & ~ge)
+            num_tiles = int(inp.get("mosaic_tiles", 1))
+            if num_tiles < 1:
+                raise ValueError(f"Training input {where}: 'mosaic_tiles' must be >= 1")
+            tiles.append(torch.tensor(float(num_tiles)))
         dev = self.device
-        return (
-            torch.stack(labels).to(dev),
-            torch.stack(counts).to(dev),
-            torch.stack(count_ge).to(dev),
-        )
+        fields = (labels, counts, count_ge, count_exact, tiles)
+        return tuple(torch.stack(t).to(dev) for t in fields)
 
     def losses(
         self, class_maps, density_maps, batched_inputs, map_sizes
     ) -> Dict[str, torch.Tensor]:
         """All LC / ILC losses of one batch (see :mod:`wsis_d2.modeling.losses.lc_losses`)."""
-        labels, counts, count_ge = self._targets(batched_inputs)
+        labels, counts, count_ge, count_exact, tiles = self._targets(batched_inputs)
         valid = self.valid_mask(map_sizes, class_maps.shape[-2:], class_maps.device)
         peak_mask, indices = self.find_peaks(class_maps, map_sizes)
         scores = self.class_scores(class_maps, indices, map_sizes)
         present = labels > 0.5
         t_tilde = self.lower_count
-        beyond = present & (count_ge | (counts >= t_tilde))  # S̃
+        # S̃: counts >= t̃, unless marked exact (mosaics of exactly counted tiles, uncensored
+        # counts); its hinge bound is t̃, or the count where that is a larger lower bound
+        beyond = present & (count_ge | ((counts >= t_tilde) & ~count_exact))
         exact = present & ~beyond & (counts >= 1)  # S
+        bound = torch.where(count_ge, counts.clamp_min(t_tilde), torch.full_like(counts, t_tilde))
         absent = ~present  # S0
         storage = get_event_storage()
         stage1 = storage.iter < self.spatial_start_iter
@@ -414,7 +426,7 @@ class ImageLevelCounter(nn.Module):
             guidance = torch.zeros_like(density_maps)
         else:
             kth = torch.full(labels.shape, float("inf"), device=class_maps.device)
-            k = counts.clamp(1, t_tilde)
+            k = counts.clamp_min(1)  # t_c of S (below t̃ unless exact)
             for i, (h, w) in enumerate(map_sizes):
                 kth[i] = wsis_layers.kth_peak_value(
                     class_maps[i : i + 1, :, :h, :w].detach(),
@@ -427,8 +439,8 @@ class ImageLevelCounter(nn.Module):
                 density_maps, guidance, exact, absent, valid, self.spatial_mode
             )
         count_select = exact | absent if (self.count_absent and not stage1) else exact
-        loss_count = lc_count_loss(counts_hat, counts, count_select)
-        loss_rank = lc_ranking_loss(counts_hat, t_tilde, beyond)
+        loss_count = lc_count_loss(counts_hat, counts, count_select, weights=1.0 / tiles)
+        loss_rank = lc_ranking_loss(counts_hat, bound, beyond)
 
         with torch.no_grad():
             storage.put_scalar("lc/stage", 1.0 if stage1 else 2.0)
