@@ -321,13 +321,19 @@ class TestMapper(unittest.TestCase):
             np.testing.assert_allclose(test_out["points"].numpy(), pts)
             self.assertTrue(torch.equal(test_out["roi"], torch.from_numpy(roi)))
 
-    def test_brightness_gain(self):
+    @staticmethod
+    def _photometric_cfg():
+        """A config whose training augmentations are only the photometric ones under test."""
         cfg = get_cfg()
         add_wsis_config(cfg)
         cfg.INPUT.CROP.ENABLED = False
         cfg.INPUT.DENSITY.FLIPS = []
         cfg.INPUT.MIN_SIZE_TRAIN = (0,)
         cfg.INPUT.MIN_SIZE_TEST = 0
+        return cfg
+
+    def test_brightness_gain(self):
+        cfg = self._photometric_cfg()
         self.assertEqual(build_density_augmentation(cfg, True), [])  # (1, 1): off
         cfg.INPUT.DENSITY.BRIGHTNESS = (0.5, 2.0)
         augs = build_density_augmentation(cfg, True)
@@ -350,11 +356,7 @@ class TestMapper(unittest.TestCase):
             build_density_augmentation(cfg, True)
 
     def test_channel_gain_and_blur(self):
-        cfg = get_cfg()
-        add_wsis_config(cfg)
-        cfg.INPUT.CROP.ENABLED = False
-        cfg.INPUT.DENSITY.FLIPS = []
-        cfg.INPUT.MIN_SIZE_TRAIN = (0,)
+        cfg = self._photometric_cfg()
         cfg.INPUT.DENSITY.CHANNEL_GAIN = (0.5, 1.5)
         cfg.INPUT.DENSITY.BLUR_PROB = 1.0
         cfg.INPUT.DENSITY.BLUR_SIGMA = (1.0, 2.0)

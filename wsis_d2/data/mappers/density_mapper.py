@@ -189,6 +189,16 @@ def crop_edge_mask(edges: Dict[str, bool], height: int, width: int, margin: int)
     return mask
 
 
+def _gain_range(values, field: str):
+    """(min, max) of a random gain from ``INPUT.DENSITY.<field>``, checked: 0 < min <= max."""
+    lo, hi = (float(v) for v in values)
+    if not 0.0 < lo <= hi:
+        raise ValueError(
+            f"INPUT.DENSITY.{field} must be (min, max) with 0 < min <= max, got {(lo, hi)}"
+        )
+    return lo, hi
+
+
 def build_density_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     """
     Training: optional ResizeShortestEdge (``INPUT.MIN_SIZE_TRAIN`` > 0), optional RandomCrop
@@ -197,7 +207,8 @@ def build_density_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     an optional random intensity gain (``INPUT.DENSITY.BRIGHTNESS``, one factor per image: the
     model has to count cells, not integrate brightness, since exposure and staining vary between
     images), optional random gains per colour channel (``INPUT.DENSITY.CHANNEL_GAIN``) and an
-    optional random Gaussian blur (``INPUT.DENSITY.BLUR_PROB``, ``BLUR_SIGMA``). Test: optional ResizeShortestEdge (``INPUT.MIN_SIZE_TEST`` > 0). A minimum size of 0
+    optional random Gaussian blur (``INPUT.DENSITY.BLUR_PROB``, ``BLUR_SIGMA``). Test: optional
+    ResizeShortestEdge (``INPUT.MIN_SIZE_TEST`` > 0). A minimum size of 0
     keeps the original size (density targets are built after resizing, so
     counts are unchanged).
     """
@@ -226,20 +237,11 @@ def build_density_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
             augs.append(T.RandomFlip(horizontal=flip == "horizontal", vertical=flip == "vertical"))
         if cfg.INPUT.DENSITY.ROTATE_90:
             augs.append(RandomRot90())
-        lo, hi = (float(v) for v in cfg.INPUT.DENSITY.BRIGHTNESS)
-        if not 0.0 < lo <= hi:
-            raise ValueError(
-                f"INPUT.DENSITY.BRIGHTNESS must be (min, max) with 0 < min <= max, got {(lo, hi)}"
-            )
+        lo, hi = _gain_range(cfg.INPUT.DENSITY.BRIGHTNESS, "BRIGHTNESS")
         if (lo, hi) != (1.0, 1.0):
             augs.append(T.RandomBrightness(lo, hi))
-        lo, hi = (float(v) for v in cfg.INPUT.DENSITY.CHANNEL_GAIN)
+        lo, hi = _gain_range(cfg.INPUT.DENSITY.CHANNEL_GAIN, "CHANNEL_GAIN")
         if (lo, hi) != (1.0, 1.0):
-            if not 0.0 < lo <= hi:
-                raise ValueError(
-                    "INPUT.DENSITY.CHANNEL_GAIN must be (min, max) with 0 < min <= max, got "
-                    f"{(lo, hi)}"
-                )
             augs.append(RandomChannelGain(lo, hi))
         blur_prob = float(cfg.INPUT.DENSITY.BLUR_PROB)
         if blur_prob > 0:
