@@ -266,7 +266,8 @@ class TestDensityCounter(unittest.TestCase):
                 )
 
     def test_loss_is_pixel_mse_of_scaled_target(self):
-        model = build_model(small_cfg())
+        cfg = small_cfg()
+        model = build_model(cfg)
         model.train()
         inputs = self._inputs([(16, 24), (13, 19)], [3, 2])
         inputs[0]["roi"] = torch.zeros(16, 24, dtype=torch.bool)
@@ -278,11 +279,12 @@ class TestDensityCounter(unittest.TestCase):
         with torch.no_grad(), EventStorage():
             pred = model.predict_raw(images)
             loss = float(model(inputs)["loss_density"])
-        # reference: loop over images, valid pixels only, target = s * D
+        # reference: loop over images, valid pixels only, target = s * D with the config's s and σ
+        scale, sigma = cfg.MODEL.DENSITY.SCALE, cfg.MODEL.DENSITY.SIGMA
         sq, n = 0.0, 0
         for i, inp in enumerate(inputs):
             h, w = inp["image"].shape[-2:]
-            target = 100.0 * gaussian_density_map(inp["points"], (h, w), 3.0)
+            target = scale * gaussian_density_map(inp["points"], (h, w), sigma)
             mask = inp.get("roi", torch.ones(h, w, dtype=torch.bool))
             mask = mask & inp.get("loss_mask", torch.ones(h, w, dtype=torch.bool))
             diff = (pred[i, :, :h, :w] - target)[:, mask]
