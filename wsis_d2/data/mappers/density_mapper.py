@@ -203,14 +203,13 @@ def build_density_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     """
     Training: optional ResizeShortestEdge (``INPUT.MIN_SIZE_TRAIN`` > 0), optional RandomCrop
     (``INPUT.CROP``; :class:`RandomEdgeCrop` with ``INPUT.DENSITY.CROP_EDGE_PROB`` > 0), random
-    flips (``INPUT.DENSITY.FLIPS``), optional random quarter turns (``INPUT.DENSITY.ROTATE_90``)
+    flips (``INPUT.DENSITY.FLIPS``), optional random quarter turns (``INPUT.DENSITY.ROTATE_90``),
     an optional random intensity gain (``INPUT.DENSITY.BRIGHTNESS``, one factor per image: the
     model has to count cells, not integrate brightness, since exposure and staining vary between
     images), optional random gains per colour channel (``INPUT.DENSITY.CHANNEL_GAIN``) and an
     optional random Gaussian blur (``INPUT.DENSITY.BLUR_PROB``, ``BLUR_SIGMA``). Test: optional
-    ResizeShortestEdge (``INPUT.MIN_SIZE_TEST`` > 0). A minimum size of 0
-    keeps the original size (density targets are built after resizing, so
-    counts are unchanged).
+    ResizeShortestEdge (``INPUT.MIN_SIZE_TEST`` > 0). A minimum size of 0 keeps the original size
+    (density targets are built after resizing, so counts are unchanged).
     """
     augs: List[T.Augmentation] = []
     if is_train:

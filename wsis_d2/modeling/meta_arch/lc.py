@@ -362,6 +362,15 @@ class ImageLevelCounter(nn.Module):
     # ---------------------------------------------------------------------------------------
     # training
 
+    @staticmethod
+    def _flag_field(inp: Dict, key: str, like: torch.Tensor) -> torch.Tensor:
+        """The flattened bool field ``key`` of a training input; all False (shape of ``like``)
+        where the input has none."""
+        value = inp.get(key)
+        if value is None:
+            return torch.zeros_like(like, dtype=torch.bool)
+        return torch.as_tensor(value).reshape(-1).to(torch.bool)
+
     def _targets(self, batched_inputs: List[Dict]):
         labels, counts, count_ge, count_exact, tiles = [], [], [], [], []
         for i, inp in enumerate(batched_inputs):
@@ -374,12 +383,8 @@ class ImageLevelCounter(nn.Module):
             cnt = torch.as_tensor(cnt).reshape(-1).to(torch.long)
             lab = inp.get("labels")
             lab = (cnt > 0).float() if lab is None else torch.as_tensor(lab).reshape(-1).float()
-            ge = inp.get("count_ge")
-            ge = torch.zeros_like(cnt, dtype=torch.bool) if ge is None else torch.as_tensor(ge)
-            ge = ge.reshape(-1).to(torch.bool)
-            ex = inp.get("count_exact")
-            ex = torch.zeros_like(cnt, dtype=torch.bool) if ex is None else torch.as_tensor(ex)
-            ex = ex.reshape(-1).to(torch.bool)
+            ge = self._flag_field(inp, "count_ge", cnt)
+            ex = self._flag_field(inp, "count_exact", cnt)
             fields = (("labels", lab), ("counts", cnt), ("count_ge", ge), ("count_exact", ex))
             for field, t in fields:
                 if t.numel() != self.num_classes:
