@@ -295,6 +295,33 @@ class TestDensityCounter(unittest.TestCase):
         with EventStorage(), self.assertRaisesRegex(ValueError, "loss_mask .* has shape"):
             model(inputs)
 
+    def test_logged_count_error_is_over_the_loss_pixels(self):
+        # a point in the crop-cut band is out of the loss: neither count may include it
+        cfg = small_cfg()
+        model = build_model(cfg)
+        model.train()
+        inputs = self._inputs([(16, 24), (13, 19)], [3, 2])
+        inputs[1]["points"] = torch.tensor([[9.5, 1.5], [9.5, 9.5]])
+        inputs[1]["loss_mask"] = torch.ones(13, 19, dtype=torch.bool)
+        inputs[1]["loss_mask"][:4] = False
+        images = model.preprocess_image(inputs)
+        with torch.no_grad(), EventStorage() as storage:
+            pred = model.predict_raw(images)
+            model(inputs)
+            logged_mae = storage.history("density/count_mae").latest()
+            logged_true = storage.history("density/true_count").latest()
+        scale, sigma = cfg.MODEL.DENSITY.SCALE, cfg.MODEL.DENSITY.SIGMA
+        errors, trues = [], []
+        for i, inp in enumerate(inputs):
+            h, w = inp["image"].shape[-2:]
+            mask = inp.get("loss_mask", torch.ones(h, w, dtype=torch.bool))
+            target = gaussian_density_map(inp["points"], (h, w), sigma)[0]
+            trues.append(float(target[mask].sum()))
+            errors.append(abs(float(pred[i, 0, :h, :w][mask].sum()) / scale - trues[-1]))
+        self.assertLess(trues[1], 1.01)  # the masked point is not counted
+        self.assertAlmostEqual(logged_true, sum(trues) / 2, places=4)
+        self.assertAlmostEqual(logged_mae, sum(errors) / 2, places=4)
+
     def test_window_count_loss_in_training(self):
         cfg = small_cfg()
         cfg.MODEL.DENSITY.COUNT_LOSS_WEIGHT = 0.5

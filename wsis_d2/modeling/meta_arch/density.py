@@ -336,8 +336,10 @@ class DensityCounter(nn.Module):
             target, valid = self.prepare_targets(batched_inputs, images)
             loss = density_mse_loss(pred, target, valid)
             with torch.no_grad():
+                # both over the pixels of the loss (Ω), so that crop cuts left out of it do not
+                # count as errors
                 pred_counts = (pred.detach() * valid).sum(dim=(1, 2, 3)) / self.density_scale
-                true_counts = target.sum(dim=(1, 2, 3)) / self.density_scale
+                true_counts = (target * valid).sum(dim=(1, 2, 3)) / self.density_scale
                 storage = get_event_storage()
                 storage.put_scalar("density/count_mae", (pred_counts - true_counts).abs().mean())
                 storage.put_scalar("density/true_count", true_counts.mean())
