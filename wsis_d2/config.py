@@ -192,6 +192,9 @@ def add_density_config(cfg):
     _C.INPUT.DENSITY.CROP_EDGE_MARGIN = 0
     # probability per axis that a training crop is snapped to an image edge (absolute crops only)
     _C.INPUT.DENSITY.CROP_EDGE_PROB = 0.0
+    # MiB of decoded training images kept in memory per data-loading process (0 = decode the file
+    # for every crop)
+    _C.INPUT.DENSITY.IMAGE_CACHE_MB = 0.0
     return cfg
 
 

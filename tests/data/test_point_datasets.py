@@ -28,6 +28,7 @@ from wsis_d2.data.datasets.point_datasets import (
 )
 from wsis_d2.data.mappers.density_mapper import (
     DensityDatasetMapper,
+    ImageCache,
     RandomChannelGain,
     RandomGaussianBlur,
     RandomEdgeCrop,
@@ -38,12 +39,18 @@ from wsis_d2.data.mappers.density_mapper import (
 )
 
 LOGGER = "wsis_d2.data.datasets.point_datasets"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _save_image(path, height, width, mode="RGB", value=30):
     channels = {"RGB": 3, "L": 1}[mode]
     arr = np.full((height, width, channels), value, dtype=np.uint8)
     Image.fromarray(arr if channels == 3 else arr[..., 0], mode=mode).save(path)
+
+
+def _save_noise(path, height, width, seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
 
 
 def _frames_struct(locs):
@@ -485,6 +492,68 @@ class TestMapper(unittest.TestCase):
         cfg.INPUT.DENSITY.CROP_EDGE_MARGIN = -1
         with self.assertRaisesRegex(ValueError, "CROP_EDGE_MARGIN"):
             DensityDatasetMapper(cfg, is_train=True)
+
+    def test_image_cache(self):
+        with tempfile.TemporaryDirectory() as d:
+            paths = [os.path.join(d, f"{i}.png") for i in range(3)]
+            for i, path in enumerate(paths):
+                _save_noise(path, 10, 12, seed=i)
+            cache = ImageCache(2 * 10 * 12 * 3)  # room for two images
+            first = cache.read(paths[0], "BGR")
+            self.assertIs(cache.read(paths[0], "BGR"), first)
+            self.assertFalse(first.flags.writeable)
+            self.assertEqual((cache.hits, cache.misses), (1, 1))
+            cache.read(paths[1], "BGR")
+            cache.read(paths[0], "BGR")  # 0 is now the most recently used
+            cache.read(paths[2], "BGR")  # evicts 1
+            self.assertEqual((len(cache), cache.bytes), (2, 2 * 10 * 12 * 3))
+            self.assertIs(cache.read(paths[0], "BGR"), first)
+            misses = cache.misses
+            cache.read(paths[1], "BGR")
+            self.assertEqual(cache.misses, misses + 1)
+            # another format is another entry; a rewritten file is read again
+            np.testing.assert_array_equal(cache.read(paths[0], "RGB"), first[:, :, ::-1])
+            Image.fromarray(np.full((10, 12, 3), 7, np.uint8)).save(paths[2])
+            os.utime(paths[2], ns=(1, 1))
+            self.assertTrue((cache.read(paths[2], "BGR") == 7).all())
+            # 0 MiB: no caching
+            off = ImageCache(0)
+            np.testing.assert_array_equal(off.read(paths[0], "BGR"), first)
+            self.assertEqual((len(off), off.misses), (0, 1))
+            with self.assertRaisesRegex(ValueError, "max_bytes"):
+                ImageCache(-1)
+
+    def test_mapper_with_image_cache(self):
+        # every training augmentation of the cells configs runs on read-only cached images and
+        # gives the same crops as without the cache
+        cfg = get_cfg()
+        add_wsis_config(cfg)
+        cfg.merge_from_file(os.path.join(ROOT, "configs", "density_unet_cells.yaml"))
+        cfg.INPUT.CROP.SIZE = [12, 12]
+        cfg.INPUT.DENSITY.CHANNEL_GAIN = (0.7, 1.4)
+        cfg.INPUT.DENSITY.BLUR_PROB = 1.0
+        self.assertGreater(cfg.INPUT.DENSITY.IMAGE_CACHE_MB, 0)
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "a.png")
+            _save_noise(path, 20, 24)
+            record = {"file_name": path, "height": 20, "width": 24, "points": [[3.0, 4.0]]}
+            cached = DensityDatasetMapper(cfg, is_train=True)
+            cfg.INPUT.DENSITY.IMAGE_CACHE_MB = 0.0
+            plain = DensityDatasetMapper(cfg, is_train=True)
+            for seed in range(12):
+                np.random.seed(seed)
+                a = cached(record)
+                np.random.seed(seed)
+                b = plain(record)
+                self.assertTrue(torch.equal(a["image"], b["image"]))
+                self.assertTrue(torch.equal(a["points"], b["points"]))
+            self.assertEqual((cached.image_cache.hits, cached.image_cache.misses), (11, 1))
+            self.assertEqual(len(plain.image_cache), 0)
+            # the cache is for training: test-time mappers read every time
+            self.assertEqual(DensityDatasetMapper(cfg, is_train=False).image_cache.max_bytes, 0)
+            cfg.INPUT.DENSITY.IMAGE_CACHE_MB = -1.0
+            with self.assertRaisesRegex(ValueError, "IMAGE_CACHE_MB"):
+                DensityDatasetMapper(cfg, is_train=True)
 
     def test_unreadable_image(self):
         with tempfile.TemporaryDirectory() as d:

@@ -408,7 +408,20 @@ class TestDensityCounter(unittest.TestCase):
             out = model_cl(inputs)[0]
         torch.testing.assert_close(out["density"], ref["density"], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(out["counts"], ref["counts"], rtol=1e-4, atol=1e-4)
+        # float32 training: the channels-last head (a matrix product over NHWC channels) has the
+        # 1x1 convolution's gradients
+        model.train()
         model_cl.train()
+        with EventStorage():
+            model(inputs)["loss_density"].backward()
+            model_cl(inputs)["loss_density"].backward()
+        for name in ("weight", "bias"):
+            ref_grad = getattr(model.head, name).grad
+            self.assertGreater(float(ref_grad.abs().max()), 0.0)
+            torch.testing.assert_close(
+                getattr(model_cl.head, name).grad, ref_grad, rtol=1e-4, atol=1e-6
+            )
+        model_cl.zero_grad()
         with EventStorage(), torch.autocast("cpu", dtype=torch.bfloat16):
             images = model_cl.preprocess_image(inputs)
             pred = model_cl.predict_raw(images)

@@ -5,7 +5,9 @@ image, points and ROI together, and drops points that leave the image.
 
 import copy
 import logging
-from typing import Dict, List, Union
+import os
+from collections import OrderedDict
+from typing import Dict, List, Optional, Union
 
 import cv2
 import numpy as np
@@ -29,6 +31,7 @@ __all__ = [
     "artificial_edges",
     "crop_edge_mask",
     "build_density_augmentation",
+    "ImageCache",
 ]
 
 logger = logging.getLogger(__name__)
@@ -258,6 +261,66 @@ def build_density_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     return augs
 
 
+class ImageCache:
+    """
+    Least-recently-used cache of decoded images, bounded in bytes. Point-counting training sets are
+    small (32 cell images, a few thousand low-resolution video frames) and are read once per crop:
+    decoding the PNG took ~15 % of a U-Net training step on a 2-core CPU. Entries are keyed by file
+    name, size and modification time (a rewritten file is read again) and stored read-only, so an
+    augmentation that wrote into its input would raise instead of corrupting the cache. Each
+    data-loader worker process holds its own cache.
+    """
+
+    def __init__(self, max_bytes: int):
+        """
+        Args:
+            max_bytes: total size of the cached arrays; images larger than this are not cached.
+        """
+        if max_bytes < 0:
+            raise ValueError(f"ImageCache needs max_bytes >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._items: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @staticmethod
+    def _key(file_name: str, image_format: str) -> Optional[tuple]:
+        try:
+            st = os.stat(file_name)
+        except OSError:
+            return None  # the reader reports the error
+        return (file_name, image_format, st.st_size, st.st_mtime_ns)
+
+    def read(self, file_name: str, image_format: str) -> np.ndarray:
+        """
+        ``detection_utils.read_image(file_name, image_format)``, decoded once while it fits.
+
+        Returns:
+            (H, W, C) uint8 array, read-only when it comes from (or went into) the cache.
+        """
+        key = self._key(file_name, image_format) if self.max_bytes > 0 else None
+        if key is not None and key in self._items:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key]
+        image = utils.read_image(file_name, format=image_format)
+        self.misses += 1
+        if key is None or image.nbytes > self.max_bytes:
+            return image
+        image = np.ascontiguousarray(image)
+        image.flags.writeable = False
+        self._items[key] = image
+        self.bytes += image.nbytes
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.nbytes
+        return image
+
+
 @DATASET_MAPPER_REGISTRY.register()
 class DensityDatasetMapper:
     """
@@ -279,6 +342,7 @@ class DensityDatasetMapper:
         augmentations: List[Union[T.Augmentation, T.Transform]],
         image_format: str = "BGR",
         crop_edge_margin: int = 0,
+        image_cache_mb: float = 0.0,
     ):
         """
         Args:
@@ -286,11 +350,16 @@ class DensityDatasetMapper:
             augmentations: applied to image, points and ROI.
             image_format: as in ``detection_utils.read_image``.
             crop_edge_margin: width of the loss mask along crop cuts (training only; 0 = none).
+            image_cache_mb: keep up to this many MiB of decoded images in memory (per process,
+                see :class:`ImageCache`; 0 = read every time).
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.crop_edge_margin = int(crop_edge_margin) if is_train else 0
+        if image_cache_mb < 0:
+            raise ValueError(f"INPUT.DENSITY.IMAGE_CACHE_MB must be >= 0, got {image_cache_mb}")
+        self.image_cache = ImageCache(int(image_cache_mb * 2**20))
         mode = "training" if is_train else "inference"
         logger.info(f"[DensityDatasetMapper] augmentations used in {mode}: {augmentations}")
 
@@ -304,6 +373,8 @@ class DensityDatasetMapper:
             "augmentations": build_density_augmentation(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
             "crop_edge_margin": margin,
+            # the training set is read once per crop; test images once per evaluation
+            "image_cache_mb": float(cfg.INPUT.DENSITY.IMAGE_CACHE_MB) if is_train else 0.0,
         }
 
     def __call__(self, dataset_dict: Dict) -> Dict:
@@ -317,7 +388,7 @@ class DensityDatasetMapper:
         dataset_dict = copy.deepcopy(dataset_dict)
         file_name = dataset_dict["file_name"]
         try:
-            image = utils.read_image(file_name, format=self.image_format)
+            image = self.image_cache.read(file_name, self.image_format)
         except (OSError, UnidentifiedImageError) as e:
             raise ValueError(f"Cannot read image {file_name}: {e}") from e
         utils.check_image_size(dataset_dict, image)
