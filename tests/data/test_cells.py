@@ -7,8 +7,10 @@ import tempfile
 import unittest
 
 import numpy as np
+from detectron2.data import DatasetCatalog
 from PIL import Image
 
+import wsis_d2  # noqa: F401  (registers the builtin splits)
 from wsis_d2.data.datasets import cells
 from wsis_d2.data.datasets.cells import GENERATOR_SPEC, prepare_synthetic_cells, render_cell_image
 from wsis_d2.data.datasets.point_datasets import load_point_json
@@ -109,6 +111,11 @@ class TestCache(unittest.TestCase):
     def test_builtin_split_table(self):
         self.assertEqual(cells.SYNTHETIC_CELL_SPLITS["train"][0], 128)
         self.assertGreaterEqual(cells.SYNTHETIC_CELL_SPLITS["test"][0], 100)
+        # every split has its own seed (no image shared between train, val, val_200 and test)
+        seeds = [seed for _, seed in cells.SYNTHETIC_CELL_SPLITS.values()]
+        self.assertEqual(len(seeds), len(set(seeds)))
+        self.assertEqual(cells.SYNTHETIC_CELL_SPLITS["val_200"][0], 200)
+        self.assertIn("wsis_cells_val_200", DatasetCatalog.list())
 
 
 if __name__ == "__main__":

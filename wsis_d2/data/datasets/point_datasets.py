@@ -593,6 +593,7 @@ _SYNTHETIC_CELLS = {
     "wsis_cells_train_64": ("train", 64),
     "wsis_cells_train_128": ("train", 128),
     "wsis_cells_val": ("val", None),
+    "wsis_cells_val_200": ("val_200", None),
     "wsis_cells_test": ("test", None),
     "wsis_cells_mini": ("mini", None),
 }
@@ -615,7 +616,7 @@ def register_all_density(root: Optional[str] = None):
     """
     Register the builtin density-counting splits (``evaluator_type="density"``).
 
-    Names: ``wsis_cells_{train_32,train_64,train_128,val,test,mini}`` (synthetic, generated on
+    Names: ``wsis_cells_{train_32,train_64,train_128,val,val_200,test,mini}`` (synthetic, generated on
     first use under ``<root>/wsis_cells``), ``vgg_cells_{train_32,train_64,train_100,test}``
     (``<root>/vgg_cells``), ``ucsd_{train,test}`` (``<root>/ucsd``), ``mall_{train,test}``
     (``<root>/mall``). Names already registered are left alone.
