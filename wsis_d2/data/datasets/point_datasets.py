@@ -616,10 +616,11 @@ def register_all_density(root: Optional[str] = None):
     """
     Register the builtin density-counting splits (``evaluator_type="density"``).
 
-    Names: ``wsis_cells_{train_32,train_64,train_128,val,val_200,test,mini}`` (synthetic, generated on
-    first use under ``<root>/wsis_cells``), ``vgg_cells_{train_32,train_64,train_100,test}``
-    (``<root>/vgg_cells``), ``ucsd_{train,test}`` (``<root>/ucsd``), ``mall_{train,test}``
-    (``<root>/mall``). Names already registered are left alone.
+    Names: ``wsis_cells_{train_32,train_64,train_128,val,val_200,test,mini}`` (synthetic,
+    generated on first use under ``<root>/wsis_cells``),
+    ``vgg_cells_{train_32,train_64,train_100,test}`` (``<root>/vgg_cells``),
+    ``ucsd_{train,test}`` (``<root>/ucsd``), ``mall_{train,test}`` (``<root>/mall``). Names
+    already registered are left alone.
 
     Args:
         root: the datasets root; None reads ``$DETECTRON2_DATASETS`` (default "datasets") each
