@@ -141,6 +141,13 @@ def add_density_config(cfg):
     _C.MODEL.DENSITY.COUNT_LOSS_WEIGHT = 0.0
     # side (input pixels) of the count-loss windows
     _C.MODEL.DENSITY.COUNT_LOSS_WINDOW = 16
+    _C.MODEL.DENSITY.CALIBRATION = CN()
+    # count calibration fitted on the full training images after training (least squares of the
+    # true counts t_i): "none"; "gain": D̂' = α·D̂; "affine": D̂' = α·D̂ + β per pixel, i.e.
+    # count' = α·count + β·|Ω| (a background offset β grows with the image area |Ω|)
+    _C.MODEL.DENSITY.CALIBRATION.MODE = "none"
+    # datasets to fit on (full images, test-time mapper); empty = DATASETS.TRAIN
+    _C.MODEL.DENSITY.CALIBRATION.DATASETS = ()
     _C.MODEL.DENSITY.PEAKS = CN()
     # also return point detections (density peaks) as Instances
     _C.MODEL.DENSITY.PEAKS.ENABLED = False

@@ -23,6 +23,7 @@ from wsis_d2.modeling.meta_arch.density import (
     adaptive_sigmas,
     density_mse_loss,
     density_window_count_loss,
+    fit_count_calibration,
     gaussian_density_map,
 )
 
@@ -508,6 +509,92 @@ class TestInference(unittest.TestCase):
         self.assertEqual(set(out), {"density", "counts"})
         self.assertEqual(tuple(out["density"].shape), (1, 21, 30))
         self.assertEqual(tuple(out["counts"].shape), (1,))
+
+
+class TestCountCalibration(unittest.TestCase):
+    def _data(self):
+        rng = np.random.default_rng(0)
+        true = torch.tensor(rng.integers(10, 300, size=(40, 2)), dtype=torch.float64)
+        areas = torch.tensor(rng.choice([256.0 * 256, 200.0 * 300, 128.0 * 128], size=40))
+        return true, areas
+
+    def test_affine_recovers_gain_and_background(self):
+        true, areas = self._data()
+        gain = torch.tensor([1.03, 0.95])
+        offset = torch.tensor([4e-5, -2e-5])
+        # predictions whose error is a gain and a background density: p = (t - β·A) / α
+        pred = (true - areas[:, None] * offset) / gain
+        g, o = fit_count_calibration(pred, areas, true, "affine")
+        torch.testing.assert_close(g, gain.double(), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(o, offset.double(), rtol=1e-6, atol=1e-12)
+
+    def test_affine_is_least_squares(self):
+        true, areas = self._data()
+        rng = np.random.default_rng(1)
+        pred = true * 0.9 + torch.tensor(rng.normal(0, 5, size=true.shape)) + 3.0
+        g, o = fit_count_calibration(pred, areas, true, "affine")
+        for c in range(2):
+            design = torch.stack([pred[:, c], areas], dim=1)
+            expected = torch.linalg.lstsq(design, true[:, c : c + 1]).solution[:, 0]
+            torch.testing.assert_close(torch.stack([g[c], o[c]]), expected, rtol=1e-7, atol=1e-12)
+
+    def test_gain_is_least_squares_through_origin(self):
+        true, areas = self._data()
+        pred = true * 1.1 + 2.0
+        g, o = fit_count_calibration(pred, areas, true, "gain")
+        expected = (pred * true).sum(0) / (pred * pred).sum(0)
+        torch.testing.assert_close(g, expected)
+        self.assertTrue(torch.all(o == 0))
+
+    def test_degenerate_cases(self):
+        # one image: the affine system is singular -> gain only
+        g, o = fit_count_calibration(
+            torch.tensor([[50.0]]), torch.tensor([100.0]), torch.tensor([[55.0]]), "affine"
+        )
+        self.assertAlmostEqual(float(g[0]), 1.1)
+        self.assertEqual(float(o[0]), 0.0)
+        # a class predicted empty everywhere keeps the identity
+        g, o = fit_count_calibration(
+            torch.zeros(3, 1), torch.tensor([1.0, 2.0, 3.0]), torch.ones(3, 1), "gain"
+        )
+        self.assertEqual((float(g[0]), float(o[0])), (1.0, 0.0))
+        g, o = fit_count_calibration(torch.ones(3, 1), torch.ones(3), torch.ones(3, 1), "none")
+        self.assertEqual((float(g[0]), float(o[0])), (1.0, 0.0))
+        with self.assertRaisesRegex(ValueError, "CALIBRATION.MODE"):
+            fit_count_calibration(torch.ones(3, 1), torch.ones(3), torch.ones(3, 1), "linear")
+        with self.assertRaisesRegex(ValueError, "areas"):
+            fit_count_calibration(torch.ones(3, 1), torch.ones(2), torch.ones(3, 1), "gain")
+
+    def test_inference_applies_calibration_in_image_roi_and_resize(self):
+        model = build_model(small_cfg()).eval()
+        self.assertEqual(model.count_gain.tolist(), [1.0])
+        self.assertIn("count_gain", model.state_dict())  # saved with the weights
+        image = torch.randint(0, 255, (3, 12, 10), dtype=torch.uint8)
+        roi = torch.zeros(12, 10, dtype=torch.bool)
+        roi[2:7, 3:9] = True
+        inputs = [
+            {"image": image},
+            {"image": image, "roi": roi},
+            {"image": image, "height": 24, "width": 20},
+        ]
+        with torch.no_grad():
+            raw = model(inputs)
+            model.set_count_calibration(1.25, 0.01)
+            cal = model(inputs)
+        area = [120.0, float(roi.sum()), 120.0]
+        for r, c, a in zip(raw, cal, area):
+            self.assertAlmostEqual(
+                float(c["counts"][0]), 1.25 * float(r["counts"][0]) + 0.01 * a, places=4
+            )
+            self.assertAlmostEqual(float(c["counts"][0]), float(c["density"].sum()), places=4)
+        self.assertEqual(float(cal[1]["density"][0][~roi].abs().sum()), 0.0)
+        with self.assertRaisesRegex(ValueError, "finite"):
+            model.set_count_calibration(float("nan"), 0.0)
+        # a checkpoint restores the calibration
+        other = build_model(small_cfg())
+        other.load_state_dict(model.state_dict())
+        self.assertAlmostEqual(float(other.count_gain[0]), 1.25)
+        self.assertAlmostEqual(float(other.count_offset[0]), 0.01)
 
 
 if __name__ == "__main__":

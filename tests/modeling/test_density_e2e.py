@@ -120,10 +120,28 @@ class TestDensityPipeline(unittest.TestCase):
         self.assertIsInstance(trainer, WSISTrainer)
         self.assertIsInstance(trainer._trainer, AutocastTrainer)
         self.assertTrue(trainer.cfg.SOLVER.AMP.ENABLED)
-        trainer.train()  # 2 bfloat16 steps, then DensityEvaluator at the end
+        # the count calibration (Base-Density: affine) runs before the final checkpoint
+        names = [type(h).__name__ for h in trainer._hooks]
+        self.assertLess(names.index("DensityCountCalibration"), names.index("PeriodicCheckpointer"))
+        trainer.train()  # 2 bfloat16 steps, calibration, then DensityEvaluator at the end
         self.assertEqual(trainer.iter, 2)  # max_iter after a finished run
         self.assertTrue(np.isfinite(trainer.storage.history("total_loss").latest()))
         self.assertTrue(np.isfinite(trainer._last_eval_results["density"]["MAE"]))
+        # the fit of a 2-step model may be refused (non-positive gain: the identity is kept and
+        # logged), so only the logged value and the checkpoint are checked here (the fit itself:
+        # tests/engine/test_calibration.py)
+        gain = float(trainer.model.count_gain[0])
+        logged = trainer.storage.history("density/calibration_gain_0").latest()
+        self.assertAlmostEqual(logged, gain, delta=1e-5 * abs(gain))
+        saved = torch.load(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), weights_only=False)
+        self.assertEqual(float(saved["model"]["count_gain"][0]), gain)
+        self.assertEqual(
+            float(saved["model"]["count_offset"][0]), float(trainer.model.count_offset[0])
+        )
+
+        cfg.MODEL.DENSITY.CALIBRATION.MODE = "none"
+        names = [type(h).__name__ for h in train_net.Trainer(cfg)._hooks]
+        self.assertNotIn("DensityCountCalibration", names)
 
 
 if __name__ == "__main__":

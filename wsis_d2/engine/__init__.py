@@ -1,4 +1,13 @@
+from .calibration import DensityCountCalibration, build_calibration_loader, calibrate_density_counts
 from .defaults import WSISTrainer
 from .train_loop import AutocastTrainer, amp_dtype, build_train_loop
 
-__all__ = ["AutocastTrainer", "WSISTrainer", "amp_dtype", "build_train_loop"]
+__all__ = [
+    "AutocastTrainer",
+    "DensityCountCalibration",
+    "WSISTrainer",
+    "amp_dtype",
+    "build_calibration_loader",
+    "build_train_loop",
+    "calibrate_density_counts",
+]

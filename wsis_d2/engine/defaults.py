@@ -4,9 +4,10 @@
 ``Trainer`` from it and only adds data loaders and evaluators.
 """
 
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, hooks
 
 from ..solver import build_optimizer
+from .calibration import DensityCountCalibration
 from .train_loop import build_train_loop
 
 __all__ = ["WSISTrainer"]
@@ -17,7 +18,8 @@ class WSISTrainer(DefaultTrainer):
     DefaultTrainer whose optimizer is :func:`wsis_d2.solver.build_optimizer` (SGD or AdamW) and
     whose loop is :func:`wsis_d2.engine.build_train_loop`: with ``SOLVER.AMP.ENABLED`` and
     ``SOLVER.AMP.DTYPE`` "bfloat16" it runs autocast also on CPU (detectron2's own AMPTrainer is
-    CUDA float16 only).
+    CUDA float16 only). Density models get their count calibration fitted after the last
+    iteration (``MODEL.DENSITY.CALIBRATION``).
     """
 
     def __init__(self, cfg):
@@ -41,6 +43,21 @@ class WSISTrainer(DefaultTrainer):
             self.cfg, loop.model, _StartedIterator(loop), loop.optimizer
         )
         self._trainer.data_loader = loop.data_loader
+
+    def build_hooks(self):
+        """
+        detectron2's hooks, plus :class:`DensityCountCalibration` before the checkpointer when
+        ``MODEL.DENSITY.CALIBRATION.MODE`` is not "none" (so that ``model_final.pth`` and the
+        final evaluation have the calibration).
+        """
+        hook_list = super().build_hooks()
+        if self.cfg.MODEL.DENSITY.CALIBRATION.MODE != "none":
+            at = next(
+                (i for i, h in enumerate(hook_list) if isinstance(h, hooks.PeriodicCheckpointer)),
+                len(hook_list),
+            )
+            hook_list.insert(at, DensityCountCalibration(self.cfg))
+        return hook_list
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -25,7 +25,10 @@ __all__ = [
     "gaussian_density_map",
     "adaptive_sigmas",
     "density_mse_loss",
+    "fit_count_calibration",
 ]
+
+CALIBRATION_MODES = ("none", "gain", "affine")
 
 
 def adaptive_sigmas(
@@ -179,6 +182,69 @@ def density_window_count_loss(
     return err.sum() / denom
 
 
+def fit_count_calibration(
+    pred_counts: torch.Tensor,
+    areas: torch.Tensor,
+    true_counts: torch.Tensor,
+    mode: str = "affine",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Least-squares count calibration of a trained density regressor on images with known counts:
+
+        "affine": min_{α_c, β_c} Σ_i (α_c·ĉ_ic + β_c·|Ω_i| − t_ic)²,
+        "gain":   the same with β_c = 0,
+
+    where ĉ_ic = ∫ D̂_c is the predicted count of class c in image i, |Ω_i| its number of counted
+    pixels (image or ROI) and t_ic the true count. The calibrated density is α_c·D̂_c + β_c: α
+    corrects a global over/under-estimate of the mass per object, β a constant background density
+    (a count error that grows with the image area, not with the number of objects). Both vary
+    from one training run to another; fitted on the training images they carry over to new images
+    of the same kind as long as the network does not fit its training counts much better than
+    others (the benchmark's U-Net: training-image MAE about the test MAE).
+
+    "affine" falls back to "gain" for a class whose normal equations are singular (e.g. one image,
+    or all images of one size with counts proportional to their area), "gain" to the identity for
+    a class predicted empty everywhere.
+
+    Args:
+        pred_counts: (N, C) uncalibrated ĉ_ic.
+        areas: (N,) |Ω_i| in pixels of the network input.
+        true_counts: (N, C) t_ic.
+        mode: "gain" or "affine" ("none" returns the identity).
+
+    Returns:
+        gain (C,) α and offset (C,) β (density per pixel), float64.
+    """
+    if mode not in CALIBRATION_MODES:
+        raise ValueError(
+            f"MODEL.DENSITY.CALIBRATION.MODE must be one of {CALIBRATION_MODES}, got {mode!r}"
+        )
+    p = torch.as_tensor(pred_counts, dtype=torch.float64)
+    t = torch.as_tensor(true_counts, dtype=torch.float64)
+    a = torch.as_tensor(areas, dtype=torch.float64).reshape(-1)
+    if p.dim() != 2 or p.shape != t.shape or a.shape[0] != p.shape[0]:
+        raise ValueError(
+            f"count calibration needs pred (N, C), true (N, C) and areas (N,); got "
+            f"{tuple(p.shape)}, {tuple(t.shape)} and {tuple(a.shape)}"
+        )
+    num_classes = p.shape[1]
+    gain = torch.ones(num_classes, dtype=torch.float64)
+    offset = torch.zeros(num_classes, dtype=torch.float64)
+    if mode == "none" or p.shape[0] == 0:
+        return gain, offset
+    for c in range(num_classes):
+        pc, tc = p[:, c], t[:, c]
+        spp, spa, saa = (pc * pc).sum(), (pc * a).sum(), (a * a).sum()
+        spt, sat = (pc * tc).sum(), (a * tc).sum()
+        det = spp * saa - spa * spa
+        if mode == "affine" and det > 1e-9 * spp * saa:
+            gain[c] = (saa * spt - spa * sat) / det
+            offset[c] = (spp * sat - spa * spt) / det
+        elif spp > 0:
+            gain[c] = spt / spp
+    return gain, offset
+
+
 @META_ARCH_REGISTRY.register()
 class DensityCounter(nn.Module):
     """
@@ -191,6 +257,10 @@ class DensityCounter(nn.Module):
     crop cuts; see ``DensityDatasetMapper``). Output per image at test time: {"density":
     (C, height, width) with the density of the original image, "counts": (C,)} plus "instances"
     (one box per density peak) when ``MODEL.DENSITY.PEAKS.ENABLED``.
+
+    Inference applies the count calibration D̂' = α·D̂ + β held in the buffers ``count_gain`` and
+    ``count_offset`` (C,) (identity until :meth:`set_count_calibration`; saved in checkpoints;
+    see :func:`fit_count_calibration` and ``MODEL.DENSITY.CALIBRATION``).
     """
 
     @configurable
@@ -269,6 +339,9 @@ class DensityCounter(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         if self.pixel_mean.shape != self.pixel_std.shape:
             raise ValueError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD must have the same length")
+        # count calibration α, β (identity): set after training, saved with the weights
+        self.register_buffer("count_gain", torch.ones(num_classes))
+        self.register_buffer("count_offset", torch.zeros(num_classes))
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
@@ -300,6 +373,20 @@ class DensityCounter(nn.Module):
     @property
     def device(self):
         return self.pixel_mean.device
+
+    def set_count_calibration(self, gain, offset) -> None:
+        """
+        Set the inference-time calibration D̂' = α·D̂ + β.
+
+        Args:
+            gain: (C,) α (or a float for all classes). offset: (C,) β, density per pixel.
+        """
+        gain = torch.as_tensor(gain, dtype=torch.float32).expand(self.num_classes)
+        offset = torch.as_tensor(offset, dtype=torch.float32).expand(self.num_classes)
+        if not torch.isfinite(gain).all() or not torch.isfinite(offset).all():
+            raise ValueError(f"count calibration must be finite, got gain {gain}, offset {offset}")
+        self.count_gain.copy_(gain)
+        self.count_offset.copy_(offset)
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         """Normalise and pad the images to a multiple of the backbone's size divisibility."""
@@ -416,12 +503,14 @@ class DensityCounter(nn.Module):
 
     def inference(self, pred: torch.Tensor, batched_inputs: List[Dict], image_sizes):
         """
-        Crop the padding, undo the scale s, mask by the ROI and resize to the original size
-        keeping the integral (counts are integrals at network resolution).
+        Crop the padding, undo the scale s, calibrate (α·D̂ + β), mask by the ROI and resize to
+        the original size keeping the integral (counts are integrals at network resolution).
         """
         results = []
+        gain = self.count_gain.to(pred.dtype)[:, None, None]
+        offset = self.count_offset.to(pred.dtype)[:, None, None]
         for i, (inp, (h, w)) in enumerate(zip(batched_inputs, image_sizes)):
-            density = pred[i, :, :h, :w] / self.density_scale
+            density = pred[i, :, :h, :w] * (gain / self.density_scale) + offset
             if inp.get("roi") is not None:
                 density = density * torch.as_tensor(inp["roi"], device=density.device).to(
                     density.dtype

@@ -1,0 +1,174 @@
+"""
+Count calibration of density models after training (``MODEL.DENSITY.CALIBRATION``).
+
+A density regressor's count error has a part that is the same on every image of a training run:
+a gain (mass per object a little too high or low) and a background density (a count error growing
+with the image area). Both change from one run (seed, CPU, schedule) to the next. Fitted by least
+squares on the full training images
+(:func:`wsis_d2.modeling.meta_arch.density.fit_count_calibration`) and stored in the model's
+``count_gain`` / ``count_offset`` buffers, they are removed at inference.
+"""
+
+import logging
+from typing import Dict, Iterable, List
+
+import numpy as np
+import torch
+
+from detectron2.data import build_detection_test_loader
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+
+from ..modeling.meta_arch.density import CALIBRATION_MODES, fit_count_calibration
+
+__all__ = ["DensityCountCalibration", "calibrate_density_counts", "build_calibration_loader"]
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def calibrate_density_counts(model, data_loader: Iterable[List[Dict]], mode: str) -> Dict:
+    """
+    Fit and set ``model``'s count calibration on the images of ``data_loader``.
+
+    Args:
+        model: a :class:`DensityCounter` (or a DistributedDataParallel around one).
+        data_loader: batches of mapped test-time inputs (full images) with "image", "points",
+            "point_classes" and optionally "roi", e.g. from :func:`build_calibration_loader`.
+            In distributed runs each process sees its shard; the statistics are gathered.
+        mode: "gain", "affine" or "none" (nothing is done).
+
+    Returns:
+        {"gain": [α_c], "offset": [β_c] (density per pixel), "images": N, "mae_before",
+        "mae_after"} (empty for "none").
+    """
+    if mode not in CALIBRATION_MODES:
+        raise ValueError(
+            f"MODEL.DENSITY.CALIBRATION.MODE must be one of {CALIBRATION_MODES}, got {mode!r}"
+        )
+    if mode == "none":
+        return {}
+    net = _unwrap(model)
+    if not hasattr(net, "set_count_calibration"):
+        raise ValueError(
+            f"MODEL.DENSITY.CALIBRATION.MODE={mode!r} needs a density model (DensityCounter), "
+            f"got {type(net).__name__}"
+        )
+    num_classes = net.num_classes
+    was_training = net.training
+    saved = (net.count_gain.clone(), net.count_offset.clone())
+    net.set_count_calibration(1.0, 0.0)
+    net.eval()
+    pred, areas, true = [], [], []
+    try:
+        with torch.no_grad():
+            for batch in data_loader:
+                outputs = net(batch)
+                for inp, out in zip(batch, outputs):
+                    if "points" not in inp:
+                        raise ValueError(
+                            f"count calibration: input {inp.get('file_name', '?')} has no "
+                            "'points' (use DensityDatasetMapper)"
+                        )
+                    classes = inp.get("point_classes")
+                    num_points = len(inp["points"])
+                    if classes is None:
+                        classes = torch.zeros(num_points, dtype=torch.long)
+                    classes = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
+                    true.append(torch.bincount(classes, minlength=num_classes)[:num_classes])
+                    pred.append(out["counts"].detach().double().cpu())
+                    roi = inp.get("roi")
+                    if roi is not None:
+                        areas.append(float(torch.as_tensor(roi).sum()))
+                    else:
+                        areas.append(float(inp["image"].shape[-2] * inp["image"].shape[-1]))
+    except BaseException:
+        net.set_count_calibration(*saved)
+        raise
+    finally:
+        net.train(was_training)
+    stats = [(pred, areas, true)]
+    if comm.get_world_size() > 1:
+        stats = comm.all_gather(stats[0])
+    pred = [p for s in stats for p in s[0]]
+    areas = [a for s in stats for a in s[1]]
+    true = [t for s in stats for t in s[2]]
+    if not pred:
+        net.set_count_calibration(*saved)
+        raise ValueError("count calibration: the calibration datasets have no images")
+    p = torch.stack(pred)
+    a = torch.tensor(areas, dtype=torch.float64)
+    t = torch.stack(true).double()
+    gain, offset = fit_count_calibration(p, a, t, mode)
+    if not (gain > 0).all():
+        # a non-positive gain means the counts do not follow the truth at all: keep the identity
+        logger.warning(
+            "count calibration: fitted gain %s is not positive; calibration left off", gain.tolist()
+        )
+        gain, offset = torch.ones_like(gain), torch.zeros_like(offset)
+    net.set_count_calibration(gain, offset)
+    after = p * gain + a[:, None] * offset
+    result = {
+        "gain": gain.tolist(),
+        "offset": offset.tolist(),
+        "images": len(pred),
+        "mae_before": float((p - t).abs().mean()),
+        "mae_after": float((after - t).abs().mean()),
+    }
+    logger.info(
+        "count calibration (%s) on %d images: gain %s, offset %s per pixel (%s per mean image); "
+        "count MAE on them %.3f -> %.3f",
+        mode,
+        len(pred),
+        np.round(result["gain"], 4).tolist(),
+        np.round(result["offset"], 8).tolist(),
+        np.round((offset * a.mean()).numpy(), 2).tolist(),
+        result["mae_before"],
+        result["mae_after"],
+    )
+    return result
+
+
+def build_calibration_loader(cfg):
+    """
+    Full-image test-time loader over ``MODEL.DENSITY.CALIBRATION.DATASETS`` (default:
+    ``DATASETS.TRAIN``) with the test-time :class:`DensityDatasetMapper`.
+    """
+    from ..data.mappers.density_mapper import DensityDatasetMapper
+
+    names = tuple(cfg.MODEL.DENSITY.CALIBRATION.DATASETS) or tuple(cfg.DATASETS.TRAIN)
+    if not names:
+        raise ValueError("MODEL.DENSITY.CALIBRATION.DATASETS and DATASETS.TRAIN are both empty")
+    return build_detection_test_loader(
+        cfg, list(names), mapper=DensityDatasetMapper(cfg, is_train=False)
+    )
+
+
+class DensityCountCalibration(HookBase):
+    """
+    Fits the count calibration after the last training iteration, before the final checkpoint
+    (register it before detectron2's ``PeriodicCheckpointer``) and the final evaluation.
+    """
+
+    def __init__(self, cfg):
+        self._cfg = cfg.clone()
+        self._mode = cfg.MODEL.DENSITY.CALIBRATION.MODE
+        if self._mode not in CALIBRATION_MODES:
+            raise ValueError(
+                f"MODEL.DENSITY.CALIBRATION.MODE must be one of {CALIBRATION_MODES}, "
+                f"got {self._mode!r}"
+            )
+
+    def after_step(self):
+        if self.trainer.iter + 1 < self.trainer.max_iter:
+            return
+        result = calibrate_density_counts(
+            self.trainer.model, build_calibration_loader(self._cfg), self._mode
+        )
+        if result and comm.is_main_process():
+            for c, (g, o) in enumerate(zip(result["gain"], result["offset"])):
+                self.trainer.storage.put_scalar(f"density/calibration_gain_{c}", g)
+                self.trainer.storage.put_scalar(f"density/calibration_offset_{c}", o)
