@@ -2,6 +2,7 @@
 
 import os
 import unittest
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ from detectron2.modeling import build_model
 
 import wsis_d2  # noqa: F401  (registers models)
 from wsis_d2 import add_wsis_config
-from wsis_d2.engine import calibrate_density_counts
+from wsis_d2.engine import DensityCountCalibration, calibrate_density_counts
 from wsis_d2.modeling.meta_arch.density import fit_count_calibration
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
@@ -100,6 +101,20 @@ class TestCalibrateDensityCounts(unittest.TestCase):
             calibrate_density_counts(model, [], "gain")
         with self.assertRaisesRegex(ValueError, "DensityCounter"):
             calibrate_density_counts(torch.nn.Linear(2, 2), _batches(), "gain")
+
+    def test_hook_checks_mode_and_model_before_training(self):
+        cfg = get_cfg()
+        add_wsis_config(cfg)
+        cfg.MODEL.DENSITY.CALIBRATION.MODE = "scale"
+        with self.assertRaisesRegex(ValueError, "CALIBRATION.MODE"):
+            DensityCountCalibration(cfg)
+        cfg.MODEL.DENSITY.CALIBRATION.MODE = "affine"
+        hook = DensityCountCalibration(cfg)
+        hook.trainer = SimpleNamespace(model=torch.nn.Linear(2, 2))
+        with self.assertRaisesRegex(ValueError, "DensityCounter"):
+            hook.before_train()
+        hook.trainer = SimpleNamespace(model=_model())
+        hook.before_train()  # a density model passes
 
 
 if __name__ == "__main__":

@@ -19,15 +19,22 @@ from detectron2.data import build_detection_test_loader
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from ..modeling.meta_arch.density import CALIBRATION_MODES, fit_count_calibration
+from ..modeling.meta_arch.density import check_calibration_mode, fit_count_calibration
 
 __all__ = ["DensityCountCalibration", "calibrate_density_counts", "build_calibration_loader"]
 
 logger = logging.getLogger(__name__)
 
 
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
+def _density_model(model, mode: str):
+    """The DensityCounter inside ``model`` (DistributedDataParallel unwrapped), or a ValueError."""
+    net = model.module if hasattr(model, "module") else model
+    if not hasattr(net, "set_count_calibration"):
+        raise ValueError(
+            f"MODEL.DENSITY.CALIBRATION.MODE={mode!r} needs a density model (DensityCounter), "
+            f"got {type(net).__name__}"
+        )
+    return net
 
 
 def calibrate_density_counts(model, data_loader: Iterable[List[Dict]], mode: str) -> Dict:
@@ -45,18 +52,9 @@ def calibrate_density_counts(model, data_loader: Iterable[List[Dict]], mode: str
         {"gain": [α_c], "offset": [β_c] (density per pixel), "images": N, "mae_before",
         "mae_after"} (empty for "none").
     """
-    if mode not in CALIBRATION_MODES:
-        raise ValueError(
-            f"MODEL.DENSITY.CALIBRATION.MODE must be one of {CALIBRATION_MODES}, got {mode!r}"
-        )
-    if mode == "none":
+    if check_calibration_mode(mode) == "none":
         return {}
-    net = _unwrap(model)
-    if not hasattr(net, "set_count_calibration"):
-        raise ValueError(
-            f"MODEL.DENSITY.CALIBRATION.MODE={mode!r} needs a density model (DensityCounter), "
-            f"got {type(net).__name__}"
-        )
+    net = _density_model(model, mode)
     num_classes = net.num_classes
     was_training = net.training
     saved = (net.count_gain.clone(), net.count_offset.clone())
@@ -155,12 +153,10 @@ class DensityCountCalibration(HookBase):
 
     def __init__(self, cfg):
         self._cfg = cfg.clone()
-        self._mode = cfg.MODEL.DENSITY.CALIBRATION.MODE
-        if self._mode not in CALIBRATION_MODES:
-            raise ValueError(
-                f"MODEL.DENSITY.CALIBRATION.MODE must be one of {CALIBRATION_MODES}, "
-                f"got {self._mode!r}"
-            )
+        self._mode = check_calibration_mode(cfg.MODEL.DENSITY.CALIBRATION.MODE)
+
+    def before_train(self):
+        _density_model(self.trainer.model, self._mode)  # not after the whole training run
 
     def after_step(self):
         if self.trainer.iter + 1 < self.trainer.max_iter:

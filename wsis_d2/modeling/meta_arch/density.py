@@ -31,6 +31,15 @@ __all__ = [
 CALIBRATION_MODES = ("none", "gain", "affine")
 
 
+def check_calibration_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`CALIBRATION_MODES`, else a ValueError naming the field."""
+    if mode not in CALIBRATION_MODES:
+        raise ValueError(
+            f"MODEL.DENSITY.CALIBRATION.MODE must be one of {CALIBRATION_MODES}, got {mode!r}"
+        )
+    return mode
+
+
 def adaptive_sigmas(
     points: torch.Tensor,
     k: int,
@@ -215,10 +224,7 @@ def fit_count_calibration(
     Returns:
         gain (C,) α and offset (C,) β (density per pixel), float64.
     """
-    if mode not in CALIBRATION_MODES:
-        raise ValueError(
-            f"MODEL.DENSITY.CALIBRATION.MODE must be one of {CALIBRATION_MODES}, got {mode!r}"
-        )
+    check_calibration_mode(mode)
     p = torch.as_tensor(pred_counts, dtype=torch.float64)
     t = torch.as_tensor(true_counts, dtype=torch.float64)
     a = torch.as_tensor(areas, dtype=torch.float64).reshape(-1)
