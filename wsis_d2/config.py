@@ -193,6 +193,13 @@ def add_density_config(cfg):
     # probability and (min, max) σ in pixels of a random Gaussian blur of training images
     _C.INPUT.DENSITY.BLUR_PROB = 0.0
     _C.INPUT.DENSITY.BLUR_SIGMA = (0.3, 1.0)
+    # random elastic deformation of training images (after crops, flips and turns): displacement
+    # std ALPHA px per control point on a grid of SPACING px, applied with probability PROB
+    # (0 = off); points move with the image
+    _C.INPUT.DENSITY.ELASTIC = CN()
+    _C.INPUT.DENSITY.ELASTIC.PROB = 0.0
+    _C.INPUT.DENSITY.ELASTIC.ALPHA = 2.0
+    _C.INPUT.DENSITY.ELASTIC.SPACING = 32.0
     # Training crops: loss mask of this many pixels along the borders that are crop cuts (a cell
     # cut there is labelled by whether its centre fell inside; at real image borders every visible
     # cell is labelled). 0 = off.

@@ -28,10 +28,12 @@ from wsis_d2.data.datasets.point_datasets import (
 )
 from wsis_d2.data.mappers.density_mapper import (
     DensityDatasetMapper,
+    ElasticTransform,
     ImageCache,
     RandomChannelGain,
     RandomGaussianBlur,
     RandomEdgeCrop,
+    RandomElasticDeform,
     Rot90Transform,
     artificial_edges,
     build_density_augmentation,
@@ -400,6 +402,70 @@ class TestMapper(unittest.TestCase):
         cfg.INPUT.DENSITY.BLUR_PROB = 0.5
         cfg.INPUT.DENSITY.BLUR_SIGMA = (2.0, 1.0)
         with self.assertRaisesRegex(ValueError, "BLUR_SIGMA"):
+            build_density_augmentation(cfg, True)
+
+    def test_elastic_deformation_moves_points_with_the_image(self):
+        cfg = self._photometric_cfg()
+        cfg.INPUT.DENSITY.ELASTIC.PROB = 1.0
+        cfg.INPUT.DENSITY.ELASTIC.ALPHA = 2.0
+        cfg.INPUT.DENSITY.ELASTIC.SPACING = 16.0
+        augs = build_density_augmentation(cfg, True)
+        self.assertEqual([type(a) for a in augs], [RandomElasticDeform])
+        self.assertEqual(build_density_augmentation(cfg, False), [])  # training only
+        # Gaussian spots (σ 1.5 px) at known points: after the warp, each spot's intensity
+        # centroid lies on its transformed point, and no spot is lost (the field is zero at the
+        # borders, so nothing enters or leaves the image)
+        h, w = 48, 64
+        pts = np.array([[8.3, 9.7], [31.5, 24.2], [50.8, 12.1], [20.4, 38.6], [56.9, 40.3]])
+        yy, xx = np.mgrid[0:h, 0:w] + 0.5
+        spots = [np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.5**2)) for x, y in pts]
+        image = (200 * np.clip(sum(spots), 0, 1)[..., None]).repeat(3, axis=2).astype(np.float32)
+        np.random.seed(3)
+        moved = miss = 0.0
+        for _ in range(5):
+            t = augs[0].get_transform(image)
+            self.assertIsInstance(t, ElasticTransform)
+            for f in (t.dx, t.dy):
+                self.assertEqual(f.shape, (h, w))
+                self.assertLess(np.abs(f[0]).max() + np.abs(f[:, 0]).max(), 0.5)
+            out = t.apply_image(image.copy())[..., 0]
+            new = t.apply_coords(pts.copy())
+            self.assertEqual(new.shape, pts.shape)
+            # the inverse map: p + d(p) is the original point
+            np.testing.assert_allclose(new + t._field_at(new), pts, atol=1e-3)
+            for (x, y), (x0, y0) in zip(new, pts):
+                win = (np.abs(xx - x) < 4) & (np.abs(yy - y) < 4)
+                mass = out[win]
+                cx, cy = (xx[win] * mass).sum() / mass.sum(), (yy[win] * mass).sum() / mass.sum()
+                self.assertLess(np.hypot(cx - x, cy - y), 0.5)
+                # the forward map p = q + d(q) (a wrong inverse) would miss by about 2 |d|
+                wrong = np.array([x0, y0]) + t._field_at(np.array([[x0, y0]]))[0]
+                miss = max(miss, np.hypot(cx - wrong[0], cy - wrong[1]))
+            moved = max(moved, np.abs(new - pts).max())
+        self.assertGreater(moved, 1.0)  # the warp did move the points
+        self.assertGreater(miss, 1.0)
+        # a zero field is the identity
+        zero = ElasticTransform(np.zeros((h, w)), np.zeros((h, w)))
+        np.testing.assert_allclose(zero.apply_image(image.copy()), image)
+        np.testing.assert_allclose(zero.apply_coords(pts.copy()), pts)
+        with self.assertRaisesRegex(ValueError, "does not match"):
+            zero.apply_image(np.zeros((h + 1, w, 3), np.uint8))
+        # through the mapper (segmentation warped too), on uint8 images: all points are kept
+        with tempfile.TemporaryDirectory() as d:
+            Image.fromarray(image.astype(np.uint8)).save(os.path.join(d, "a.png"))
+            record = {
+                "file_name": os.path.join(d, "a.png"),
+                "height": h,
+                "width": w,
+                "image_id": 0,
+                "points": pts.astype(np.float32),
+                "roi": np.ones((h, w), dtype=bool),
+            }
+            out = DensityDatasetMapper(cfg, True)(record)
+            self.assertEqual(tuple(out["points"].shape), (5, 2))
+            self.assertTrue(bool(out["roi"].all()))
+        cfg.INPUT.DENSITY.ELASTIC.SPACING = 0.0
+        with self.assertRaisesRegex(ValueError, "SPACING"):
             build_density_augmentation(cfg, True)
 
     def test_artificial_edges_match_brute_force(self):

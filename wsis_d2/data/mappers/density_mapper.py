@@ -27,6 +27,8 @@ __all__ = [
     "RandomRot90",
     "RandomEdgeCrop",
     "RandomChannelGain",
+    "ElasticTransform",
+    "RandomElasticDeform",
     "RandomGaussianBlur",
     "artificial_edges",
     "crop_edge_mask",
@@ -96,6 +98,113 @@ class RandomEdgeCrop(T.Augmentation):
             else:
                 offsets.append(int(np.random.randint(size - crop + 1)))
         return T.CropTransform(offsets[1], offsets[0], cw, ch)
+
+
+class ElasticTransform(T.Transform):
+    """
+    A smooth non-rigid warp: output pixel p shows the input at p + d(p), for a displacement field
+    d = (dx, dy) given at the pixel centres. Points move with the image (the inverse map, solved
+    by fixed-point iteration), so that every cell keeps its point and the count is unchanged.
+    """
+
+    def __init__(self, dx: np.ndarray, dy: np.ndarray):
+        """
+        Args:
+            dx, dy: float32 (H, W) displacements in pixels, smooth (|∇d| < 1 for an invertible
+                warp), zero at the image borders if nothing may enter from outside.
+        """
+        super().__init__()
+        if dx.shape != dy.shape or dx.ndim != 2:
+            raise ValueError(
+                f"displacement fields must be two (H, W) arrays, got {dx.shape}, {dy.shape}"
+            )
+        self._set_attributes({"dx": dx.astype(np.float32), "dy": dy.astype(np.float32)})
+
+    def _maps(self):
+        h, w = self.dx.shape
+        gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
+        return gx + self.dx, gy + self.dy
+
+    def _remap(self, img: np.ndarray, interp) -> np.ndarray:
+        if img.shape[:2] != self.dx.shape:
+            raise ValueError(f"image {img.shape[:2]} does not match the field {self.dx.shape}")
+        map_x, map_y = self._maps()
+        out = cv2.remap(img, map_x, map_y, interp, borderMode=cv2.BORDER_REFLECT_101)
+        return out.reshape(img.shape)
+
+    def apply_image(self, img: np.ndarray) -> np.ndarray:
+        return self._remap(img, cv2.INTER_LINEAR)
+
+    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
+        return self._remap(segmentation, cv2.INTER_NEAREST)
+
+    def _field_at(self, coords: np.ndarray) -> np.ndarray:
+        """(P, 2) displacement at continuous positions (bilinear between pixel centres)."""
+        h, w = self.dx.shape
+        x = np.clip(coords[:, 0] - 0.5, 0, w - 1)
+        y = np.clip(coords[:, 1] - 0.5, 0, h - 1)
+        x0 = np.minimum(np.floor(x).astype(np.int64), max(w - 2, 0))
+        y0 = np.minimum(np.floor(y).astype(np.int64), max(h - 2, 0))
+        x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+        fx, fy = x - x0, y - y0
+        out = []
+        for f in (self.dx, self.dy):
+            top = f[y0, x0] * (1 - fx) + f[y0, x1] * fx
+            bottom = f[y1, x0] * (1 - fx) + f[y1, x1] * fx
+            out.append(top * (1 - fy) + bottom * fy)
+        return np.stack(out, axis=1)
+
+    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        """(P, 2) x, y of the input -> the output position p with p + d(p) = input position."""
+        if len(coords) == 0:
+            return coords
+        src = coords.astype(np.float64)
+        p = src.copy()
+        for _ in range(50):  # a contraction for |∇d| < 1; ~0.3 px closer per step for |∇d| ~ 0.3
+            nxt = src - self._field_at(p)
+            done = np.abs(nxt - p).max() < 1e-5
+            p = nxt
+            if done:
+                break
+        return p.astype(coords.dtype)
+
+
+class RandomElasticDeform(T.Augmentation):
+    """
+    Random elastic deformation (Ronneberger et al. 2015, the U-Net paper's main augmentation for
+    few training images): displacements drawn per control point on a grid of ``spacing`` pixels
+    with standard deviation ``alpha`` pixels, interpolated bicubically to every pixel and tapered
+    to zero over ``border`` pixels along the image borders (no content enters from outside).
+    Touching cells move against each other, so the network sees new overlaps of the same cells.
+    """
+
+    def __init__(self, alpha: float, spacing: float, prob: float = 1.0, border: int = 8):
+        super().__init__()
+        if not (alpha >= 0 and spacing > 0 and 0.0 <= prob <= 1.0 and border >= 0):
+            raise ValueError(
+                "INPUT.DENSITY.ELASTIC needs ALPHA >= 0, SPACING > 0 and PROB in [0, 1], got "
+                f"ALPHA {alpha}, SPACING {spacing}, PROB {prob}"
+            )
+        self._init(locals())
+
+    def get_transform(self, image):
+        if self.alpha == 0 or np.random.rand() >= self.prob:
+            return T.NoOpTransform()
+        h, w = image.shape[:2]
+        gh = int(np.ceil(h / self.spacing)) + 1
+        gw = int(np.ceil(w / self.spacing)) + 1
+        fields = []
+        for _ in range(2):
+            grid = np.random.normal(0.0, self.alpha, size=(gh, gw)).astype(np.float32)
+            fields.append(cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC))
+        if self.border > 0:
+            ty = np.clip((np.arange(h) + 0.5) / self.border, 0.0, 1.0)
+            ty = np.minimum(ty, ty[::-1])
+            tx = np.clip((np.arange(w) + 0.5) / self.border, 0.0, 1.0)
+            tx = np.minimum(tx, tx[::-1])
+            taper = (ty[:, None] * tx[None, :]).astype(np.float32)
+            fields = [f * taper for f in fields]
+        return ElasticTransform(*fields)
 
 
 def _as_uint8_like(result: np.ndarray, image: np.ndarray) -> np.ndarray:
@@ -206,7 +315,8 @@ def build_density_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     """
     Training: optional ResizeShortestEdge (``INPUT.MIN_SIZE_TRAIN`` > 0), optional RandomCrop
     (``INPUT.CROP``; :class:`RandomEdgeCrop` with ``INPUT.DENSITY.CROP_EDGE_PROB`` > 0), random
-    flips (``INPUT.DENSITY.FLIPS``), optional random quarter turns (``INPUT.DENSITY.ROTATE_90``),
+    flips (``INPUT.DENSITY.FLIPS``), optional random quarter turns (``INPUT.DENSITY.ROTATE_90``), an
+    optional elastic deformation (``INPUT.DENSITY.ELASTIC``, :class:`RandomElasticDeform`),
     an optional random intensity gain (``INPUT.DENSITY.BRIGHTNESS``, one factor per image: the
     model has to count cells, not integrate brightness, since exposure and staining vary between
     images), optional random gains per colour channel (``INPUT.DENSITY.CHANNEL_GAIN``) and an
@@ -239,6 +349,13 @@ def build_density_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
             augs.append(T.RandomFlip(horizontal=flip == "horizontal", vertical=flip == "vertical"))
         if cfg.INPUT.DENSITY.ROTATE_90:
             augs.append(RandomRot90())
+        elastic = cfg.INPUT.DENSITY.ELASTIC
+        if elastic.PROB > 0:
+            augs.append(
+                RandomElasticDeform(
+                    float(elastic.ALPHA), float(elastic.SPACING), float(elastic.PROB)
+                )
+            )
         lo, hi = _gain_range(cfg.INPUT.DENSITY.BRIGHTNESS, "BRIGHTNESS")
         if (lo, hi) != (1.0, 1.0):
             augs.append(T.RandomBrightness(lo, hi))
