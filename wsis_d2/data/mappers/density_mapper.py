@@ -119,17 +119,14 @@ class ElasticTransform(T.Transform):
                 f"displacement fields must be two (H, W) arrays, got {dx.shape}, {dy.shape}"
             )
         self._set_attributes({"dx": dx.astype(np.float32), "dy": dy.astype(np.float32)})
-
-    def _maps(self):
-        h, w = self.dx.shape
-        gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
-        return gx + self.dx, gy + self.dy
+        # sampling positions p + d(p), shared by the image and its segmentation (ROI)
+        gy, gx = np.mgrid[0 : dx.shape[0], 0 : dx.shape[1]].astype(np.float32)
+        self._map_x, self._map_y = gx + self.dx, gy + self.dy
 
     def _remap(self, img: np.ndarray, interp) -> np.ndarray:
         if img.shape[:2] != self.dx.shape:
             raise ValueError(f"image {img.shape[:2]} does not match the field {self.dx.shape}")
-        map_x, map_y = self._maps()
-        out = cv2.remap(img, map_x, map_y, interp, borderMode=cv2.BORDER_REFLECT_101)
+        out = cv2.remap(img, self._map_x, self._map_y, interp, borderMode=cv2.BORDER_REFLECT_101)
         return out.reshape(img.shape)
 
     def apply_image(self, img: np.ndarray) -> np.ndarray:
@@ -198,11 +195,12 @@ class RandomElasticDeform(T.Augmentation):
             grid = np.random.normal(0.0, self.alpha, size=(gh, gw)).astype(np.float32)
             fields.append(cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC))
         if self.border > 0:
-            ty = np.clip((np.arange(h) + 0.5) / self.border, 0.0, 1.0)
-            ty = np.minimum(ty, ty[::-1])
-            tx = np.clip((np.arange(w) + 0.5) / self.border, 0.0, 1.0)
-            tx = np.minimum(tx, tx[::-1])
-            taper = (ty[:, None] * tx[None, :]).astype(np.float32)
+
+            def ramp(n):  # 0 -> 1 over `border` pixels from both ends
+                r = np.clip((np.arange(n) + 0.5) / self.border, 0.0, 1.0)
+                return np.minimum(r, r[::-1])
+
+            taper = (ramp(h)[:, None] * ramp(w)[None, :]).astype(np.float32)
             fields = [f * taper for f in fields]
         return ElasticTransform(*fields)
 
