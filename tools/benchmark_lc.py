@@ -6,8 +6,10 @@ CPU (~40 minutes in all at the default budgets):
 1. train LC with a fixed schedule (``--lc-iters``) on ``wsis_synth_train_4k`` (``--train-set``),
    evaluate on ``wsis_synth_val`` (counting errors and mAP^r);
 2. the counting baseline: every image predicted with each class's mean training count;
-3. the fully supervised reference: stock Mask R-CNN trained on the same data with
-   ``--supervised-iters`` (or its mAP^r_50 read from ``--supervised-json``);
+3. the fully supervised reference: the stock Mask R-CNN on the same ImageNet MobileNetV2 (FPN),
+   trained with ground-truth masks on the same data (tools/benchmark_mask_rcnn.py). Its mAP^r_50 is
+   read from ``--supervised-json`` (default: the JSON that benchmark_mask_rcnn.py writes, when
+   present), else the model is trained here (``--supervised-iters``, 0: its config's schedule);
 4. head_overhead: time of the LC heads + losses relative to the bare backbone forward + backward
    at 448x448, batch 2 (median of repeats);
 5. prm_backward_ratio: time to get the masks of all retained peaks of an image (batched backward +
@@ -19,13 +21,13 @@ timings). Targets: mRMSE <= 0.35 x baseline_mRMSE, mAP_r50 >= 0.5 x supervised_m
 head_overhead <= 0.15, prm_backward_ratio <= 2.
 
     python tools/benchmark_lc.py                            # full run (~40 min on 2 cores)
-    python tools/benchmark_lc.py --lc-iters 20 --supervised-iters 20 --eval-images 10   # smoke
+    python tools/benchmark_lc.py --lc-iters 20 --supervised-iters 20 --eval-images 10 \
+        --supervised-json ""                                                # smoke
     python tools/benchmark_lc.py --lc-weights output/benchmark_lc/lc/model_final.pth \
         MODEL.LC.PRM.MASK_MODE threshold    # re-evaluate a trained model with other settings
 """
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -37,77 +39,50 @@ import numpy as np
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, DatasetFromList, MetadataCatalog
+from detectron2.data import DatasetCatalog, DatasetFromList
 from detectron2.data import build_detection_test_loader
-from detectron2.engine import hooks
 from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wsis_d2  # noqa: E402,F401  (registers datasets, models and mappers)
-from wsis_d2 import add_wsis_config  # noqa: E402
 from wsis_d2.data import build_dataset_mapper  # noqa: E402
-from wsis_d2.evaluation import (
+from wsis_d2.evaluation import (  # noqa: E402
     CountingEvaluator,
     InstanceAPEvaluator,
     counting_metrics,
-)  # noqa: E402
+)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmark_mask_rcnn import CONFIG as MASK_RCNN_CONFIG  # noqa: E402
+from benchmark_mask_rcnn import JSON_NAME as JSON_MASK_RCNN  # noqa: E402
+from benchmark_mask_rcnn import OUTPUT_DIR as OUTPUT_MASK_RCNN  # noqa: E402
+from benchmark_mask_rcnn import evaluate as evaluate_mask_rcnn  # noqa: E402
+from benchmark_mask_rcnn import train_mask_rcnn  # noqa: E402
+from benchmark_utils import (  # noqa: E402
+    ROOT,
+    VAL_SET,
+    bench_cfg,
+    cpu_time,
+    load_trainer_class,
+    rescale_schedule,
+)
+
 LC_CONFIG = os.path.join(ROOT, "configs", "demo", "lc_mnv2_synthetic_bench.yaml")
 # head_overhead: the paper's model (R-50, stride 32, 448x448, 20 classes)
 OVERHEAD_CONFIG = os.path.join(ROOT, "configs", "lc_r50.yaml")
-SUPERVISED_CONFIGS = [
-    os.path.join(ROOT, "configs", "demo", "mask_rcnn_R_50_FPN_synthetic.yaml"),
-    os.path.join(ROOT, "configs", "demo", "mask_rcnn_R_18_FPN_synthetic.yaml"),
-]
-TRAIN_SET, VAL_SET = "wsis_synth_train_4k", "wsis_synth_val"
+SUPERVISED_JSON = os.path.join(OUTPUT_MASK_RCNN, JSON_MASK_RCNN)
+TRAIN_SET = "wsis_synth_train_4k"
 
 logger = logging.getLogger("benchmark_lc")
 
 
-def _load_trainer_class():
-    """``Trainer`` of tools/train_net.py (its mappers), without the final evaluation hook: the
-    benchmark evaluates the trained model itself, on a chosen number of images."""
-    path = os.path.join(ROOT, "tools", "train_net.py")
-    spec = importlib.util.spec_from_file_location("wsis_train_net", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
-    class BenchmarkTrainer(module.Trainer):
-        def build_hooks(self):
-            return [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
-
-    return BenchmarkTrainer
-
-
 def _cfg(config_file, opts, output_dir, train_set=TRAIN_SET):
-    cfg = get_cfg()
-    add_wsis_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.DATASETS.TRAIN = (train_set,)
-    cfg.DATASETS.TEST = (VAL_SET,)
-    cfg.TEST.EVAL_PERIOD = 0
+    cfg = bench_cfg(config_file, opts, output_dir, train_set)
     cfg.TEST.WSIS_COCO_EVAL = False
-    cfg.OUTPUT_DIR = output_dir
     return cfg
-
-
-def _schedule(cfg, iters):
-    """Rescale the config's schedule to ``iters`` iterations (steps at the same fractions)."""
-    old = max(1, cfg.SOLVER.MAX_ITER)
-    steps = {int(round(s * iters / old)) for s in cfg.SOLVER.STEPS}
-    cfg.SOLVER.STEPS = tuple(sorted(s for s in steps if 0 < s < iters))
-    cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(1, iters // 10))
-    if cfg.MODEL.META_ARCHITECTURE == "ImageLevelCounter":
-        cfg.MODEL.LC.SPATIAL_START_ITER = int(round(cfg.MODEL.LC.SPATIAL_START_ITER * iters / old))
-    cfg.SOLVER.MAX_ITER = int(iters)
-    cfg.SOLVER.CHECKPOINT_PERIOD = int(iters) + 1
 
 
 def _evaluate(cfg, model, num_images):
@@ -160,22 +135,14 @@ def baseline_mrmse(num_images, train_set):
     return float(counting_metrics(pred, gt)["mRMSE"])
 
 
-def _cpu_time(fn):
-    """CPU seconds of this process spent in ``fn()`` (all threads): unlike wall time, barely
-    affected by other processes sharing the machine."""
-    start = time.process_time()
-    fn()
-    return time.process_time() - start
-
-
 def _paired_ratio(fn_a, fn_b, repeats):
     """Median over interleaved repeats of cpu(fn_b) / cpu(fn_a), after one warm-up of each."""
     fn_a()
     fn_b()
     ratios, times_a, times_b = [], [], []
     for _ in range(repeats):
-        t_a = _cpu_time(fn_a)
-        t_b = _cpu_time(fn_b)
+        t_a = cpu_time(fn_a)
+        t_b = cpu_time(fn_b)
         ratios.append(t_b / t_a)
         times_a.append(t_a)
         times_b.append(t_b)
@@ -255,8 +222,8 @@ def prm_backward_ratio(model, loader, dicts, max_images, repeats=3):
         with_masks()
         forwards, totals = [], []
         for _ in range(repeats):
-            forwards.append(_cpu_time(counts_only))
-            totals.append(_cpu_time(with_masks))
+            forwards.append(cpu_time(counts_only))
+            totals.append(cpu_time(with_masks))
         forward, total = statistics.median(forwards), statistics.median(totals)
         t_forward += forward
         t_masks += max(0.0, total - forward)
@@ -268,8 +235,9 @@ def prm_backward_ratio(model, loader, dicts, max_images, repeats=3):
     return (t_masks / t_forward if t_forward > 0 else float("nan")), used, peaks
 
 
-def supervised_map(args, trainer_cls):
-    if args.supervised_json:
+def supervised_map(args):
+    """(mAP^r_50 of the supervised reference, its training seconds; 0 when read from a file)."""
+    if args.supervised_json and os.path.isfile(args.supervised_json):
         with open(args.supervised_json) as f:
             data = json.load(f)
         for key in ("supervised_mAP_r50", "mAP_r50"):
@@ -283,16 +251,18 @@ def supervised_map(args, trainer_cls):
             f"{args.supervised_json}: no field 'mAP_r50', 'supervised_mAP_r50', "
             "'wsis_instance.mAP_r50' or 'results.mAP_r50'"
         )
-    config = args.supervised_config or next(
-        (p for p in SUPERVISED_CONFIGS if os.path.exists(p)), None
+    if args.supervised_json and args.supervised_json != SUPERVISED_JSON:
+        raise ValueError(f"--supervised-json: no such file {args.supervised_json}")
+    logger.info(
+        "supervised reference: training %s (%s iterations)",
+        args.supervised_config,
+        args.supervised_iters or "the config's",
     )
-    if config is None:
-        raise ValueError(f"no supervised config: none of {SUPERVISED_CONFIGS} exists")
-    logger.info("supervised reference: %s, %d iterations", config, args.supervised_iters)
-    cfg = _cfg(config, [], os.path.join(args.output_dir, "supervised"), args.train_set)
-    _schedule(cfg, args.supervised_iters)
-    cfg.freeze()
-    _, results, train_time, _, _, _ = train_and_evaluate(trainer_cls, cfg, args.eval_images)
+    output_dir = os.path.join(args.output_dir, "supervised")
+    cfg, model, train_time = train_mask_rcnn(
+        args.supervised_config, [], args.supervised_iters, output_dir, args.train_set
+    )
+    results = evaluate_mask_rcnn(cfg, model, args.eval_images, output_dir)
     return float(results["wsis_instance"]["mAP_r50"]), train_time
 
 
@@ -313,9 +283,17 @@ def main():
         help="evaluate this LC checkpoint (trained by an earlier run with the same config and "
         "--lc-iters) instead of training; e.g. to measure other inference settings",
     )
-    parser.add_argument("--supervised-config", default="", help="Mask R-CNN config")
-    parser.add_argument("--supervised-iters", type=int, default=300, help="Mask R-CNN iterations")
-    parser.add_argument("--supervised-json", default="", help="read supervised mAP_r50 from here")
+    parser.add_argument(
+        "--supervised-config", default=MASK_RCNN_CONFIG, help="Mask R-CNN config"
+    )
+    parser.add_argument(
+        "--supervised-iters", type=int, default=0, help="Mask R-CNN iterations (0: the config's)"
+    )
+    parser.add_argument(
+        "--supervised-json",
+        default=SUPERVISED_JSON,
+        help="read the supervised mAP_r50 from this JSON if it exists ('': always train)",
+    )
     parser.add_argument("--eval-images", type=int, default=0, help="validation images (0: all)")
     parser.add_argument("--prm-images", type=int, default=20, help="images for prm_backward_ratio")
     parser.add_argument(
@@ -330,10 +308,10 @@ def main():
     setup_logger(name="benchmark_lc")
     torch.manual_seed(0)
     os.makedirs(args.output_dir, exist_ok=True)
-    trainer_cls = _load_trainer_class()
+    trainer_cls = load_trainer_class()
 
     cfg = _cfg(args.config_file, args.opts, os.path.join(args.output_dir, "lc"), args.train_set)
-    _schedule(cfg, args.lc_iters)
+    rescale_schedule(cfg, args.lc_iters)
     cfg.freeze()
     if args.lc_weights:
         model, results, lc_train_time, lc_eval_time, dicts, loader = evaluate_checkpoint(
@@ -347,7 +325,7 @@ def main():
     ratio, prm_images, prm_peaks = prm_backward_ratio(model, loader, dicts, args.prm_images)
     overhead_cfg = _cfg(args.overhead_config, [], os.path.join(args.output_dir, "overhead"))
     overhead, t_bare, t_full = head_overhead(overhead_cfg)
-    sup_map, sup_train_time = supervised_map(args, trainer_cls)
+    sup_map, sup_train_time = supervised_map(args)
     out = {
         "mRMSE": counting["mRMSE"],
         "mRMSE_nz": counting["mRMSE_nz"],
@@ -367,7 +345,7 @@ def main():
         "lc_train_s": lc_train_time,
         "lc_weights": args.lc_weights,
         "lc_eval_s": lc_eval_time,
-        "supervised_iters": 0 if args.supervised_json else args.supervised_iters,
+        "supervised_iters": 0 if sup_train_time == 0 else args.supervised_iters,
         "supervised_train_s": sup_train_time,
     }
     with open(os.path.join(args.output_dir, "benchmark_lc.json"), "w") as f:

@@ -80,6 +80,9 @@ def add_lc_config(cfg):
     _C.MODEL.LC.SPATIAL_START_ITER = 0
     # inference: class c is present when σ(s_c) > this; counts round(t̂_c) there, 0 elsewhere
     _C.MODEL.LC.CLASS_THRESHOLD = 0.5
+    # train the classification branch alone from image-level labels (PRM-style peak stimulation,
+    # the classifier of CCGR's round-1 cues): L_class only, counts are never read
+    _C.MODEL.LC.IMAGE_LABELS_ONLY = False
 
     _C.MODEL.LC.PRM = CN()
     # inference: one instance per retained peak (top round(t̂_c) peaks of present classes) with
@@ -240,16 +243,86 @@ def add_backbone_config(cfg):
     """Backbones wsis_d2 adds to detectron2's BACKBONE_REGISTRY (besides the density ones)."""
     _C = cfg
     # MobileNetV2 (wsis_d2/modeling/backbone/mobilenet.py), e.g. from torchvision's ImageNet
-    # weights converted by tools/fetch_mobilenet_weights.py
+    # weights converted by tools/fetch_mobilenet_weights.py; build_mobilenet_v2_fpn_backbone puts
+    # detectron2's FPN (MODEL.FPN.*) on the stages named in MODEL.FPN.IN_FEATURES
     _C.MODEL.MOBILENET = CN()
     # stages to return: "m1".."m5" (output strides 2, 4, 8, 16, 32)
     _C.MODEL.MOBILENET.OUT_FEATURES = ["m4"]
     # the first FREEZE_AT stages keep their weights (0: train all)
     _C.MODEL.MOBILENET.FREEZE_AT = 2
-    # "FrozenBN" (ImageNet statistics fixed, for fine-tuning from weights) or "BN"
+    # "FrozenBN" (ImageNet statistics fixed, for fine-tuning from weights), "BN" (trainable) or
+    # "GN" (GroupNorm with gcd(32, C) groups; a BN checkpoint gives its γ, β)
     _C.MODEL.MOBILENET.NORM = "FrozenBN"
     # 2: "m5" at stride 16 (dilated depthwise convs) instead of 32
     _C.MODEL.MOBILENET.M5_DILATION = 1
+    return cfg
+
+
+def add_ccgr_config(cfg):
+    """CCGR: center-context-gap refinement for weakly supervised instance segmentation (AAAI 2020),
+    image-level labels only."""
+    _C = cfg
+    _C.MODEL.CCGR = CN()
+    # --- bags (wsis_d2/modeling/ccgr.py: build_bags) ---
+    # instances per bag: the top-K proposals containing the bag's peak and no other peak of its
+    # class, ranked by R(B) = B_S − γ·Σ_B(1 − O)/|B| (Eq. 4)
+    _C.MODEL.CCGR.BAG_SIZE = 10
+    # γ of Eq. 4 (0.1 in the paper)
+    _C.MODEL.CCGR.BAG_SEG_WEIGHT = 0.1
+    # --- round-1 cues from the image-level classifier (wsis_d2/modeling/ccgr.py) ---
+    # a local maximum (radius MODEL.LC.PEAK_RADIUS) of a present class's map is a peak (a bag)
+    # when its value is at least this fraction of that map's largest value
+    _C.MODEL.CCGR.PEAK_RELATIVE_THRESHOLD = 0.5
+    # round-1 pseudo semantic labels from the class maps: "regions" (class maps averaged over
+    # graph-based image regions, then thresholded) or "pixels" (thresholded per pixel)
+    _C.MODEL.CCGR.CUE_MODE = "regions"
+    # a pixel (region) is foreground of class c when its normalised class score (M^c / max M^c)
+    # is >= FG_THRESHOLD and c is the best present class; background when every present class
+    # scores < BG_THRESHOLD; the ignore value in between
+    _C.MODEL.CCGR.FG_THRESHOLD = 0.4
+    _C.MODEL.CCGR.BG_THRESHOLD = 0.15
+    # graph-based segmentation of CUE_MODE "regions" (k, σ, minimum size in pixels)
+    _C.MODEL.CCGR.SEGMENT_SCALE = 300.0
+    _C.MODEL.CCGR.SEGMENT_SIGMA = 0.8
+    _C.MODEL.CCGR.SEGMENT_MIN_SIZE = 20
+    # file of the round's cues (peaks and pseudo semantic label maps per image id; written by
+    # wsis_d2.modeling.ccgr.write_cues), read by CCGRDatasetMapper
+    _C.MODEL.CCGR.CUES_FILE = ""
+    # --- refinement (Eq. 2-3) ---
+    # gradient steps on the box coordinates (the paper's Fig. 4: 200)
+    _C.MODEL.CCGR.REFINE_STEPS = 200
+    # Adam step size in pixels of the score map
+    _C.MODEL.CCGR.REFINE_LR = 0.5
+    # side ratio of the context box C to the box B (1.5)
+    _C.MODEL.CCGR.CONTEXT_SCALE = 1.5
+    # boxes keep at least this width and height (pixels)
+    _C.MODEL.CCGR.MIN_BOX_SIZE = 4.0
+    # --- pseudo instance masks ---
+    # mask = pixels of the refined box whose class score S_c is >= this
+    _C.MODEL.CCGR.MASK_THRESHOLD = 0.5
+    # pseudo instances of one class overlapping a better-scored one at box IoU > this are dropped
+    # (1.0: keep all)
+    _C.MODEL.CCGR.NMS_THRESHOLD = 0.5
+
+    # WSDDN MIL branch over bags (wsis_d2/modeling/roi_heads/wsddn.py), on detectron2's ROIPooler
+    # (MODEL.ROI_BOX_HEAD.POOLER_*) and box head (MODEL.ROI_BOX_HEAD.NAME, NUM_FC, FC_DIM)
+    _C.MODEL.WSDDN = CN()
+    # ε of the clamp of φ_B into (ε, 1 − ε) before the binary cross entropy
+    _C.MODEL.WSDDN.EPS = 1e-6
+    # "bags": L_MIL averaged over the batch's bags; "none": summed as Σ_B L(B) (the paper)
+    _C.MODEL.WSDDN.LOSS_NORMALIZATION = "bags"
+    _C.MODEL.WSDDN.LOSS_WEIGHT = 1.0
+
+    # PSPNet pyramid pooling head of the SS branch (wsis_d2/modeling/heads/psp_head.py); also
+    # MODEL.SEM_SEG_HEAD.{IN_FEATURES, NUM_CLASSES (C + 1), IGNORE_VALUE, NORM, LOSS_WEIGHT,
+    # CONVS_DIM (channels of each pooled branch; 0: in/len(BINS) as PSPNet)}
+    _C.MODEL.PSP = CN()
+    # output sizes of the adaptive average pools (PSPNet: 1, 2, 3, 6)
+    _C.MODEL.PSP.BINS = [1, 2, 3, 6]
+    # channels of the 3x3 conv after the concatenation
+    _C.MODEL.PSP.HIDDEN_DIM = 128
+    # dropout before the classifier (PSPNet: 0.1)
+    _C.MODEL.PSP.DROPOUT = 0.1
     return cfg
 
 
@@ -262,4 +335,5 @@ def add_wsis_config(cfg):
     add_synthetic_config(cfg)
     add_lc_config(cfg)
     add_density_config(cfg)
+    add_ccgr_config(cfg)
     return cfg

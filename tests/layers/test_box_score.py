@@ -225,6 +225,29 @@ class BoxScoreTestBody:
         for got, expected in zip(*results):
             torch.testing.assert_close(got, expected)
 
+    def test_integer_coordinates_take_the_ops_one_sided_derivative(self):
+        # proposals are integer boxes, so CCGR's first step reads the derivative at a kink: the
+        # reference must take the op's derivative from the right / below, not split the tie
+        g = torch.Generator().manual_seed(5)
+        maps = torch.rand(1, 2, 9, 11, generator=g, dtype=torch.float64).to(self.device)
+        rows = [[0, 2.0, 3.0, 6.0, 7.0], [0, 3.0, 2.0, 3.0, 5.0], [0, 1.0, 1.0, 10.0, 8.0],
+                [0, 2.5, 3.0, 7.0, 6.5], [0, 0.0, 4.0, 5.0, 9.0]]
+        classes = torch.tensor([1, 0, 1, 0, 1], device=self.device)
+        results = []
+        for ref in (False, True):
+            boxes = torch.tensor(rows, dtype=torch.float64, device=self.device).requires_grad_()
+            inside, ring = box_context_gap(maps, boxes, classes, use_reference=ref)
+            (grad,) = torch.autograd.grad((ring - inside).sum(), boxes)
+            results.append((inside.detach(), ring.detach(), grad))
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+        # by hand: d(box sum)/dx2 at x2 = 6 is the map's column 6 over the box's rows
+        boxes = torch.tensor(rows[:1], dtype=torch.float64, device=self.device).requires_grad_()
+        total, _ = box_sum(maps, boxes, classes[:1], use_reference=True)
+        (grad,) = torch.autograd.grad(total.sum(), boxes)
+        self.assertAlmostEqual(float(grad[0, 3]), float(maps[0, 1, 3:7, 6].sum()), places=12)
+        self.assertAlmostEqual(float(grad[0, 1]), -float(maps[0, 1, 3:7, 2].sum()), places=12)
+
     def test_empty_box_list(self):
         maps = torch.rand(1, 2, 5, 5, device=self.device)
         boxes = torch.zeros(0, 5, device=self.device)

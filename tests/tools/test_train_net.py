@@ -1,5 +1,6 @@
 """
-End-to-end: tools/train_net.py trains the supervised Mask R-CNN reference on the tiny synthetic
+End-to-end: tools/train_net.py trains the supervised Mask R-CNN reference (stock detectron2 Mask
+R-CNN on the MobileNetV2-FPN backbone, bfloat16 autocast as configured) on the tiny synthetic
 splits, evaluates it with the evaluators chosen by evaluator_type, saves, resumes, and the saved
 model loads in detectron2's DefaultPredictor.
 """
@@ -17,6 +18,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from wsis_d2.evaluation import CountingEvaluator, InstanceAPEvaluator
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MASK_RCNN = os.path.join(REPO, "configs", "mask_rcnn_mnv2_fpn_synthetic.yaml")
 
 
 def _load_train_net():
@@ -63,10 +65,11 @@ class TestTrainNet(unittest.TestCase):
             "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "160",
             "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
             "DATALOADER.NUM_WORKERS", "0", "TEST.WSIS_COCO_EVAL", "False",
+            "MODEL.WEIGHTS", "",
         ]
 
     def test_train_eval_resume_predict(self):
-        cfg_file = os.path.join(REPO, "configs", "demo", "mask_rcnn_R_18_FPN_synthetic.yaml")
+        cfg_file = MASK_RCNN
         out = os.path.join(self.tmp.name, "run")
         self.train_net.main(_Args(cfg_file, self._opts(out, 2)))
         with open(os.path.join(out, "last_checkpoint")) as f:
@@ -95,9 +98,10 @@ class TestTrainNet(unittest.TestCase):
         image = np.random.RandomState(0).randint(0, 255, (97, 131, 3)).astype(np.uint8)
         instances = predictor(image)["instances"]
         self.assertEqual(instances.image_size, (97, 131))
+        self.assertEqual(tuple(instances.pred_masks.shape[1:]), (97, 131))
 
     def test_evaluators_follow_evaluator_type(self):
-        cfg_file = os.path.join(REPO, "configs", "demo", "mask_rcnn_R_18_FPN_synthetic.yaml")
+        cfg_file = MASK_RCNN
         out = os.path.join(self.tmp.name, "evals")
         cfg = self.train_net.setup(_Args(cfg_file, self._opts(out, 1) + ["TEST.WSIS_COCO_EVAL", "True"]))
         evaluator = self.train_net.Trainer.build_evaluator(cfg, "wsis_synth_mini_val")

@@ -2,5 +2,14 @@
 from .counting import CountingEvaluator, counting_metrics
 from .density import DensityEvaluator
 from .instance_ap import InstanceAPEvaluator
+from .pseudo_labels import SemanticConfusion, proposal_recall, semantic_ground_truth
 
-__all__ = ["InstanceAPEvaluator", "CountingEvaluator", "counting_metrics", "DensityEvaluator"]
+__all__ = [
+    "InstanceAPEvaluator",
+    "CountingEvaluator",
+    "counting_metrics",
+    "DensityEvaluator",
+    "SemanticConfusion",
+    "proposal_recall",
+    "semantic_ground_truth",
+]

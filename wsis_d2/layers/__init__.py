@@ -10,7 +10,14 @@ from .box_score import (
     box_sum_reference,
     context_boxes,
 )
-from .graph_segment import edge_weights, graph_segment, graph_segment_reference
+from .box_refine import refine_context_gap, refine_context_gap_reference
+from .graph_segment import edge_weights, graph_segment, graph_segment_reference, graph_segment_scales
+from .selective_search import (
+    box_straddling,
+    box_straddling_reference,
+    hierarchical_grouping,
+    hierarchical_grouping_reference,
+)
 from .peaks import (
     Peaks,
     find_peaks,
@@ -33,9 +40,16 @@ __all__ = [
     "box_context_gap",
     "box_sum_reference",
     "context_boxes",
+    "refine_context_gap",
+    "refine_context_gap_reference",
     "edge_weights",
     "graph_segment",
     "graph_segment_reference",
+    "graph_segment_scales",
+    "hierarchical_grouping",
+    "hierarchical_grouping_reference",
+    "box_straddling",
+    "box_straddling_reference",
     "compiled_ops_available",
     "cuda_ops_available",
 ]

@@ -117,7 +117,8 @@ def box_sum_reference(
     """
     Pure-PyTorch per-box summation over clipped, valid boxes (independent of integral images):
     each pixel is weighted by its overlap with the box, ox_i * oy_j, and only the pixels the box
-    touches are visited. Differentiable by autograd (w.r.t. maps and the box corners).
+    touches are visited. Differentiable by autograd (w.r.t. maps and the box corners), with the
+    op's one-sided derivative (from the right / below) at integer coordinates.
 
     Args:
         maps: (N, C, H, W) score maps.
@@ -133,15 +134,19 @@ def box_sum_reference(
         n, x1, y1, x2, y2 = boxes[k]
         h, w = maps.shape[2], maps.shape[3]
         # at least one pixel per axis, so a zero-width box still has its edge derivative
+        # pixels floor(x1) .. floor(x2) (at least one, at most the image's): at an integer x2 the
+        # pixel right of it has zero overlap but carries the derivative from the right
         i0 = min(int(x1.detach().floor()), w - 1)
         j0 = min(int(y1.detach().floor()), h - 1)
-        i1 = max(int(x2.detach().ceil()), i0 + 1)
-        j1 = max(int(y2.detach().ceil()), j0 + 1)
+        i1 = max(min(int(x2.detach().floor()) + 1, w), i0 + 1)
+        j1 = max(min(int(y2.detach().floor()) + 1, h), j0 + 1)
         xs = torch.arange(i0, i1, dtype=maps.dtype, device=maps.device)
         ys = torch.arange(j0, j1, dtype=maps.dtype, device=maps.device)
-        # within [floor(x1), ceil(x2)) every overlap is >= 0: no clamp, so edges keep gradients
-        ox = torch.minimum(x2, xs + 1) - torch.maximum(x1, xs)
-        oy = torch.minimum(y2, ys + 1) - torch.maximum(y1, ys)
+        # every overlap here is >= 0: no clamp, so edges keep gradients. min / max as ``where``
+        # with the tie on the side of the derivative from the right / below, as the op takes it
+        # at integer coordinates (torch.minimum / maximum would split a tie 0.5 / 0.5)
+        ox = torch.where(x2 < xs + 1, x2, xs + 1) - torch.where(x1 >= xs, x1, xs)
+        oy = torch.where(y2 < ys + 1, y2, ys + 1) - torch.where(y1 >= ys, y1, ys)
         patch = maps[int(n), int(classes[k]), j0:j1, i0:i1]
         out.append(oy @ patch @ ox)
     if not out:

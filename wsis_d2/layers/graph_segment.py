@@ -34,6 +34,7 @@ the E ~ 4*H*W edges with an LSD radix sort on the float bit patterns, O(E), then
 
 import math
 import numbers
+from typing import List, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -41,7 +42,7 @@ import torch
 
 from ._ext import compiled_ops_available
 
-__all__ = ["edge_weights", "graph_segment", "graph_segment_reference"]
+__all__ = ["edge_weights", "graph_segment", "graph_segment_scales", "graph_segment_reference"]
 
 
 def _check_image(image: torch.Tensor) -> None:
@@ -258,13 +259,38 @@ def graph_segment(
     Returns:
         (H, W) int64 labels 0..S-1, numbered by first appearance in raster order.
     """
+    return graph_segment_scales(image, [scale], sigma, [min_size])[0]
+
+
+def graph_segment_scales(
+    image: torch.Tensor, scales: Sequence[float], sigma: float = 0.8, min_sizes: Sequence[int] = ()
+) -> List[torch.Tensor]:
+    """
+    :func:`graph_segment` of one image at several scales k (selective search's diversification),
+    the blur and edge weights computed once.
+
+    Args:
+        image: as for :func:`graph_segment`.
+        scales: the k of each segmentation.
+        sigma: as for :func:`graph_segment`.
+        min_sizes: minimum segment size of each scale (same length as ``scales``).
+
+    Returns:
+        one (H, W) int64 label map per scale.
+    """
     _check_image(image)
-    _check_number("scale", scale)
+    if len(min_sizes) != len(scales):
+        raise ValueError(f"{len(scales)} scales but {len(min_sizes)} min_sizes")
+    for scale, min_size in zip(scales, min_sizes):
+        _check_number("scale", scale)
+        _check_number("min_size", min_size, integer=True)
     _check_number("sigma", sigma)
-    _check_number("min_size", min_size, integer=True)
     weights = _edge_weights(image.detach().cpu(), float(sigma))
-    if compiled_ops_available():
-        labels = torch.ops.wsis_d2.graph_segment(weights, float(scale), int(min_size))
-    else:
-        labels = graph_segment_reference(weights, scale, min_size)
-    return labels.to(image.device)
+    out = []
+    for scale, min_size in zip(scales, min_sizes):
+        if compiled_ops_available():
+            labels = torch.ops.wsis_d2.graph_segment(weights, float(scale), int(min_size))
+        else:
+            labels = graph_segment_reference(weights, scale, min_size)
+        out.append(labels.to(image.device))
+    return out

@@ -1,1 +1,1 @@
-from . import backbone, meta_arch  # noqa: F401  (registers into detectron2's registries)
+from . import backbone, heads, meta_arch, roi_heads  # noqa: F401  (register into detectron2's registries)

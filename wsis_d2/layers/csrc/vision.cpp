@@ -25,9 +25,18 @@ TORCH_LIBRARY(wsis_d2, m) {
   m.def("box_sum_integral(Tensor S, Tensor boxes, Tensor classes) -> Tensor");
   m.def("box_sum_integral_backward(Tensor grad, Tensor S, Tensor boxes, Tensor classes)"
         " -> Tensor");
+  // BoxRefine: CCGR's center-context-gap refinement, all steps in the op; see BoxRefine/BoxRefine.h
+  m.def("refine_context_gap(Tensor S, Tensor boxes, Tensor classes, Tensor peaks, Tensor own,"
+        " int steps, float lr, float context_scale, float min_size, Tensor snapshot_steps)"
+        " -> (Tensor, Tensor, Tensor)");
   // GraphSegment: Felzenszwalb-Huttenlocher labels (H, W) from grid edge weights (4, H, W), CPU
   // only; see GraphSegment/GraphSegment.h
   m.def("graph_segment(Tensor weights, float scale, int min_size) -> Tensor");
+  // SelectiveSearch: hierarchical grouping of over-segmentations and superpixel straddling of
+  // boxes, CPU only; see SelectiveSearch/SelectiveSearch.h
+  m.def("selective_search(Tensor labels, Tensor colour_bins, Tensor texture_bins, Tensor weights)"
+        " -> (Tensor, Tensor)");
+  m.def("box_straddling(Tensor labels, Tensor boxes) -> Tensor");
 }
 
 } // namespace wsis_d2

@@ -6,3 +6,4 @@ from .lc_losses import (  # noqa: F401
     lc_ranking_loss,
     lc_spatial_loss,
 )
+from .wsddn_losses import wsddn_bag_scores, wsddn_loss  # noqa: F401

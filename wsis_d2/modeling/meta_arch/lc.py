@@ -121,6 +121,7 @@ class ImageLevelCounter(nn.Module):
         proposal_bg_threshold: float = 1.0,
         proposal_contour_width: int = 5,
         channels_last: bool = False,
+        image_labels_only: bool = False,
     ):
         """
         Args:
@@ -151,6 +152,8 @@ class ImageLevelCounter(nn.Module):
             proposal_*: PRM instance retrieval with box proposals.
             channels_last: keep weights and inputs in channels-last (NHWC) memory format
                 (``MODEL.CHANNELS_LAST``).
+            image_labels_only: train with the classification loss alone, from "labels" (the
+                counts of the inputs are never read; ``MODEL.LC.IMAGE_LABELS_ONLY``).
         """
         super().__init__()
         # frozen BN layers of any backbone as one op when the input needs a gradient (PRMs)
@@ -220,6 +223,7 @@ class ImageLevelCounter(nn.Module):
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
+        self.image_labels_only = bool(image_labels_only)
 
     @classmethod
     def from_config(cls, cfg):
@@ -266,6 +270,7 @@ class ImageLevelCounter(nn.Module):
             "proposal_bg_threshold": prm.PROPOSAL_BG_THRESHOLD,
             "proposal_contour_width": prm.PROPOSAL_CONTOUR_WIDTH,
             "channels_last": cfg.MODEL.CHANNELS_LAST,
+            "image_labels_only": lc.IMAGE_LABELS_ONLY,
         }
 
     @property
@@ -404,10 +409,38 @@ class ImageLevelCounter(nn.Module):
         fields = (labels, counts, count_ge, count_exact, tiles)
         return tuple(torch.stack(t).to(dev) for t in fields)
 
+    def _classification_only_loss(self, class_maps, batched_inputs, map_sizes):
+        """L_class from the inputs' "labels" alone (``image_labels_only``)."""
+        labels = []
+        for i, inp in enumerate(batched_inputs):
+            if "labels" not in inp:
+                raise ValueError(
+                    f"Training input {inp.get('file_name', i)} has no 'labels' "
+                    "(MODEL.LC.IMAGE_LABELS_ONLY)"
+                )
+            lab = torch.as_tensor(inp["labels"]).reshape(-1).float()
+            if lab.numel() != self.num_classes:
+                raise ValueError(
+                    f"Training input {inp.get('file_name', i)}: 'labels' has {lab.numel()} "
+                    f"entries, MODEL.LC.NUM_CLASSES is {self.num_classes}"
+                )
+            labels.append(lab)
+        labels = torch.stack(labels).to(self.device)
+        _, indices = self.find_peaks(class_maps, map_sizes)
+        scores = self.class_scores(class_maps, indices, map_sizes)
+        with torch.no_grad():
+            pred = torch.sigmoid(scores) > 0.5
+            get_event_storage().put_scalar(
+                "lc/cls_accuracy", (pred == (labels > 0.5)).float().mean()
+            )
+        return {"loss_cls": self.cls_loss_weight * lc_class_loss(scores, labels)}
+
     def losses(
         self, class_maps, density_maps, batched_inputs, map_sizes
     ) -> Dict[str, torch.Tensor]:
         """All LC / ILC losses of one batch (see :mod:`wsis_d2.modeling.losses.lc_losses`)."""
+        if self.image_labels_only:
+            return self._classification_only_loss(class_maps, batched_inputs, map_sizes)
         labels, counts, count_ge, count_exact, tiles = self._targets(batched_inputs)
         valid = self.valid_mask(map_sizes, class_maps.shape[-2:], class_maps.device)
         peak_mask, indices = self.find_peaks(class_maps, map_sizes)

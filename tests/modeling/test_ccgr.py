@@ -1,0 +1,155 @@
+"""CCGR's steps: round-1 cues, bags (Eq. 4), pseudo instances, connected-component variant."""
+
+import unittest
+
+import torch
+
+from wsis_d2.layers import IntegralImage
+from wsis_d2.modeling.ccgr import (
+    IGNORE,
+    build_bags,
+    class_map_cues,
+    component_instances,
+    pseudo_instances,
+)
+
+
+class TestBuildBags(unittest.TestCase):
+    def setUp(self):
+        # two peaks of class 0 (at x 10 and x 30), one of class 1 (at x 30)
+        self.peaks = torch.tensor([[0, 10.0, 10.0, 1.0], [0, 30.0, 10.0, 0.9], [1, 30.0, 12.0, 0.8]])
+        self.boxes = torch.tensor(
+            [
+                [5.0, 5.0, 15.0, 15.0],  # 0: peak 0 only
+                [0.0, 0.0, 40.0, 20.0],  # 1: both class-0 peaks: in no class-0 bag
+                [25.0, 5.0, 35.0, 15.0],  # 2: peak 1 and the class-1 peak
+                [8.0, 8.0, 12.0, 12.0],  # 3: peak 0
+                [50.0, 0.0, 60.0, 10.0],  # 4: no peak
+                [0.0, 0.0, 20.0, 20.0],  # 5: peak 0
+            ]
+        )
+        self.seg = torch.zeros(2, 20, 64)
+
+    def test_membership_and_order(self):
+        scores = torch.tensor([0.5, 0.9, 0.6, 0.7, 0.99, 0.4])
+        bags, labels, rows = build_bags(self.boxes, scores, self.peaks, self.seg, bag_size=3)
+        self.assertEqual(labels.tolist(), [0, 0, 1])
+        self.assertEqual(rows.tolist(), [0, 1, 2])
+        # peak 0: boxes 3 (0.7), 0 (0.5), 5 (0.4), by R(B) = B_S − 0.1 (O = 0 everywhere)
+        self.assertEqual(bags[0].tolist(), [3, 0, 5])
+        self.assertEqual(bags[1].tolist(), [2, -1, -1])
+        # the class-1 peak: box 2 and box 1 (class-0 peaks do not exclude it), by score
+        self.assertEqual(bags[2].tolist(), [1, 2, -1])
+
+    def test_segmentation_term_of_eq4(self):
+        # O = 1 inside box 5 for class 0: its R rises by 0.1 · (fraction covered)
+        seg = self.seg.clone()
+        seg[0, 0:20, 0:20] = 1.0
+        scores = torch.tensor([0.5, 0.9, 0.6, 0.47, 0.99, 0.4])
+        bags, _, _ = build_bags(self.boxes, scores, self.peaks, seg, bag_size=3, seg_weight=0.1)
+        # R: box 0 0.5, box 3 0.47, box 5 0.4 (all fully covered: no penalty)
+        self.assertEqual(bags[0].tolist(), [0, 3, 5])
+        bags, _, _ = build_bags(self.boxes, scores, self.peaks, self.seg, bag_size=3, seg_weight=1.0)
+        self.assertEqual(bags[0].tolist(), [0, 3, 5])  # all equally penalised: same order
+        seg2 = self.seg.clone()
+        seg2[0, 8:12, 8:12] = 1.0  # only box 3 is object: R(3) = 0.47, R(0) = 0.5 − 1·0.84
+        bags, _, _ = build_bags(self.boxes, scores, self.peaks, seg2, bag_size=3, seg_weight=1.0)
+        self.assertEqual(bags[0].tolist()[0], 3)
+        # the prebuilt integral image gives the same bags
+        again, _, _ = build_bags(self.boxes, scores, self.peaks, None, 3, 1.0, IntegralImage(seg2[None]))
+        self.assertEqual(again.tolist(), bags.tolist())
+
+    def test_no_proposals_or_no_peaks(self):
+        scores = torch.full((6,), 0.5)
+        bags, labels, rows = build_bags(self.boxes, scores, self.peaks[:0], self.seg)
+        self.assertEqual((bags.shape, labels.shape, rows.shape), ((0, 10), (0,), (0,)))
+        bags, _, _ = build_bags(self.boxes[:0], scores[:0], self.peaks, self.seg)
+        self.assertEqual(bags.shape, (0, 10))
+        # a peak that every proposal shares with another peak of its class gets no bag
+        bags, labels, rows = build_bags(self.boxes[1:2], scores[:1], self.peaks[:2], self.seg)
+        self.assertEqual(bags.shape[0], 0)
+
+
+class TestClassMapCues(unittest.TestCase):
+    def test_peaks_and_labels(self):
+        ys, xs = torch.meshgrid(torch.arange(20.0), torch.arange(30.0), indexing="ij")
+
+        def bump(y, x, height):
+            return height * torch.exp(-((ys - y) ** 2 + (xs - x) ** 2) / 8)
+
+        maps = torch.zeros(3, 20, 30)
+        # class 0: one strong peak, one weak one (< 0.5 · max: no bag)
+        maps[0] = bump(5, 5, 2.0) + bump(15, 20, 0.5)
+        maps[1] = bump(10, 25, 4.0)  # class 1 is absent: no peaks, no labels
+        labels = torch.tensor([1.0, 0.0, 0.0])
+        peaks, sem = class_map_cues(maps, labels, None, (40, 60), mode="pixels",
+                                    peak_threshold=0.5, fg_threshold=0.4, bg_threshold=0.15)
+        self.assertEqual(peaks.shape, (1, 4))
+        self.assertEqual(peaks[0, :3].tolist(), [0.0, 11.0, 11.0])  # (5 + 0.5) · 2 px
+        self.assertEqual(sem.shape, (40, 60))
+        self.assertTrue(bool((sem[8:14, 8:14] == 0).all()))  # M̄ >= 0.78 near the peak: class 0
+        self.assertEqual(int(sem[38, 10]), 3)  # background
+        self.assertEqual(int(sem[30, 40]), IGNORE)  # M̄ = 0.25 at the weak peak: uncertain
+
+    def test_regions_follow_the_image(self):
+        image = torch.zeros(3, 20, 30)
+        image[:, 4:14, 4:14] = 200.0  # a bright square object
+        maps = torch.zeros(2, 20, 30)
+        maps[1, 6:10, 6:10] = 1.0  # the class map covers part of it
+        peaks, sem = class_map_cues(maps, torch.tensor([0.0, 1.0]), image, (20, 30),
+                                    mode="regions", fg_threshold=0.1, bg_threshold=0.05,
+                                    segment_scale=50, segment_sigma=0.0, segment_min_size=5)
+        # averaged over the square's region the whole square is class 1
+        self.assertTrue(bool((sem[4:14, 4:14] == 1).all()))
+        self.assertEqual(int(sem[17, 25]), 2)
+        with self.assertRaisesRegex(ValueError, "needs the image"):
+            class_map_cues(maps, torch.tensor([0.0, 1.0]), None, (20, 30), mode="regions")
+
+    def test_image_without_objects_is_background(self):
+        _, sem = class_map_cues(torch.rand(2, 5, 5), torch.zeros(2), None, (5, 5), mode="pixels")
+        self.assertTrue(bool((sem == 2).all()))
+
+
+class TestPseudoInstances(unittest.TestCase):
+    def test_masks_nms_and_ownership(self):
+        s = torch.zeros(2, 30, 40)
+        s[0, 5:15, 5:15] = 0.9
+        s[0, 10:20, 12:25] = 0.8
+        boxes = torch.tensor([[5.0, 5.0, 15.0, 15.0], [12.0, 10.0, 25.0, 20.0], [5.0, 5.0, 15.5, 15.0]])
+        classes = torch.tensor([0, 0, 0])
+        scores = torch.tensor([0.5, 0.9, 0.3])
+        inst = pseudo_instances(s, boxes, classes, scores, mask_threshold=0.5, nms_threshold=0.5)
+        # box 2 duplicates box 0 (IoU 0.95 > 0.5) and scores lower: dropped
+        self.assertEqual(len(inst), 2)
+        torch.testing.assert_close(inst.scores, torch.tensor([0.9, 0.5]))
+        # the better-scored instance owns the shared pixels
+        self.assertTrue(bool(inst.pred_masks[0, 12, 13]))
+        self.assertFalse(bool(inst.pred_masks[1, 12, 13]))
+        self.assertFalse(bool((inst.pred_masks[0] & inst.pred_masks[1]).any()))
+        # boxes stay the given (refined) boxes
+        self.assertEqual(inst.pred_boxes.tensor[1].tolist(), [5.0, 5.0, 15.0, 15.0])
+
+    def test_fallback_threshold_and_empty(self):
+        s = torch.zeros(1, 10, 10)
+        s[0, 2:6, 2:6] = 0.3  # nothing >= 0.5: half the box's best instead
+        inst = pseudo_instances(s, torch.tensor([[1.0, 1.0, 8.0, 8.0]]), torch.tensor([0]),
+                                torch.tensor([1.0]))
+        self.assertEqual(int(inst.pred_masks[0].sum()), 16)
+        none = pseudo_instances(s, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+        self.assertEqual(len(none), 0)
+
+    def test_components(self):
+        s = torch.zeros(3, 12, 12)
+        s[2] = 0.5  # background
+        s[0, 1:4, 1:4] = 0.9
+        s[0, 7:10, 7:10] = 0.8
+        s[1, 7:10, 1:3] = 0.9  # class 1 is not in the labels: ignored
+        inst = component_instances(s, torch.tensor([1.0, 0.0]))
+        self.assertEqual(len(inst), 2)
+        self.assertEqual(inst.pred_classes.tolist(), [0, 0])
+        self.assertEqual([round(v, 4) for v in inst.scores.tolist()], [0.9, 0.8])
+        self.assertEqual(inst.pred_boxes.tensor[0].tolist(), [1.0, 1.0, 4.0, 4.0])
+
+
+if __name__ == "__main__":
+    unittest.main()

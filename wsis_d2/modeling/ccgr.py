@@ -1,0 +1,336 @@
+"""
+CCGR's steps from image-level labels to pseudo instance labels ("Center-context-gap Refinement
+for Weakly Supervised Instance Segmentation", AAAI 2020), as functions of tensors:
+
+1. **Round-1 cues** (:func:`class_map_cues`): peaks and pseudo semantic labels from the class maps
+   M of an image-level classifier (the LC classification branch with peak stimulation, trained
+   on image labels only). A peak of a present class c is a local maximum of M^c (radius r) of at
+   least ``peak_threshold`` · max M^c. The pseudo semantic label of a pixel is the best present
+   class c when its normalised score M̄^c = M^c / max M^c reaches ``fg_threshold``, background
+   when every present class scores below ``bg_threshold``, and the ignore value in between. The
+   paper takes round-1 labels from AffinityNet; here M̄ is either used per pixel ("pixels") or
+   averaged over the regions of a graph-based segmentation of the image first ("regions"), so
+   that labels follow image edges.
+2. **Bags** (:func:`build_bags`, Eq. 4): every peak of a present class is a bag with that class's
+   label; its instances are the K proposals that contain the peak and no other peak of its class,
+   ranked by R(B) = B_S − γ · Σ_{p ∈ B}(1 − O_p) / |B|, B_S the proposal's objectness and O the
+   current segmentation score of the class.
+3. **Refinement** (:func:`refine_boxes` = :func:`wsis_d2.layers.refine_context_gap`, Eq. 2–3):
+   the MIL branch's box B of a bag is moved by gradient steps on its four coordinates to minimise
+   L = Φ(C) − Φ(B), the mean class score S_c in the context ring C (B scaled 1.5x about its
+   centre, minus B) minus the mean inside B, both from integral images
+   (:class:`wsis_d2.layers.IntegralImage`, built once per image). A box stops when a step would
+   make it contain a second peak of its class (the paper's guard).
+4. **Pseudo masks** (:func:`pseudo_instances`): S_c inside the refined box thresholded; duplicate
+   boxes of one class removed by NMS; pixels claimed by several masks go to the best-scored one.
+
+The files of a round (cues, pseudo-label json) are read and written by
+:mod:`wsis_d2.data.ccgr_files`.
+"""
+
+import logging
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from detectron2.layers import batched_nms
+from detectron2.structures import BitMasks, Boxes, Instances
+
+from .. import layers as wsis_layers
+from ..layers import IntegralImage, refine_context_gap
+
+__all__ = [
+    "class_map_cues",
+    "build_bags",
+    "refine_boxes",
+    "pseudo_instances",
+    "component_instances",
+]
+
+logger = logging.getLogger(__name__)
+
+IGNORE = 255
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. round-1 cues
+
+
+def class_map_cues(
+    class_maps: torch.Tensor,
+    labels: torch.Tensor,
+    image: Optional[torch.Tensor],
+    out_size: Tuple[int, int],
+    *,
+    peak_radius: int = 1,
+    peak_threshold: float = 0.5,
+    mode: str = "regions",
+    fg_threshold: float = 0.4,
+    bg_threshold: float = 0.15,
+    segment_scale: float = 300.0,
+    segment_sigma: float = 0.8,
+    segment_min_size: int = 20,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Peaks and pseudo semantic labels of one image from its class maps (see the module docstring).
+
+    Args:
+        class_maps: (C, H, W) class maps M, already upsampled to the network input of the image
+            (H x W pixels, unpadded).
+        labels: (C,) image-level labels (1: present).
+        image: (3, H, W) the network input (0..255), needed by ``mode`` "regions".
+        out_size: (height, width) of the original image; peaks and labels are given there.
+        peak_radius: r of the local-maximum window (2r+1).
+        peak_threshold: a peak needs M^c >= this · max M^c.
+        mode: "regions" or "pixels".
+        fg_threshold, bg_threshold: thresholds on M̄^c = M^c / max M^c (see the module docstring).
+        segment_*: graph-based segmentation of "regions" (k, σ, minimum size in input pixels).
+
+    Returns:
+        peaks: (P, 4) float32 rows (class, x, y, value), x, y continuous pixel coordinates of the
+            original image (pixel centres), sorted by class, then value descending;
+        sem_seg: (out_h, out_w) uint8: class 0..C-1, C for background, 255 ignored.
+    """
+    if mode not in ("regions", "pixels"):
+        raise ValueError(f"MODEL.CCGR.CUE_MODE must be 'regions' or 'pixels', got {mode!r}")
+    if not 0.0 <= bg_threshold <= fg_threshold:
+        raise ValueError(
+            f"MODEL.CCGR.BG_THRESHOLD ({bg_threshold}) must be in [0, FG_THRESHOLD "
+            f"({fg_threshold})]"
+        )
+    num_classes, h, w = class_maps.shape
+    out_h, out_w = int(out_size[0]), int(out_size[1])
+    maps = class_maps.detach().float()
+    present = torch.nonzero(torch.as_tensor(labels).reshape(-1) > 0.5).flatten().tolist()
+    peaks = []
+    sx, sy = out_w / w, out_h / h
+    for c in present:
+        m = maps[c]
+        top = float(m.max())
+        found = wsis_layers.find_peaks(m[None, None], radius=peak_radius, threshold=None)
+        idx, val = found.indices, found.values
+        keep = val >= peak_threshold * top if top > 0 else val >= top
+        for (_, _, y, x), v in zip(idx[keep].tolist(), val[keep].tolist()):
+            peaks.append([c, (x + 0.5) * sx, (y + 0.5) * sy, v])
+    peaks_t = torch.tensor(peaks, dtype=torch.float32).reshape(-1, 4)
+
+    background = num_classes
+    sem = torch.full((h, w), IGNORE, dtype=torch.uint8)
+    if present:
+        norm = torch.stack([maps[c].clamp_min(0) / maps[c].max().clamp_min(1e-12) for c in present])
+        if mode == "regions":
+            if image is None:
+                raise ValueError("class_map_cues: mode 'regions' needs the image")
+            regions = wsis_layers.graph_segment(
+                image.detach().float().clamp(0, 255).cpu(),
+                segment_scale,
+                segment_sigma,
+                segment_min_size,
+            ).to(norm.device)
+            num = int(regions.max()) + 1
+            flat = regions.reshape(-1)
+            area = torch.bincount(flat, minlength=num).clamp_min(1).to(norm.dtype)
+            means = torch.stack(
+                [torch.bincount(flat, weights=n.reshape(-1), minlength=num) / area for n in norm]
+            )
+            norm = means[:, flat].reshape(norm.shape)
+        best, which = norm.max(dim=0)
+        cls = torch.tensor(present, dtype=torch.long, device=which.device)[which]
+        sem[best >= fg_threshold] = cls[best >= fg_threshold].to(torch.uint8).cpu()
+        sem[best < bg_threshold] = background
+    else:
+        sem[:] = background  # an image without objects is all background
+    sem = F.interpolate(sem[None, None].float(), size=(out_h, out_w), mode="nearest")[0, 0]
+    return peaks_t, sem.to(torch.uint8)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. bags
+
+
+def build_bags(
+    proposal_boxes: torch.Tensor,
+    proposal_scores: torch.Tensor,
+    peaks: torch.Tensor,
+    seg_scores: torch.Tensor,
+    bag_size: int = 10,
+    seg_weight: float = 0.1,
+    integral: Optional[IntegralImage] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    CCGR's bags of one image (Eq. 4).
+
+    Args:
+        proposal_boxes: (R, 4) XYXY boxes.
+        proposal_scores: (R,) objectness B_S in [0, 1].
+        peaks: (P, >=3) rows (class, x, y, ...) in the boxes' coordinates.
+        seg_scores: (C, H, W) current segmentation score O of each class in [0, 1] (ignored when
+            ``integral`` is given).
+        bag_size: K, instances per bag.
+        seg_weight: γ of Eq. 4.
+        integral: optional prebuilt ``IntegralImage(seg_scores[None])``.
+
+    Returns:
+        bags: (B, K) long proposal rows, best first, −1 padding;
+        bag_labels: (B,) long classes;
+        bag_peaks: (B,) long rows of ``peaks``.
+        A peak without a proposal that contains it and no other peak of its class gives no bag.
+    """
+    device = proposal_boxes.device
+    empty = (
+        torch.full((0, bag_size), -1, dtype=torch.long, device=device),
+        torch.zeros(0, dtype=torch.long, device=device),
+        torch.zeros(0, dtype=torch.long, device=device),
+    )
+    if peaks.shape[0] == 0 or proposal_boxes.shape[0] == 0:
+        return empty
+    classes = peaks[:, 0].long()
+    px, py = peaks[:, 1], peaks[:, 2]
+    b = proposal_boxes
+    contains = (
+        (b[:, 0:1] <= px[None]) & (px[None] <= b[:, 2:3]) & (b[:, 1:2] <= py[None]) & (py[None] <= b[:, 3:4])
+    )  # (R, P)
+    same = classes[:, None] == classes[None, :]  # (P, P)
+    # number of peaks of each peak's class inside each proposal
+    same_count = contains.to(torch.int32) @ same.to(torch.int32)  # (R, P)
+    candidate = contains & (same_count == 1)
+    uniq = torch.unique(classes)
+    if integral is None:
+        integral = IntegralImage(seg_scores.detach()[None])
+    r = b.shape[0]
+    rows = torch.cat([torch.zeros(r, 1, device=device, dtype=b.dtype), b], dim=1)
+    # mean O_c of every proposal for every class with a peak
+    seg_mean = torch.zeros(r, int(integral.shape[1]), device=device, dtype=torch.float32)
+    for c in uniq.tolist():
+        seg_mean[:, c] = integral.box_mean(rows, torch.full((r,), c, device=device)).float()
+    ranking = proposal_scores.float()[:, None] - seg_weight * (1.0 - seg_mean[:, classes])  # (R, P)
+    ranking = ranking.masked_fill(~candidate, float("-inf"))
+    k = min(bag_size, r)
+    top, order = torch.topk(ranking.t(), k, dim=1, largest=True, sorted=True)  # (P, k)
+    order = order.masked_fill(~torch.isfinite(top), -1)
+    if k < bag_size:
+        order = F.pad(order, (0, bag_size - k), value=-1)
+    has = order[:, 0] >= 0
+    peak_rows = torch.nonzero(has).flatten()
+    return order[has], classes[has], peak_rows
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. refinement: wsis_d2.layers.refine_context_gap (compiled op, all steps inside; pure-PyTorch
+# reference beside it), re-exported here as refine_boxes
+
+refine_boxes = refine_context_gap
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. pseudo masks
+
+
+def pseudo_instances(
+    score_maps: torch.Tensor,
+    boxes: torch.Tensor,
+    classes: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    mask_threshold: float = 0.5,
+    nms_threshold: float = 0.5,
+) -> Instances:
+    """
+    Pseudo instances of one image: for each box of class c the pixels (centres) inside the box
+    whose score S_c >= ``mask_threshold`` (where none reaches it: those >= half the box's best
+    score). Boxes of one class overlapping a better-scored one at IoU > ``nms_threshold`` are
+    dropped first; a pixel claimed by several masks goes to the best-scored instance, and
+    instances left without pixels are dropped. The boxes stay the given (refined) boxes.
+
+    Args:
+        score_maps: (C, H, W) class scores S in [0, 1] at the output resolution.
+        boxes: (K, 4) XYXY boxes in that resolution; classes (K,) long; scores (K,).
+
+    Returns:
+        Instances((H, W)) with pred_boxes, pred_masks (bool), pred_classes, scores, sorted by
+        score descending.
+    """
+    _, height, width = score_maps.shape
+    device = score_maps.device
+    out = Instances((height, width))
+    if boxes.shape[0] == 0:
+        out.pred_boxes = Boxes(torch.zeros(0, 4, device=device))
+        out.pred_masks = torch.zeros(0, height, width, dtype=torch.bool, device=device)
+        out.pred_classes = torch.zeros(0, dtype=torch.long, device=device)
+        out.scores = torch.zeros(0, device=device)
+        return out
+    boxes = boxes.float()
+    if nms_threshold < 1.0:
+        keep = batched_nms(boxes, scores.float(), classes, nms_threshold)
+    else:
+        keep = torch.argsort(scores, descending=True, stable=True)
+    boxes, classes, scores = boxes[keep], classes[keep], scores[keep]
+    ys = torch.arange(height, device=device, dtype=torch.float32)[:, None] + 0.5
+    xs = torch.arange(width, device=device, dtype=torch.float32)[None, :] + 0.5
+    masks = []
+    for (x1, y1, x2, y2), c in zip(boxes.tolist(), classes.tolist()):
+        inside = (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)
+        s = score_maps[c]
+        m = inside & (s >= mask_threshold)
+        if not bool(m.any()) and bool(inside.any()):
+            best = float(s[inside].max())
+            m = inside & (s >= 0.5 * best) if best > 0 else inside
+        masks.append(m)
+    masks = torch.stack(masks)
+    # pixel ownership: the best-scored instance (first in this order) claiming a pixel keeps it
+    claimed = torch.cumsum(masks.to(torch.int32), dim=0)
+    masks = masks & (claimed == 1)
+    nonempty = masks.flatten(1).any(dim=1)
+    masks, classes, scores = masks[nonempty], classes[nonempty], scores[nonempty]
+    out.pred_masks = masks
+    out.pred_boxes = Boxes(boxes[nonempty])
+    out.pred_classes = classes
+    out.scores = scores.float()
+    return out
+
+
+def component_instances(
+    score_maps: torch.Tensor, labels: torch.Tensor, min_area: int = 4
+) -> Instances:
+    """
+    The ablation's variant without MIL: every connected component (8-connected) of the pixels
+    whose best class is a present class c (argmax over the C object classes and background of
+    ``score_maps``) is an instance of c, scored by its mean S_c.
+
+    Args:
+        score_maps: (C + 1, H, W) class and background scores.
+        labels: (C,) image-level labels.
+        min_area: components smaller than this (pixels) are dropped.
+    """
+    import cv2
+
+    num_classes = score_maps.shape[0] - 1
+    height, width = score_maps.shape[1:]
+    arg = score_maps.argmax(dim=0).cpu().numpy()
+    masks, classes, scores = [], [], []
+    for c in torch.nonzero(torch.as_tensor(labels).reshape(-1)[:num_classes] > 0.5).flatten().tolist():
+        n, comp = cv2.connectedComponents((arg == c).astype(np.uint8), connectivity=8)
+        for i in range(1, n):
+            m = comp == i
+            if m.sum() < min_area:
+                continue
+            mt = torch.from_numpy(m).to(score_maps.device)
+            masks.append(mt)
+            classes.append(c)
+            scores.append(float(score_maps[c][mt].mean()))
+    out = Instances((height, width))
+    if masks:
+        mask_t = torch.stack(masks)
+        order = torch.argsort(torch.tensor(scores), descending=True, stable=True)
+        out.pred_masks = mask_t[order]
+        out.pred_boxes = BitMasks(out.pred_masks).get_bounding_boxes()
+        out.pred_classes = torch.tensor(classes, dtype=torch.long)[order]
+        out.scores = torch.tensor(scores, dtype=torch.float32)[order]
+    else:
+        out.pred_masks = torch.zeros(0, height, width, dtype=torch.bool)
+        out.pred_boxes = Boxes(torch.zeros(0, 4))
+        out.pred_classes = torch.zeros(0, dtype=torch.long)
+        out.scores = torch.zeros(0)
+    return out

@@ -1,0 +1,93 @@
+"""
+WSDDN over bags (Bilen & Vedaldi, "Weakly Supervised Deep Detection Networks", CVPR 2016), the
+MIL branch of CCGR. Where WSDDN's bag is an image and its instances all the image's proposals,
+CCGR's bag is one peak of a present class and its instances are the K proposals chosen for that
+peak (:func:`wsis_d2.modeling.ccgr.build_bags`); the detection softmax runs over the proposals of
+one bag.
+
+Bags are given padded: ``bags`` (B, K) long indices into the proposals' rows, −1 for padding
+(a bag has 1..K proposals).
+"""
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["wsddn_bag_scores", "wsddn_loss"]
+
+
+def wsddn_bag_scores(
+    cls_logits: torch.Tensor, det_logits: torch.Tensor, bags: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Bag scores φ_B = Σ_{r ∈ B} σ_cls(x^cls)_r ⊙ σ_det(x^det)_r, with σ_cls the softmax over the C
+    classes of each proposal and σ_det the softmax over the proposals of the bag, per class.
+
+    Args:
+        cls_logits: (R, C) x^cls of the proposals.
+        det_logits: (R, C) x^det of the proposals.
+        bags: (B, K) long proposal rows, −1 for padding; every bag has at least one proposal.
+
+    Returns:
+        phi: (B, C) bag scores in [0, 1] (not clamped);
+        contributions: (B, K, C) σ_cls ⊙ σ_det of each bag member (0 for padding), whose sum over
+        K is ``phi``; the member with the largest contribution to the bag's class is the MIL
+        branch's box.
+    """
+    if bags.dim() != 2:
+        raise ValueError(f"bags must be (B, K), got {tuple(bags.shape)}")
+    if cls_logits.shape != det_logits.shape or cls_logits.dim() != 2:
+        raise ValueError(
+            f"cls_logits and det_logits must both be (R, C), got {tuple(cls_logits.shape)} and "
+            f"{tuple(det_logits.shape)}"
+        )
+    num_bags, k = bags.shape
+    c = cls_logits.shape[1]
+    if num_bags == 0:
+        return cls_logits.new_zeros(0, c), cls_logits.new_zeros(0, k, c)
+    valid = bags >= 0
+    if not bool(valid[:, 0].all()) or not bool(valid.any(dim=1).all()):
+        raise ValueError("every bag needs at least one proposal, listed first in its row")
+    rows = bags.clamp_min(0)
+    sigma_cls = F.softmax(cls_logits[rows], dim=2)  # (B, K, C)
+    det = det_logits[rows].masked_fill(~valid[:, :, None], float("-inf"))
+    sigma_det = F.softmax(det, dim=1)  # over the bag's proposals
+    contributions = sigma_cls * sigma_det * valid[:, :, None].to(sigma_cls.dtype)
+    return contributions.sum(dim=1), contributions
+
+
+def wsddn_loss(
+    phi: torch.Tensor,
+    bag_labels: torch.Tensor,
+    eps: float = 1e-6,
+    normalization: str = "bags",
+) -> torch.Tensor:
+    """
+    L_MIL = Σ_B L(B), L(B) = −Σ_c [y_c log φ̄_c + (1 − y_c) log(1 − φ̄_c)], where y is the one-hot
+    label of the bag's class and φ̄ = clamp(φ_B, ε, 1 − ε) (public WSDDN code clamps with ε from
+    1e-10 to 1e-6, so that the log stays finite).
+
+    Args:
+        phi: (B, C) bag scores.
+        bag_labels: (B,) long class of each bag.
+        eps: ε of the clamp.
+        normalization: "bags" (divide by B, the default: independent of the number of peaks per
+            batch) or "none" (the plain sum Σ_B L(B) of the paper).
+
+    Returns:
+        scalar loss; 0 (connected to ``phi``) without bags.
+    """
+    if normalization not in ("bags", "none"):
+        raise ValueError(
+            f"MODEL.WSDDN.LOSS_NORMALIZATION must be 'bags' or 'none', got {normalization!r}"
+        )
+    if not 0.0 < eps < 0.5:
+        raise ValueError(f"MODEL.WSDDN.EPS must be in (0, 0.5), got {eps}")
+    if phi.shape[0] == 0:
+        return phi.sum() * 0.0
+    target = F.one_hot(bag_labels.long(), phi.shape[1]).to(phi.dtype)
+    p = phi.clamp(eps, 1.0 - eps)
+    per_bag = -(target * torch.log(p) + (1.0 - target) * torch.log1p(-p)).sum(dim=1)
+    loss = per_bag.sum()
+    return loss / phi.shape[0] if normalization == "bags" else loss

@@ -1,0 +1,330 @@
+"""
+``CCGRNet``: the MIL and SS branches of CCGR ("Center-context-gap Refinement for Weakly Supervised
+Instance Segmentation", AAAI 2020) on one shared backbone, trained from image-level labels and
+the round's cues; its inference turns a training image into pseudo instance labels.
+
+- Backbone: any detectron2 backbone (the configs use MobileNetV2-FPN).
+- MIL branch: :class:`wsis_d2.modeling.roi_heads.WSDDNROIHeads` (``MODEL.ROI_HEADS.NAME``) over
+  the bags of :func:`wsis_d2.modeling.ccgr.build_bags`.
+- SS branch: a ``SEM_SEG_HEADS_REGISTRY`` head (``MODEL.SEM_SEG_HEAD.NAME``, e.g. ``PSPHead``)
+  over C object classes + background, trained on the pseudo semantic labels.
+
+The instance-segmentation branch of CCGR is the stock Mask R-CNN, trained on this model's pseudo
+labels (it is a separate detectron2 model).
+"""
+
+import logging
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.modeling import (
+    META_ARCH_REGISTRY,
+    Backbone,
+    build_backbone,
+    build_roi_heads,
+    build_sem_seg_head,
+)
+from detectron2.structures import ImageList
+from detectron2.utils.events import get_event_storage
+
+from ...layers import IntegralImage
+from ..ccgr import IGNORE, build_bags, component_instances, pseudo_instances, refine_boxes
+
+__all__ = ["CCGRNet"]
+
+logger = logging.getLogger(__name__)
+
+
+@META_ARCH_REGISTRY.register()
+class CCGRNet(nn.Module):
+    """
+    Input per image (``CCGRDatasetMapper``): "image" (3, H, W) in ``INPUT.FORMAT``; "height",
+    "width" of the output; "labels" (C,) image-level labels; "proposals" (Instances with
+    proposal_boxes and objectness_logits, input pixels); "peaks" (P, 4) rows (class, x, y, value)
+    in input pixels; for training "sem_seg" (H, W) long pseudo labels (C = background, the ignore
+    value ignored).
+
+    Training returns {"loss_mil", "loss_sem_seg"}. Inference returns per image:
+
+    - "sem_seg": (C + 1, height, width) class scores S (softmax);
+    - "instances": the pseudo instances (:func:`pseudo_instances` of the refined MIL boxes), or,
+      for an input without peaks or labels, the connected components of the segmentation;
+    - "ccgr": {"classes", "peaks" (rows of the output-size peaks), "mil_boxes", "mil_scores",
+      "refined_boxes", "snapshots" {step: boxes}} at the output size, for the ablations.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        roi_heads: nn.Module,
+        sem_seg_head: nn.Module,
+        num_classes: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        ignore_value: int = IGNORE,
+        bag_size: int = 10,
+        bag_seg_weight: float = 0.1,
+        refine_steps: int = 200,
+        refine_lr: float = 0.5,
+        context_scale: float = 1.5,
+        min_box_size: float = 4.0,
+        mask_threshold: float = 0.5,
+        nms_threshold: float = 0.5,
+    ):
+        """
+        Args:
+            backbone, roi_heads, sem_seg_head: the shared backbone and the two branches.
+            num_classes: C object classes (the SS head predicts C + 1).
+            pixel_mean, pixel_std: input normalisation.
+            ignore_value: the ignore label of the pseudo semantic labels.
+            bag_size, bag_seg_weight: K and γ of the bags (Eq. 4).
+            refine_steps, refine_lr, context_scale, min_box_size: the refinement (Eq. 2–3).
+            mask_threshold, nms_threshold: the pseudo masks.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.roi_heads = roi_heads
+        self.sem_seg_head = sem_seg_head
+        self.num_classes = int(num_classes)
+        self.ignore_value = int(ignore_value)
+        self.bag_size = int(bag_size)
+        if self.bag_size < 1:
+            raise ValueError(f"MODEL.CCGR.BAG_SIZE must be >= 1, got {bag_size}")
+        self.bag_seg_weight = float(bag_seg_weight)
+        self.refine_steps = int(refine_steps)
+        self.refine_lr = float(refine_lr)
+        self.context_scale = float(context_scale)
+        self.min_box_size = float(min_box_size)
+        self.mask_threshold = float(mask_threshold)
+        self.nms_threshold = float(nms_threshold)
+        # refinement steps at which inference also reports the boxes (benchmarks)
+        self.refine_snapshots: Sequence[int] = ()
+        # training images that gave no bag (no peak of a present class, or no proposal for it)
+        self.images_without_bags = 0
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES != num_classes + 1:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES ({cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}) must be "
+                f"MODEL.ROI_HEADS.NUM_CLASSES + 1 ({num_classes + 1}): the object classes and "
+                "background"
+            )
+        c = cfg.MODEL.CCGR
+        return {
+            "backbone": backbone,
+            "roi_heads": build_roi_heads(cfg, backbone.output_shape()),
+            "sem_seg_head": build_sem_seg_head(cfg, backbone.output_shape()),
+            "num_classes": num_classes,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            "bag_size": c.BAG_SIZE,
+            "bag_seg_weight": c.BAG_SEG_WEIGHT,
+            "refine_steps": c.REFINE_STEPS,
+            "refine_lr": c.REFINE_LR,
+            "context_scale": c.CONTEXT_SCALE,
+            "min_box_size": c.MIN_BOX_SIZE,
+            "mask_threshold": c.MASK_THRESHOLD,
+            "nms_threshold": c.NMS_THRESHOLD,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        images = [
+            (x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std
+            for x in batched_inputs
+        ]
+        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+
+    def _fields(self, inp: Dict, i: int):
+        """(proposal Boxes, objectness B_S, peaks (P, 4)) of one input, on the device."""
+        where = inp.get("file_name", f"input {i}")
+        proposals = inp.get("proposals")
+        if proposals is None:
+            raise ValueError(f"CCGRNet: input {where} has no 'proposals' (MODEL.LOAD_PROPOSALS)")
+        boxes = proposals.proposal_boxes.to(self.device)
+        scores = torch.sigmoid(proposals.objectness_logits.to(self.device).float())
+        peaks = inp.get("peaks")
+        peaks = (
+            torch.zeros(0, 4, device=self.device)
+            if peaks is None
+            else torch.as_tensor(peaks, dtype=torch.float32, device=self.device).reshape(-1, 4)
+        )
+        return boxes, scores, peaks
+
+    def _seg_scores_from_labels(self, sem_seg: torch.Tensor) -> torch.Tensor:
+        """(C, H, W) O from pseudo labels: 1 for the class, 0 elsewhere, 0.5 where ignored."""
+        onehot = F.one_hot(sem_seg.clamp(max=self.num_classes).long(), self.num_classes + 1)
+        o = onehot[..., : self.num_classes].permute(2, 0, 1).float()
+        ignored = sem_seg == self.ignore_value
+        return torch.where(ignored[None], torch.full_like(o, 0.5), o)
+
+    def forward(self, batched_inputs: List[Dict]):
+        if not self.training:
+            return self.inference(batched_inputs)
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        for i, x in enumerate(batched_inputs):
+            if "sem_seg" not in x:
+                raise ValueError(
+                    f"CCGRNet: training input {x.get('file_name', i)} has no 'sem_seg' (pseudo "
+                    "labels: MODEL.CCGR.CUES_FILE)"
+                )
+        targets = ImageList.from_tensors(
+            [x["sem_seg"].to(self.device) for x in batched_inputs],
+            self.backbone.size_divisibility,
+            self.ignore_value,
+        ).tensor
+        boxes, bags, bag_labels = [], [], []
+        for i, x in enumerate(batched_inputs):
+            b, s, peaks = self._fields(x, i)
+            peaks = self._present_peaks(peaks, x)
+            o = self._seg_scores_from_labels(x["sem_seg"].to(self.device))
+            bag, label, _ = build_bags(
+                b.tensor, s, peaks, o, self.bag_size, self.bag_seg_weight
+            )
+            boxes.append(b)
+            bags.append(bag)
+            bag_labels.append(label)
+            if bag.shape[0] == 0:
+                if self.images_without_bags == 0:
+                    logger.warning(
+                        f"CCGRNet: training image {x.get('file_name', i)} gives no bag (no peak of "
+                        "a present class with a proposal); such images train the SS branch only. "
+                        "They are counted in 'ccgr/images_without_bags'."
+                    )
+                self.images_without_bags += 1
+        get_event_storage().put_scalar("ccgr/images_without_bags", self.images_without_bags)
+        losses = dict(self.roi_heads(features, boxes, bags, bag_labels))
+        _, seg_losses = self.sem_seg_head(features, targets)
+        losses.update(seg_losses)
+        return losses
+
+    def _present_peaks(self, peaks: torch.Tensor, inp: Dict) -> torch.Tensor:
+        """The peaks of the classes that the image-level labels say are present."""
+        labels = inp.get("labels")
+        if labels is None or peaks.shape[0] == 0:
+            return peaks
+        present = torch.as_tensor(labels, device=peaks.device).reshape(-1) > 0.5
+        return peaks[present[peaks[:, 0].long()]]
+
+    # ---------------------------------------------------------------------------------------
+    # inference
+
+    def inference(self, batched_inputs: List[Dict]) -> List[Dict]:
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        logits, _ = self.sem_seg_head(features, None)
+        results = []
+        for i, (x, (h, w)) in enumerate(zip(batched_inputs, images.image_sizes)):
+            results.append(self._inference_single(features, logits, i, x, (h, w)))
+        return results
+
+    def _inference_single(self, features, logits, i, x, size) -> Dict:
+        h, w = size
+        out_h, out_w = int(x.get("height", h)), int(x.get("width", w))
+        scores_in = F.softmax(logits[i : i + 1, :, :h, :w].float(), dim=1)
+        scores_out = F.interpolate(scores_in, size=(out_h, out_w), mode="bilinear", align_corners=False)[0]
+        result = {"sem_seg": scores_out}
+        has_cues = "proposals" in x and "peaks" in x and "labels" in x
+        if not has_cues:
+            labels = torch.zeros(self.num_classes)
+            present = torch.unique(scores_out.argmax(dim=0))
+            labels[present[present < self.num_classes].cpu()] = 1.0
+            result["instances"] = component_instances(scores_out, labels)
+            return result
+        boxes, objectness, peaks = self._fields(x, i)
+        peaks = self._present_peaks(peaks, x)
+        bags, bag_labels, bag_peaks = build_bags(
+            boxes.tensor,
+            objectness,
+            peaks,
+            scores_in[0, : self.num_classes],
+            self.bag_size,
+            self.bag_seg_weight,
+        )
+        feats = {k: v[i : i + 1] for k, v in features.items()}
+        mil = self.roi_heads(feats, [boxes], [bags], [bag_labels])[0]
+        member = mil["contributions"].gather(
+            2, bag_labels[:, None, None].expand(-1, bags.shape[1], 1)
+        )[..., 0]  # (B, K) σ_cls · σ_det for the bag's class
+        mil_scores, best = member.max(dim=1)
+        scale = torch.tensor([out_w / w, out_h / h, out_w / w, out_h / h], device=self.device)
+        mil_boxes = boxes.tensor[bags.gather(1, best[:, None])[:, 0]] * scale
+        peaks_out = peaks.clone()
+        peaks_out[:, 1] *= out_w / w
+        peaks_out[:, 2] *= out_h / h
+        if bags.shape[0] == 0:
+            refined = mil_boxes
+            snapshots = {int(t): mil_boxes for t in self.refine_snapshots}
+        else:
+            refined, snapshots = self._refine(scores_out, mil_boxes, bag_labels, peaks_out, bag_peaks)
+        result["instances"] = pseudo_instances(
+            scores_out[: self.num_classes],
+            refined,
+            bag_labels,
+            mil_scores.detach(),
+            mask_threshold=self.mask_threshold,
+            nms_threshold=self.nms_threshold,
+        )
+        result["ccgr"] = {
+            "classes": bag_labels,
+            "peaks": peaks_out[bag_peaks],
+            "mil_boxes": mil_boxes,
+            "mil_scores": mil_scores.detach(),
+            "refined_boxes": refined,
+            "snapshots": snapshots,
+        }
+        return result
+
+    def _refine(self, scores_out, boxes, classes, peaks, own):
+        """CCGR refinement of one image's MIL boxes on its output-size class scores."""
+        # integral images of the classes that have boxes only (float64 cumulative sums of every
+        # class map would cost more than the refinement itself)
+        present = torch.unique(classes)
+        integral = IntegralImage(scores_out[None, present])
+        local = torch.searchsorted(present, classes)
+        peaks_local = peaks.clone()
+        keep = torch.isin(peaks_local[:, 0].long(), present)
+        peaks_local[keep, 0] = torch.searchsorted(present, peaks_local[keep, 0].long()).float()
+        peaks_local[~keep, 0] = -1  # classes without boxes guard nothing
+        refined, snapshots, _ = refine_boxes(
+            integral,
+            boxes,
+            local,
+            peaks_local,
+            own,
+            steps=self.refine_steps,
+            lr=self.refine_lr,
+            context_scale=self.context_scale,
+            min_size=self.min_box_size,
+            snapshots=self.refine_snapshots,
+        )
+        return refined, snapshots
+
+    def pseudo_instances_from_boxes(
+        self, sem_seg: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor, scores
+    ):
+        """:func:`pseudo_instances` with this model's mask settings (for the ablations)."""
+        return pseudo_instances(
+            sem_seg[: self.num_classes],
+            boxes,
+            classes,
+            scores,
+            mask_threshold=self.mask_threshold,
+            nms_threshold=self.nms_threshold,
+        )
