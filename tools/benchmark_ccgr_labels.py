@@ -7,9 +7,10 @@ never sees (image-level labels only):
 1. proposals: the selective search of ``wsis_d2.data.proposals`` on every training image
    (``--workers`` processes); recall at IoU 0.5 / 0.7 of the first 100 / 500 / 2,000 boxes,
    images per second;
-2. the image-level classifier (``configs/demo/ccgr_cls_mnv2_synthetic.yaml``) and its round-1
-   cues: peaks and pseudo semantic labels, whose mIoU against the ground-truth class maps is
-   measured for both cue modes ("regions", "pixels"; the config's mode is used);
+2. the image-level classifier (``configs/demo/ccgr_cls_mnv2_synthetic.yaml``, trained on the
+   image-level labels of ``--cls-train-set``) and its round-1 cues on the training images: peaks
+   and pseudo semantic labels, whose mIoU against the ground-truth class maps is measured for both
+   cue modes ("regions", "pixels"; the config's mode is used);
 3. CCGRNet (``configs/ccgr_mnv2_synthetic.yaml``: WSDDN over bags + PSP) trained on them;
 4. pseudo labels on the training images, scored by ``InstanceAPEvaluator`` (instances ranked by
    the MIL score), the paper's Table 3 analogue:
@@ -197,6 +198,12 @@ def main(argv=None):
     )
     parser.add_argument("--train-set", default=TRAIN_SET)
     parser.add_argument("--cls-config", default=CLS_CONFIG)
+    parser.add_argument(
+        "--cls-train-set",
+        default="wsis_synth_train_4k",
+        help="image-level labels the classifier is trained on (its cues are computed on "
+        "--train-set)",
+    )
     parser.add_argument("--ccgr-config", default=CCGR_CONFIG)
     parser.add_argument("--cls-iters", type=int, default=0, help="classifier iterations (0: config)")
     parser.add_argument("--ccgr-iters", type=int, default=0, help="CCGRNet iterations (0: config)")
@@ -224,11 +231,14 @@ def main(argv=None):
     logger.info("proposals: %s", json.dumps(stats))
 
     # the image-level classifier and its cues
-    cls_opts = ["DATASETS.TRAIN", f"('{dataset}',)"]
+    cls_opts = []
     if args.cls_iters:
         cls_opts += ["SOLVER.MAX_ITER", str(args.cls_iters), "SOLVER.STEPS", f"({int(args.cls_iters * 0.8)},)",
                      "SOLVER.WARMUP_ITERS", str(max(1, args.cls_iters // 20))]
-    cls_cfg = bench_cfg(args.cls_config, cls_opts, os.path.join(args.output_dir, "classifier"), dataset, dataset)
+    cls_cfg = bench_cfg(
+        args.cls_config, cls_opts, os.path.join(args.output_dir, "classifier"), args.cls_train_set,
+        dataset,
+    )
     cls_cfg.freeze()
     start = time.perf_counter()
     cls_trainer = trainer_cls(cls_cfg)
