@@ -18,7 +18,7 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 endif
 endif
 
-.PHONY: install demo test benchmark clean-build
+.PHONY: install demo test test-upstream benchmark clean-build
 
 install: $(STAMPS)/wsis_d2 $(STAMPS)/weights
 
@@ -49,6 +49,27 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The suite against upstream detectron2 main too (what GPU users build from source). A second
+# environment, .venv-upstream, has its own detectron2, built CPU-only from DETECTRON2_SOURCE (a
+# tarball or a checkout: point it at your own), and sees everything else of .venv (torch, ...,
+# wsis_d2 and its compiled ops): no second copy of torch. It has no pip or setuptools of its own,
+# so that .venv's setuptools (without pkg_resources) is the one in force, as for a user.
+DETECTRON2_SOURCE ?= ../shared/vendor/detectron2-main-02b5c4e.tar.gz
+UPSTREAM_VENV := .venv-upstream
+UPY := $(UPSTREAM_VENV)/bin/python
+
+$(UPSTREAM_VENV)/.detectron2: $(STAMPS)/weights tools/install_detectron2.py $(DETECTRON2_SOURCE)
+	rm -rf $(UPSTREAM_VENV)
+	$(PYTHON_BOOT) -m venv --without-pip $(UPSTREAM_VENV)
+	base=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
+	site=$$($(UPY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
+	echo "import site; site.addsitedir('$$base')" > "$$site/wsis_base_venv.pth"
+	FORCE_CUDA=0 $(UPY) tools/install_detectron2.py --source $(DETECTRON2_SOURCE)
+	echo "$(DETECTRON2_SOURCE)" > $@
+
+test-upstream: $(UPSTREAM_VENV)/.detectron2
+	$(UPY) -m pytest -q tests
 
 clean-build:
 	rm -rf build/temp* build/lib* wsis_d2/_C*.so $(STAMPS)/wsis_d2

@@ -16,16 +16,17 @@ never sees (image-level labels only):
    the MIL score), the paper's Table 3 analogue:
    (a) boxes and masks of the connected components of the segmentation, no MIL;
    (b) the MIL branch's boxes, no refinement; (c) MIL + CCGR (200 steps);
-   and mAP^b_50 after 0, 40, ..., 200 refinement steps (the paper's Fig. 5, also drawn as a PNG);
+   and mAP^b_50 after 0, 40, ..., 200 refinement steps (the paper's Fig. 5, also drawn as a PNG),
+   and the mIoU of the SS branch's segmentation (argmax of S) against the ground truth;
 5. the cost of refining all boxes of an image relative to one SS-branch forward (backbone + PSP
    head), CPU time of this process, medians over images.
 
 The pseudo labels of (c) are written as a COCO json (``<output>/pseudo_labels.json``). The last
 line printed is one JSON object with every number (and the time of each stage).
 
-    python tools/benchmark_ccgr_labels.py                  # full run (~25 min on 2 cores)
-    python tools/benchmark_ccgr_labels.py --train-set wsis_synth_mini_train --cls-iters 20 \\
-        --ccgr-iters 10 --steps 20                            # smoke
+    python tools/benchmark_ccgr_labels.py                  # full run (~30 min on 2 cores)
+    python tools/benchmark_ccgr_labels.py --train-set wsis_synth_mini_train \\
+        --cls-train-set wsis_synth_mini_train --cls-iters 20 --ccgr-iters 10 --steps 20   # smoke
 """
 
 import argparse
@@ -62,7 +63,13 @@ from wsis_d2.evaluation import (  # noqa: E402
 )
 from wsis_d2.modeling.ccgr import component_instances  # noqa: E402
 
-from benchmark_utils import ROOT, bench_cfg, cpu_time, load_trainer_class  # noqa: E402
+from benchmark_utils import (  # noqa: E402
+    ROOT,
+    bench_cfg,
+    cpu_time,
+    load_trainer_class,
+    rescale_schedule,
+)
 
 CLS_CONFIG = os.path.join(ROOT, "configs", "demo", "ccgr_cls_mnv2_synthetic.yaml")
 CCGR_CONFIG = os.path.join(ROOT, "configs", "ccgr_mnv2_synthetic.yaml")
@@ -126,11 +133,17 @@ def evaluate_variants(args, cfg, model, dataset):
     for e in list(evals.values()) + list(step_evals.values()):
         e.reset()
     loader = build_detection_test_loader(cfg, dataset, mapper=build_dataset_mapper(cfg, False))
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    gt_dicts = {d["image_id"]: d for d in DatasetCatalog.get(dataset)}
+    ss_confusion = SemanticConfusion(num_classes + 1)  # the SS branch's argmax vs ground truth
     pseudo = {}
     t_ss, t_refine = [], []
     start = time.perf_counter()
     for n, (inp, out) in enumerate(run_ccgr_inference(model, loader)):
         sem = out["sem_seg"]
+        ss_confusion.add(
+            sem.argmax(dim=0).numpy(), semantic_ground_truth(gt_dicts[inp["image_id"]], num_classes)
+        )
         evals["cc"].process([inp], [{"instances": component_instances(sem, inp["labels"])}])
         evals["ccgr"].process([inp], [out])
         pseudo[inp["image_id"]] = out["instances"]
@@ -159,6 +172,7 @@ def evaluate_variants(args, cfg, model, dataset):
     infer_s = time.perf_counter() - start
     res = {k: e.evaluate()["wsis_instance"] for k, e in evals.items()}
     curve = {s: e.evaluate()["wsis_instance"]["mAP_b50"] for s, e in step_evals.items()}
+    res["ss_mIoU"] = ss_confusion.summary()["mIoU"]
     return res, curve, pseudo, infer_s, t_ss, t_refine
 
 
@@ -231,14 +245,12 @@ def main(argv=None):
     logger.info("proposals: %s", json.dumps(stats))
 
     # the image-level classifier and its cues
-    cls_opts = []
-    if args.cls_iters:
-        cls_opts += ["SOLVER.MAX_ITER", str(args.cls_iters), "SOLVER.STEPS", f"({int(args.cls_iters * 0.8)},)",
-                     "SOLVER.WARMUP_ITERS", str(max(1, args.cls_iters // 20))]
     cls_cfg = bench_cfg(
-        args.cls_config, cls_opts, os.path.join(args.output_dir, "classifier"), args.cls_train_set,
+        args.cls_config, [], os.path.join(args.output_dir, "classifier"), args.cls_train_set,
         dataset,
     )
+    if args.cls_iters:
+        rescale_schedule(cls_cfg, args.cls_iters)
     cls_cfg.freeze()
     start = time.perf_counter()
     cls_trainer = trainer_cls(cls_cfg)
@@ -270,14 +282,9 @@ def main(argv=None):
     ccgr_cfg.MODEL.CCGR.CUES_FILE = cues_file
     ccgr_cfg.DATASETS.PROPOSAL_FILES_TRAIN = (prop_file,)
     ccgr_cfg.DATASETS.PROPOSAL_FILES_TEST = (prop_file,)
-    if args.ccgr_iters:
-        n = args.ccgr_iters
-        ccgr_cfg.SOLVER.MAX_ITER = n
-        ccgr_cfg.SOLVER.STEPS = (int(n * 0.8), int(n * 0.93))
-        ccgr_cfg.SOLVER.WARMUP_ITERS = min(ccgr_cfg.SOLVER.WARMUP_ITERS, max(1, n // 10))
+    rescale_schedule(ccgr_cfg, args.ccgr_iters or ccgr_cfg.SOLVER.MAX_ITER)  # final checkpoint only
     if args.steps:
         ccgr_cfg.MODEL.CCGR.REFINE_STEPS = args.steps
-    ccgr_cfg.SOLVER.CHECKPOINT_PERIOD = ccgr_cfg.SOLVER.MAX_ITER + 1
     ccgr_cfg.freeze()
     start = time.perf_counter()
     trainer = trainer_cls(ccgr_cfg)
@@ -293,6 +300,7 @@ def main(argv=None):
         out[f"mAP_r50_{name}"] = res[key]["mAP_r50"]
         out[f"mAP_r25_{name}"] = res[key]["mAP_r25"]
     out["steps_mAP_b50"] = {str(s): v for s, v in sorted(curve.items())}
+    out["semseg_mIoU_ss_branch"] = res["ss_mIoU"]
     logger.info("pseudo labels: %s", json.dumps({k: v for k, v in out.items() if "mAP" in k}))
     out["refine_over_ss_forward"] = (
         statistics.median(t_refine) / statistics.median(t_ss) if t_ss else float("nan")

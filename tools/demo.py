@@ -37,6 +37,7 @@ from detectron2.utils.visualizer import Visualizer
 
 import wsis_d2  # noqa: F401  (registers datasets, models and mappers)
 from wsis_d2 import add_wsis_config
+from wsis_d2.engine import check_device
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -74,6 +75,7 @@ def setup_cfg(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    check_device(cfg.MODEL.DEVICE)
     return cfg
 
 

@@ -18,7 +18,14 @@ for the compiled ops this release cannot provide (rotated boxes, deformable conv
 COCOeval). Every patch must apply exactly once, otherwise the script stops: a changed tarball is
 never half-repaired.
 
+With ``--source`` it installs an upstream detectron2 instead (a source folder or a
+``git archive`` tarball, e.g. ``../shared/vendor/detectron2-main-02b5c4e.tar.gz``): built by its
+own ``setup.py`` with its compiled ops (CPU-only unless ``FORCE_CUDA`` is set), with one repair
+where the source still needs it: ``detectron2/model_zoo/model_zoo.py`` imports ``pkg_resources``
+(upstream issue 5494), replaced by the same path lookup as for 0.6. ``make test-upstream`` uses it.
+
 Usage: python tools/install_detectron2.py [--force] [--workdir build/detectron2]
+       python tools/install_detectron2.py --source PATH [--workdir build/detectron2-upstream]
 """
 import argparse
 import hashlib
@@ -110,6 +117,16 @@ def _patch_file(root, rel, subs):
         f.write(text)
 
 
+# model_zoo.get_config_file without pkg_resources (v0.6 and main up to at least 02b5c4e)
+MODEL_ZOO_PATCH = [
+    (r"(?m)^import pkg_resources\n", "", 1),
+    (
+        r'cfg_file = pkg_resources\.resource_filename\(\n\s*"detectron2.model_zoo", '
+        r'os\.path\.join\("configs", config_path\)\n\s*\)',
+        'cfg_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", config_path)',
+        1,
+    ),
+]
 # (file, [(regex, replacement, expected number of matches)])
 NUMPY_ALIASES = r"\bnp\.(int|float|str|bool)\b(?!\()"
 PATCHES = {
@@ -142,15 +159,7 @@ PATCHES = {
             1,
         )
     ],
-    "detectron2/model_zoo/model_zoo.py": [
-        (r"(?m)^import pkg_resources\n", "", 1),
-        (
-            r'cfg_file = pkg_resources\.resource_filename\(\n\s*"detectron2.model_zoo", '
-            r'os\.path\.join\("configs", config_path\)\n\s*\)',
-            'cfg_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", config_path)',
-            1,
-        ),
-    ],
+    "detectron2/model_zoo/model_zoo.py": MODEL_ZOO_PATCH,
 }
 
 
@@ -175,8 +184,15 @@ def _run(cmd):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="reinstall even if detectron2 imports")
-    parser.add_argument("--workdir", default=os.path.join("build", "detectron2"))
+    parser.add_argument("--workdir", default=None, help="build folder (default build/detectron2, "
+                        "with --source build/detectron2-upstream)")
+    parser.add_argument("--source", default=None,
+                        help="install this upstream detectron2 source (folder or tarball) instead")
     args = parser.parse_args()
+    if args.source:
+        install_upstream(args.source, args.workdir or os.path.join("build", "detectron2-upstream"))
+        return
+    args.workdir = args.workdir or os.path.join("build", "detectron2")
 
     if _have_detectron2() and not args.force:
         import detectron2
@@ -207,6 +223,37 @@ def main():
     shutil.rmtree(os.path.join(root, "pb1_detectron2.egg-info"), ignore_errors=True)
 
     _run([sys.executable, "-m", "pip", "install", "--no-build-isolation", root])
+    _check_installed()
+
+
+def install_upstream(source, workdir):
+    """Build and install an upstream detectron2 from ``source`` (folder or tarball) into this
+    environment, whatever detectron2 it already sees, without touching its dependencies."""
+    if not os.path.exists(source):
+        raise SystemExit(f"--source {source}: no such file or folder")
+    src = os.path.join(workdir, "src")
+    shutil.rmtree(src, ignore_errors=True)
+    if os.path.isdir(source):  # a checkout: copied, so that the repair never touches it
+        shutil.copytree(source, os.path.join(src, "detectron2"),
+                        ignore=shutil.ignore_patterns(".git", "build", "*.so", "*.egg-info"))
+    else:
+        with tarfile.open(source) as tar:
+            tar.extractall(src, filter="data")
+    tops = os.listdir(src)
+    if len(tops) != 1 or not os.path.isfile(os.path.join(src, tops[0], "setup.py")):
+        raise SystemExit(f"--source {source}: expected one folder holding setup.py, got {tops}")
+    root = os.path.join(src, tops[0])
+    rel = os.path.join("detectron2", "model_zoo", "model_zoo.py")
+    with open(os.path.join(root, rel), encoding="utf-8") as f:
+        if "import pkg_resources" in f.read():
+            _patch_file(root, rel, MODEL_ZOO_PATCH)
+    # its dependencies are those of the 0.6 environment this one extends (see the Makefile)
+    _run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
+          "--force-reinstall", root])
+    _check_installed()
+
+
+def _check_installed():
     # import from elsewhere than the source tree to check the installed copy
     check = (
         "import detectron2, detectron2.layers, detectron2.data, detectron2.modeling, "

@@ -5,6 +5,8 @@ reference) with detectron2's DefaultTrainer.
 
     python tools/train_net.py --config-file configs/lc_r50.yaml
     python tools/train_net.py --config-file configs/lc_r50.yaml --eval-only MODEL.WEIGHTS model.pth
+    python tools/train_net.py --config-file configs/demo/lc_mnv2_synthetic_demo.yaml --num-gpus 2
+        # 2 processes; on CPU (MODEL.DEVICE cpu) joined with gloo, each with half of the cores
 """
 
 import os
@@ -16,7 +18,7 @@ from detectron2.data import (
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -24,7 +26,7 @@ from detectron2.utils.logger import setup_logger
 import wsis_d2  # noqa: F401  (registers datasets, models and mappers)
 from wsis_d2 import add_wsis_config
 from wsis_d2.data import build_dataset_mapper
-from wsis_d2.engine import WSISTrainer
+from wsis_d2.engine import WSISTrainer, launch
 from wsis_d2.evaluation import CountingEvaluator, DensityEvaluator, InstanceAPEvaluator
 
 
@@ -73,12 +75,17 @@ class Trainer(WSISTrainer):
         return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
 
-def setup(args):
+def load_config(args):
     cfg = get_cfg()
     add_wsis_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    cfg = load_config(args)
     default_setup(cfg, args)
     # wsis_d2's own log (evaluator tables, mapper and model messages) next to detectron2's
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="wsis_d2")
@@ -108,4 +115,5 @@ if __name__ == "__main__":
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        device=load_config(args).MODEL.DEVICE,
     )

@@ -323,6 +323,9 @@ def add_ccgr_config(cfg):
     _C.MODEL.PSP.HIDDEN_DIM = 128
     # dropout before the classifier (PSPNet: 0.1)
     _C.MODEL.PSP.DROPOUT = 0.1
+    # loss = mean CE over background pixels + mean CE over object pixels (DSRG), instead of the
+    # mean over all labelled pixels; background = the last of SEM_SEG_HEAD.NUM_CLASSES
+    _C.MODEL.PSP.BALANCE_BACKGROUND = False
     return cfg
 
 

@@ -124,6 +124,10 @@ class TestCCGRPart1(unittest.TestCase):
         for inp, res in run_ccgr_inference(model, loader):
             h, w = inp["height"], inp["width"]
             self.assertEqual(tuple(res["sem_seg"].shape), (9, h, w))
+            # S over the image's present classes and the background only
+            absent = torch.cat([inp["labels"] < 0.5, torch.zeros(1, dtype=torch.bool)])
+            self.assertTrue(bool((res["sem_seg"][absent] == 0).all()))
+            torch.testing.assert_close(res["sem_seg"].sum(0), torch.ones(h, w))
             inst = res["instances"]
             self.assertEqual(inst.image_size, (h, w))
             info = res["ccgr"]

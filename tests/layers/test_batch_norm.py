@@ -67,6 +67,23 @@ class TestFusedFrozenBatchNorm(unittest.TestCase):
         single = fuse_frozen_batchnorm(_frozen(2, 5))
         self.assertIsInstance(single, FusedFrozenBatchNorm2d)
 
+    def test_converted_batchnorm_has_the_same_keys_on_every_detectron2(self):
+        # detectron2 main's convert_frozen_batchnorm copies BN's num_batches_tracked counter; the
+        # fused layer drops it, so a converted network has v0.6's four keys per layer
+        bn = nn.BatchNorm2d(5)
+        bn(torch.randn(4, 5, 3, 3))  # the counter becomes 1
+        net = fuse_frozen_batchnorm(FrozenBatchNorm2d.convert_frozen_batchnorm(nn.Sequential(bn)))
+        self.assertEqual(
+            sorted(net.state_dict()), ["0.bias", "0.running_mean", "0.running_var", "0.weight"]
+        )
+        torch.testing.assert_close(net.state_dict()["0.running_mean"], bn.running_mean)
+        # a checkpoint with the counter (a BN one, or saved under detectron2 main before this
+        # fix) loads without missing or unused keys
+        incompatible = net.load_state_dict(
+            {f"0.{k}": v for k, v in bn.state_dict().items()}, strict=False
+        )
+        self.assertEqual((incompatible.missing_keys, incompatible.unexpected_keys), ([], []))
+
 
 if __name__ == "__main__":
     unittest.main()

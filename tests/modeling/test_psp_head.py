@@ -2,6 +2,7 @@
 
 import unittest
 
+import numpy as np
 import torch
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
@@ -11,7 +12,7 @@ import wsis_d2  # noqa: F401  (registers PSPHead)
 from wsis_d2 import add_wsis_config
 
 
-def _head(norm="BN", in_feature="p3"):
+def _head(norm="BN", in_feature="p3", balance=False):
     cfg = get_cfg()
     add_wsis_config(cfg)
     cfg.MODEL.SEM_SEG_HEAD.NAME = "PSPHead"
@@ -20,6 +21,7 @@ def _head(norm="BN", in_feature="p3"):
     cfg.MODEL.SEM_SEG_HEAD.NORM = norm
     cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 0
     cfg.MODEL.PSP.HIDDEN_DIM = 16
+    cfg.MODEL.PSP.BALANCE_BACKGROUND = balance
     torch.manual_seed(0)
     return build_sem_seg_head(cfg, {"p3": ShapeSpec(channels=12, stride=8)})
 
@@ -54,6 +56,29 @@ class TestPSPHead(unittest.TestCase):
         _, losses = head(feats, torch.full((2, 40, 56), 255))
         self.assertEqual(float(losses["loss_sem_seg"]), 0.0)
         losses["loss_sem_seg"].backward()
+
+    def test_balanced_loss_against_numpy(self):
+        head = _head(norm="", balance=True).train()
+        g = torch.Generator().manual_seed(3)
+        logits = torch.randn(2, 5, 6, 7, generator=g, dtype=torch.float64)
+        targets = torch.full((2, 6, 7), 4)  # background = class 4, the last
+        targets[0, 1:3, 2:5] = 1
+        targets[1, 4, :] = 2
+        targets[1, 0, :3] = 255
+        lg = logits.permute(0, 2, 3, 1).reshape(-1, 5).numpy()
+        t = targets.reshape(-1).numpy()
+        logp = lg - np.log(np.exp(lg).sum(1, keepdims=True))
+        ce = -logp[np.arange(len(t)), np.minimum(t, 4)]
+        expected = ce[t == 4].mean() + ce[(t != 4) & (t != 255)].mean()
+        loss = head.losses(logits, targets)["loss_sem_seg"]
+        self.assertAlmostEqual(float(loss), float(expected), places=10)
+        # differs from the plain mean, which the unbalanced head keeps
+        plain = _head(norm="").train().losses(logits, targets)["loss_sem_seg"]
+        self.assertAlmostEqual(float(plain), float(ce[t != 255].mean()), places=10)
+        self.assertGreater(abs(float(plain) - float(loss)), 0.1)
+        # a batch without object pixels: the background mean alone
+        only_bg = head.losses(logits, torch.full((2, 6, 7), 4))["loss_sem_seg"]
+        self.assertAlmostEqual(float(only_bg), float((-logp[:, 4]).mean()), places=10)
 
     def test_targets_larger_than_the_logits_are_cropped(self):
         head = _head(norm="").train()

@@ -4,7 +4,14 @@
 ``Trainer`` from it and only adds data loaders and evaluators.
 """
 
-from detectron2.engine import DefaultTrainer, hooks
+import logging
+import weakref
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, hooks
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..solver import build_optimizer
 from .calibration import DensityCountCalibration
@@ -19,30 +26,34 @@ class WSISTrainer(DefaultTrainer):
     whose loop is :func:`wsis_d2.engine.build_train_loop`: with ``SOLVER.AMP.ENABLED`` and
     ``SOLVER.AMP.DTYPE`` "bfloat16" it runs autocast also on CPU (detectron2's own AMPTrainer is
     CUDA float16 only). Density models get their count calibration fitted after the last
-    iteration (``MODEL.DENSITY.CALIBRATION``).
+    iteration (``MODEL.DENSITY.CALIBRATION``). Several processes (:func:`wsis_d2.engine.launch`)
+    train with DistributedDataParallel on CUDA and on CPU (gloo).
     """
 
     def __init__(self, cfg):
-        if not cfg.SOLVER.AMP.ENABLED:
-            super().__init__(cfg)
-            return
-        # DefaultTrainer builds model, optimizer, loader, scheduler and hooks with its float32 loop;
-        # the same model, loader and optimizer then run in the loop SOLVER.AMP asks for
-        fp32_cfg = cfg.clone()
-        fp32_cfg.defrost()
-        fp32_cfg.SOLVER.AMP.ENABLED = False
-        fp32_cfg.freeze()
-        super().__init__(fp32_cfg)
-        self.cfg.defrost()
-        self.cfg.SOLVER.AMP.ENABLED = True
-        self.cfg.freeze()
-        loop = self._trainer
-        # the new loop continues the float32 loop's iterator: a second iter() of the loader would
-        # start its workers a second time (detectron2 v0.6 starts them in SimpleTrainer.__init__)
-        self._trainer = build_train_loop(
-            self.cfg, loop.model, _StartedIterator(loop), loop.optimizer
+        # DefaultTrainer.__init__ (the same in detectron2 v0.6 and main) with two changes: the loop
+        # is build_train_loop's, and DistributedDataParallel gets device_ids only on CUDA (both
+        # versions pass [local_rank], which DDP rejects for a CPU module)
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cuda = torch.device(cfg.MODEL.DEVICE).type == "cuda"
+        model = create_ddp_model(
+            model,
+            broadcast_buffers=False,
+            device_ids=[comm.get_local_rank()] if on_cuda else None,
         )
-        self._trainer.data_loader = loop.data_loader
+        self._trainer = build_train_loop(cfg, model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
         """
@@ -63,15 +74,3 @@ class WSISTrainer(DefaultTrainer):
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)  # SOLVER.OPTIMIZER: SGD (detectron2's) or AdamW
 
-
-class _StartedIterator:
-    """
-    An iterable whose ``iter()`` is the data-loader iterator of an existing loop (created when first
-    asked for, where the loop creates it lazily as in detectron2 main).
-    """
-
-    def __init__(self, loop):
-        self._loop = loop
-
-    def __iter__(self):
-        return self._loop._data_loader_iter

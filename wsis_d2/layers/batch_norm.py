@@ -58,12 +58,22 @@ class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
             eps=self.eps,
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a frozen layer has no batch counter; checkpoints that carry one (BatchNorm2d, or
+        # detectron2 main's FrozenBatchNorm2d, see fuse_frozen_batchnorm) load without noise
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 def fuse_frozen_batchnorm(module: nn.Module) -> nn.Module:
     """
     Turn every :class:`~detectron2.layers.FrozenBatchNorm2d` inside ``module`` (in place, also
-    ``module`` itself) into a :class:`FusedFrozenBatchNorm2d`; buffers and state-dict keys are
-    unchanged.
+    ``module`` itself) into a :class:`FusedFrozenBatchNorm2d`. The state-dict keys are weight,
+    bias, running_mean and running_var on every detectron2 version: detectron2 main's
+    ``FrozenBatchNorm2d.convert_frozen_batchnorm`` copies a BatchNorm2d's ``num_batches_tracked``
+    counter into a buffer that v0.6's ``FrozenBatchNorm2d`` does not have. A frozen layer never
+    counts batches, so the counter is removed here; checkpoints then load under both versions
+    without "not found" or "unused" keys.
 
     Returns:
         ``module``.
@@ -71,4 +81,6 @@ def fuse_frozen_batchnorm(module: nn.Module) -> nn.Module:
     for m in module.modules():
         if type(m) is FrozenBatchNorm2d:
             m.__class__ = FusedFrozenBatchNorm2d
+            if getattr(m, "num_batches_tracked", None) is not None:  # detectron2 main only
+                m.num_batches_tracked = None
     return module

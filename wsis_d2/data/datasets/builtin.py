@@ -16,7 +16,7 @@ from detectron2.data.catalog import Metadata
 from .coco_counts import load_coco_counts_json
 from .synthetic import SYNTHETIC_CLASSES, SyntheticSpec, prepare_synthetic_split
 
-__all__ = ["register_all_synthetic", "get_synthetic_split"]
+__all__ = ["get_synthetic_split", "register_all_synthetic", "register_synthetic_split"]
 
 # ==== Predefined splits of the embedded synthetic data ==========
 # name -> (directory under wsis_synthetic/, split parameters); every split has its own seed
@@ -75,23 +75,36 @@ def _load_synthetic(name: str):
     return load_coco_counts_json(json_file, image_root, name)
 
 
-def register_all_synthetic(root: Optional[str] = None) -> None:
+def register_synthetic_split(
+    name: str, split: str, spec: SyntheticSpec, root: Optional[str] = None
+) -> None:
     """
-    Register the synthetic splits in DatasetCatalog / MetadataCatalog.
+    Register one synthetic dataset ``name`` in DatasetCatalog / MetadataCatalog (evaluator type
+    "wsis_instance"), generated on first use under ``<root>/wsis_synthetic/<split>/``.
 
     Args:
+        spec: its size and seed (e.g. ``SyntheticSpec(64, seed=7, min_image_size=128,
+            max_image_size=128)`` for images of one size).
         root: datasets root; None reads ``$DETECTRON2_DATASETS`` (default "datasets") each time
             the data is used rather than once now.
     """
+    _REGISTERED[name] = (root, split, spec)
+    DatasetCatalog.register(name, lambda: _load_synthetic(name))
+    MetadataCatalog[name] = _SyntheticMetadata(name=name)
+    MetadataCatalog.get(name).set(
+        thing_classes=list(SYNTHETIC_CLASSES),
+        thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(SYNTHETIC_CLASSES))},
+        evaluator_type="wsis_instance",
+    )
+
+
+def register_all_synthetic(root: Optional[str] = None) -> None:
+    """
+    Register the predefined synthetic splits (``wsis_synth_*``), see
+    :func:`register_synthetic_split`.
+    """
     for name, (split, spec) in _PREDEFINED_SPLITS_SYNTHETIC.items():
-        _REGISTERED[name] = (root, split, spec)
-        DatasetCatalog.register(name, lambda name=name: _load_synthetic(name))
-        MetadataCatalog[name] = _SyntheticMetadata(name=name)
-        MetadataCatalog.get(name).set(
-            thing_classes=list(SYNTHETIC_CLASSES),
-            thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(SYNTHETIC_CLASSES))},
-            evaluator_type="wsis_instance",
-        )
+        register_synthetic_split(name, split, spec, root)
 
 
 # None: resolve $DETECTRON2_DATASETS (default "datasets") on first use, not at import

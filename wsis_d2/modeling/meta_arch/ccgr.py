@@ -50,7 +50,10 @@ class CCGRNet(nn.Module):
 
     Training returns {"loss_mil", "loss_sem_seg"}. Inference returns per image:
 
-    - "sem_seg": (C + 1, height, width) class scores S (softmax);
+    - "sem_seg": (C + 1, height, width) class scores S: the softmax over the classes; for an
+      input with image-level labels (the training images whose pseudo labels are being made),
+      over its present classes and the background only (absent classes score 0), as
+      image-label-supervised methods use the labels they are given;
     - "instances": the pseudo instances (:func:`pseudo_instances` of the refined MIL boxes), or,
       for an input without peaks or labels, the connected components of the segmentation;
     - "ccgr": {"classes", "peaks" (rows of the output-size peaks), "mil_boxes", "mil_scores",
@@ -237,7 +240,12 @@ class CCGRNet(nn.Module):
     def _inference_single(self, features, logits, i, x, size) -> Dict:
         h, w = size
         out_h, out_w = int(x.get("height", h)), int(x.get("width", w))
-        scores_in = F.softmax(logits[i : i + 1, :, :h, :w].float(), dim=1)
+        logits = logits[i : i + 1, :, :h, :w].float()
+        if "labels" in x:
+            absent = torch.as_tensor(x["labels"], device=logits.device).reshape(-1) < 0.5
+            keep = torch.cat([~absent, absent.new_ones(1)])  # the background stays
+            logits = logits.masked_fill(~keep[None, :, None, None], float("-inf"))
+        scores_in = F.softmax(logits, dim=1)
         scores_out = F.interpolate(scores_in, size=(out_h, out_w), mode="bilinear", align_corners=False)[0]
         result = {"sem_seg": scores_out}
         has_cues = "proposals" in x and "peaks" in x and "labels" in x
