@@ -83,6 +83,16 @@ class TestWSDDNLoss(unittest.TestCase):
         right.backward()
         self.assertTrue(bool(torch.isfinite(cls_logits.grad).all()))
 
+    def test_bfloat16_logits_give_float32_scores_and_the_eps_clamp(self):
+        # under bfloat16 autocast the box head's logits are bfloat16; there 1 − 1e-6 rounds to 1,
+        # so φ and the loss are computed in float32
+        cls_logits = torch.tensor([[1000.0, 0.0, 0.0]], dtype=torch.bfloat16)
+        det_logits = torch.zeros(1, 3, dtype=torch.bfloat16)
+        phi, contributions = wsddn_bag_scores(cls_logits, det_logits, torch.tensor([[0]]))
+        self.assertEqual((phi.dtype, contributions.dtype), (torch.float32, torch.float32))
+        loss = wsddn_loss(phi, torch.tensor([0]), 1e-6, "none")
+        self.assertAlmostEqual(float(loss), -3 * np.log1p(-1e-6), places=5)
+
     def test_empty_and_bad(self):
         phi = torch.zeros(0, 4, requires_grad=True)
         loss = wsddn_loss(phi, torch.zeros(0, dtype=torch.long))

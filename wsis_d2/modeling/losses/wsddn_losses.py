@@ -30,7 +30,7 @@ def wsddn_bag_scores(
         bags: (B, K) long proposal rows, −1 for padding; every bag has at least one proposal.
 
     Returns:
-        phi: (B, C) float32 bag scores in [0, 1] (not clamped);
+        phi: (B, C) bag scores in [0, 1] (not clamped), float32 or float64;
         contributions: (B, K, C) σ_cls ⊙ σ_det of each bag member (0 for padding), whose sum over
         K is ``phi``; the member with the largest contribution to the bag's class is the MIL
         branch's box.
@@ -50,9 +50,11 @@ def wsddn_bag_scores(
     if not bool(valid[:, 0].all()) or not bool(valid.any(dim=1).all()):
         raise ValueError("every bag needs at least one proposal, listed first in its row")
     rows = bags.clamp_min(0)
-    # float32 also under bfloat16 autocast: bfloat16 rounds 1 − ε to 1, and log(1 − φ) with it
-    sigma_cls = F.softmax(cls_logits[rows].float(), dim=2)  # (B, K, C)
-    det = det_logits[rows].float().masked_fill(~valid[:, :, None], float("-inf"))
+    # at least float32 also under bfloat16 autocast: bfloat16 rounds 1 − ε to 1, and log(1 − φ)
+    # with it (float64 inputs stay float64)
+    dtype = torch.promote_types(cls_logits.dtype, torch.float32)
+    sigma_cls = F.softmax(cls_logits[rows].to(dtype), dim=2)  # (B, K, C)
+    det = det_logits[rows].to(dtype).masked_fill(~valid[:, :, None], float("-inf"))
     sigma_det = F.softmax(det, dim=1)  # over the bag's proposals
     contributions = sigma_cls * sigma_det * valid[:, :, None].to(sigma_cls.dtype)
     return contributions.sum(dim=1), contributions
