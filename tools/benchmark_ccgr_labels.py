@@ -123,7 +123,7 @@ def cue_quality(cues, dicts, num_classes):
     }
 
 
-def evaluate_variants(args, cfg, model, dataset):
+def evaluate_variants(args, cfg, model, dataset, dicts):
     """Pseudo labels of every training image: variants (a), (b), (c), the refinement curve and
     the refinement cost; writes the pseudo-label json of (c)."""
     steps = list(range(0, cfg.MODEL.CCGR.REFINE_STEPS + 1, max(1, cfg.MODEL.CCGR.REFINE_STEPS // 5)))
@@ -134,7 +134,7 @@ def evaluate_variants(args, cfg, model, dataset):
         e.reset()
     loader = build_detection_test_loader(cfg, dataset, mapper=build_dataset_mapper(cfg, False))
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
-    gt_dicts = {d["image_id"]: d for d in DatasetCatalog.get(dataset)}
+    gt_dicts = {d["image_id"]: d for d in dicts}
     ss_confusion = SemanticConfusion(num_classes + 1)  # the SS branch's argmax vs ground truth
     pseudo = {}
     t_ss, t_refine = [], []
@@ -293,7 +293,7 @@ def main(argv=None):
     times["time_ccgr_train_s"] = time.perf_counter() - start
 
     res, curve, pseudo, times["time_pseudo_labels_s"], t_ss, t_refine = evaluate_variants(
-        args, ccgr_cfg, trainer.model, dataset
+        args, ccgr_cfg, trainer.model, dataset, dicts
     )
     for key, name in (("cc", "a_cc"), ("mil", "b_mil"), ("ccgr", "c_ccgr")):
         out[f"mAP_b50_{name}"] = res[key]["mAP_b50"]
