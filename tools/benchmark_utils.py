@@ -56,6 +56,7 @@ def rescale_schedule(cfg, iters):
     cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(1, iters // 10))
     if cfg.MODEL.META_ARCHITECTURE == "ImageLevelCounter":
         cfg.MODEL.LC.SPATIAL_START_ITER = int(round(cfg.MODEL.LC.SPATIAL_START_ITER * iters / old))
+        cfg.MODEL.LC.DENSITY_START_ITER = int(round(cfg.MODEL.LC.DENSITY_START_ITER * iters / old))
     cfg.SOLVER.MAX_ITER = int(iters)
     cfg.SOLVER.CHECKPOINT_PERIOD = int(iters) + 1
 

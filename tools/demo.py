@@ -6,6 +6,9 @@ and the per-class counts; plus one ``counts.json`` with the counts of every imag
 
     python tools/demo.py --config-file configs/lc_r50.yaml --input img1.jpg "imgs/*.png" folder/ \
         --output out/ --opts MODEL.WEIGHTS model.pth MODEL.DEVICE cpu
+    python tools/demo.py --config-file configs/demo/lc_mnv2_synthetic_demo.yaml \
+        --dataset wsis_synth_val --num-images 6 --output out/ --opts MODEL.WEIGHTS model.pth
+        # the first images of a registered dataset, with their true counts (pred/true)
 
 Model outputs used (all optional, any model works):
     "instances": Instances with pred_masks / pred_boxes, scores, pred_classes;
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 from PIL import UnidentifiedImageError
 
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data.catalog import Metadata
 from detectron2.engine import DefaultPredictor
@@ -38,6 +41,7 @@ from detectron2.utils.visualizer import Visualizer
 import wsis_d2  # noqa: F401  (registers datasets, models and mappers)
 from wsis_d2 import add_wsis_config
 from wsis_d2.engine import check_device
+from wsis_d2.evaluation.counting import load_count_ground_truth
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -47,15 +51,28 @@ logger = logging.getLogger("wsis_d2.demo")
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="wsis_d2 demo: counts, density and instances")
     parser.add_argument("--config-file", required=True, metavar="FILE", help="path to config")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", nargs="+", help="image files, glob patterns or folders")
+    source.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help="a registered dataset instead of --input: its first --num-images images, drawn with "
+        "the true counts next to the predicted ones (pred/true)",
+    )
     parser.add_argument(
-        "--input", nargs="+", required=True, help="image files, glob patterns or folders"
+        "--num-images",
+        type=int,
+        default=6,
+        help="how many images of --dataset (default 6)",
     )
     parser.add_argument("--output", required=True, help="output folder (PNGs + counts.json)")
     parser.add_argument(
         "--confidence-threshold",
         type=float,
-        default=0.5,
-        help="minimum score of the instances drawn (and counted when the model gives no counts)",
+        default=None,
+        help="minimum score of the instances drawn (and counted when the model gives no counts); "
+        "default 0.5, and 0 for models that give counts (LC / ILC: their instances are the "
+        "objects they counted)",
     )
     parser.add_argument(
         "--density",
@@ -188,9 +205,25 @@ def _format_count(v: float) -> str:
     return str(int(round(v))) if abs(v - round(v)) < 1e-6 else f"{v:.2f}"
 
 
-def counts_strip(width: int, counts: Optional[np.ndarray], names: Sequence[str]) -> np.ndarray:
-    """A white band listing "name: count" for the non-zero counts (several per line)."""
-    if counts is None:
+def counts_strip(
+    width: int,
+    counts: Optional[np.ndarray],
+    names: Sequence[str],
+    true_counts: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """
+    A white band listing "name: count" for the non-zero counts (several per line); with
+    ``true_counts``, "name: predicted/true" for every class where either is non-zero.
+    """
+    if true_counts is not None:
+        pred = np.zeros(len(true_counts)) if counts is None else counts
+        items = [
+            f"{names[c]}: {_format_count(p)}/{_format_count(t)}"
+            for c, (p, t) in enumerate(zip(pred, true_counts))
+            if p != 0 or t != 0
+        ]
+        items = ["predicted/true"] + (items or ["no objects"])
+    elif counts is None:
         items = ["no counts"]
     else:
         items = [f"{names[c]}: {_format_count(v)}" for c, v in enumerate(counts) if v != 0]
@@ -229,10 +262,12 @@ def render(
     counts: Optional[np.ndarray],
     score_threshold: float = 0.5,
     density_mode: str = "sum",
+    true_counts: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """
     One picture of a model's output on one image: [instances | density heatmap(s) + peaks] side
-    by side above a band with the per-class counts.
+    by side above a band with the per-class counts (predicted/true when ``true_counts`` (C,) is
+    given).
 
     Args:
         image_rgb: (H, W, 3) uint8 input image.
@@ -279,7 +314,8 @@ def render(
     if not panels:
         panels.append(image_rgb)
     top = np.concatenate(panels, axis=1)
-    return np.concatenate([top, counts_strip(top.shape[1], counts, names)], axis=0)
+    band = counts_strip(top.shape[1], counts, names, true_counts)
+    return np.concatenate([top, band], axis=0)
 
 
 def _output_name(path: str, used: set) -> str:
@@ -291,28 +327,64 @@ def _output_name(path: str, used: set) -> str:
     return name + ".png"
 
 
+def dataset_inputs(dataset_name: str, num_images: int) -> Tuple[List[str], List[np.ndarray]]:
+    """
+    The image files of the first ``num_images`` records of a registered dataset and their (C,)
+    true counts (``class_counts``, else the non-crowd annotations per class).
+
+    Raises:
+        ValueError: an unknown dataset name, ``num_images`` < 1, or records without counts.
+    """
+    if dataset_name not in DatasetCatalog.list():
+        raise ValueError(
+            f"--dataset {dataset_name!r} is not registered (registered datasets with 'wsis' in "
+            f"the name: {sorted(n for n in DatasetCatalog.list() if 'wsis' in n)})"
+        )
+    if num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    gt = load_count_ground_truth(dataset_name)
+    records = DatasetCatalog.get(dataset_name)
+    chosen = records[:num_images]
+    return [r["file_name"] for r in chosen], [gt[r["image_id"]][1] for r in chosen]
+
+
 def run_demo(
     cfg,
     inputs: Sequence[str],
     output: str,
-    score_threshold: float = 0.5,
+    score_threshold: Optional[float] = None,
     density_mode: str = "sum",
+    true_counts: Optional[Sequence[np.ndarray]] = None,
+    metadata=None,
 ) -> Dict[str, Dict]:
     """
     Predict, render and save every image.
 
+    Args:
+        score_threshold: instances scoring less are not drawn (None: 0 when the model gives
+            counts, else 0.5).
+        true_counts: optional (C,) true counts per input file (``inputs`` are then files, in
+            the same order), drawn next to the predicted counts and saved as "true_counts".
+        metadata: the class names' source (default: the predictor's, i.e. DATASETS.TEST[0], else
+            DATASETS.TRAIN[0]).
+
     Returns:
         what ``counts.json`` holds: ``{input path: {"counts": {class: count}, "num_instances",
-        "output": png path}}``.
+        "output": png path[, "true_counts": {class: count}]}}``.
     """
     predictor = DefaultPredictor(cfg)
-    metadata = getattr(predictor, "metadata", None)
+    if metadata is None:
+        metadata = getattr(predictor, "metadata", None)
     if metadata is None and len(cfg.DATASETS.TRAIN):
         metadata = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
     os.makedirs(output, exist_ok=True)
     results: Dict[str, Dict] = {}
     used: set = set()
-    for path in expand_inputs(inputs):
+    paths = list(inputs) if true_counts is not None else expand_inputs(inputs)
+    if true_counts is not None and len(true_counts) != len(paths):
+        raise ValueError(f"{len(paths)} inputs but {len(true_counts)} true counts")
+    for k, path in enumerate(paths):
+        truth = None if true_counts is None else np.asarray(true_counts[k], dtype=np.float64)
         try:
             image_bgr = utils.read_image(path, format="BGR")
         except (OSError, UnidentifiedImageError, SyntaxError) as e:
@@ -320,9 +392,22 @@ def run_demo(
         predictions = predictor(image_bgr)
         num_classes = num_classes_of(predictions, metadata)
         names = class_names(metadata, num_classes)
-        counts = prediction_counts(predictions, num_classes, score_threshold)
+        threshold = score_threshold
+        if threshold is None:
+            threshold = 0.0 if "counts" in predictions else 0.5
+        counts = prediction_counts(predictions, num_classes, threshold)
+        if truth is not None and len(truth) != num_classes:
+            raise ValueError(
+                f"{path}: the model gives {num_classes} classes, the dataset {len(truth)}"
+            )
         picture = render(
-            image_bgr[:, :, ::-1].copy(), predictions, names, counts, score_threshold, density_mode
+            image_bgr[:, :, ::-1].copy(),
+            predictions,
+            names,
+            counts,
+            threshold,
+            density_mode,
+            truth,
         )
         out_png = os.path.join(output, _output_name(path, used))
         cv2.imwrite(out_png, picture[:, :, ::-1])
@@ -334,6 +419,8 @@ def run_demo(
             "num_instances": 0 if inst is None else int(len(inst)),
             "output": out_png,
         }
+        if truth is not None:
+            results[path]["true_counts"] = {n: float(v) for n, v in zip(names, truth.tolist())}
         logger.info(f"{path}: {len(results[path]['counts'] or {})} classes -> {out_png}")
     with open(os.path.join(output, "counts.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -343,7 +430,24 @@ def run_demo(
 def main(args) -> Dict[str, Dict]:
     setup_logger(name="wsis_d2")
     cfg = setup_cfg(args)
-    return run_demo(cfg, args.input, args.output, args.confidence_threshold, args.density)
+    if args.dataset:
+        inputs, truth = dataset_inputs(args.dataset, args.num_images)
+        metadata = MetadataCatalog.get(args.dataset)
+    else:
+        inputs, truth, metadata = args.input, None, None
+    results = run_demo(
+        cfg,
+        inputs,
+        args.output,
+        args.confidence_threshold,
+        args.density,
+        true_counts=truth,
+        metadata=metadata,
+    )
+    what = "instance masks, density heatmap with the peaks, counts"
+    what += " predicted/true" if truth is not None else ""
+    print(f"{len(results)} pictures ({what}) in {os.path.abspath(args.output)}/")
+    return results
 
 
 if __name__ == "__main__":

@@ -42,17 +42,31 @@ class Trainer(WSISTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
         evaluators = []
+        # counting errors next to the mean-count baseline of the (first) training set
+        baseline = cfg.DATASETS.TRAIN[0] if len(cfg.DATASETS.TRAIN) else None
+        if baseline is not None and MetadataCatalog.get(baseline).get(
+            "thing_classes", None
+        ) != MetadataCatalog.get(dataset_name).get("thing_classes", None):
+            baseline = None
         if evaluator_type == "wsis_instance":
             # image-level-supervised models add counts; mask models are scored by both protocols
             evaluators.append(InstanceAPEvaluator(dataset_name, output_dir=output_folder))
-            evaluators.append(CountingEvaluator(dataset_name, output_dir=output_folder))
+            evaluators.append(
+                CountingEvaluator(
+                    dataset_name, output_dir=output_folder, baseline_dataset=baseline
+                )
+            )
             if cfg.TEST.WSIS_COCO_EVAL:
                 # the fast COCOeval needs detectron2._C, which source-release builds lack
                 evaluators.append(
                     COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
                 )
         elif evaluator_type == "counting":
-            evaluators.append(CountingEvaluator(dataset_name, output_dir=output_folder))
+            evaluators.append(
+                CountingEvaluator(
+                    dataset_name, output_dir=output_folder, baseline_dataset=baseline
+                )
+            )
         elif evaluator_type == "density":
             evaluators.append(DensityEvaluator(dataset_name, output_dir=output_folder))
         elif evaluator_type == "coco":

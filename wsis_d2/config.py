@@ -37,6 +37,8 @@ def add_lc_config(cfg):
     _C.MODEL.LC.BRANCH_CHANNELS = 0
     # normalisation in the branches: "BN", "GN", "SyncBN", "" (none)
     _C.MODEL.LC.NORM = "BN"
+    # normalisation of the density branch alone: "same" (as NORM) or one of NORM's values
+    _C.MODEL.LC.DENSITY_NORM = "same"
     # bilinear upsampling factor u of M and D (official: sub_pixel_locating_factor = 1)
     _C.MODEL.LC.UPSAMPLE = 1
     # peak finder: local-maximum window radius r (window 2r+1; official win_size 3: r = 1)
@@ -78,6 +80,13 @@ def add_lc_config(cfg):
     # official two-stage schedule: iterations of stage 1 (no spatial loss, count MSE over S
     # only); 0 = single stage as in the paper
     _C.MODEL.LC.SPATIAL_START_ITER = 0
+    # iterations before it train the classification loss alone (L_spatial, the count MSE and the
+    # ranking term are zero): the count MSE's gradients in the shared backbone held the
+    # classification at the label prior for ~1,000 iterations on the synthetic scenes; 0 = off
+    _C.MODEL.LC.DENSITY_START_ITER = 0
+    # factor on the gradient the density branch passes into the backbone (1: joint training as
+    # in the paper; < 1 keeps the count MSE from overriding the classification's features)
+    _C.MODEL.LC.DENSITY_BACKBONE_GRAD = 1.0
     # inference: class c is present when σ(s_c) > this; counts round(t̂_c) there, 0 elsewhere
     _C.MODEL.LC.CLASS_THRESHOLD = 0.5
     # train the classification branch alone from image-level labels (PRM-style peak stimulation,
@@ -326,6 +335,29 @@ def add_ccgr_config(cfg):
     # loss = mean CE over background pixels + mean CE over object pixels (DSRG), instead of the
     # mean over all labelled pixels; background = the last of SEM_SEG_HEAD.NUM_CLASSES
     _C.MODEL.PSP.BALANCE_BACKGROUND = False
+
+    # CCGR's rounds (wsis_d2/engine/ccgr_rounds.py, tools/train_ccgr.py): the main config is
+    # CCGRNet's; these name the other stages' configs and the round settings
+    _C.CCGR = CN()
+    # rounds of MIL + SS -> CCGR pseudo labels -> IS branch (the paper: 3-5)
+    _C.CCGR.ROUNDS = 3
+    # config of the round-1 image-level classifier (ImageLevelCounter with
+    # MODEL.LC.IMAGE_LABELS_ONLY); trained on DATASETS.TRAIN
+    _C.CCGR.CLASSIFIER_CONFIG = "configs/demo/ccgr_cls_mnv2_synthetic.yaml"
+    # config of the IS branch (stock Mask R-CNN), trained on each round's pseudo labels
+    _C.CCGR.IS_CONFIG = "configs/mask_rcnn_mnv2_fpn_synthetic.yaml"
+    # "KEY VALUE" overrides of those two configs, e.g. ["SOLVER.MAX_ITER", "500"]
+    _C.CCGR.CLASSIFIER_OPTS = []
+    _C.CCGR.IS_OPTS = []
+    # rounds k >= 2: the IS branch's boxes scoring at least this (of present classes) seed bags
+    _C.CCGR.IS_SCORE_THRESHOLD = 0.5
+    # rounds k >= 2: fine-tune the MIL + SS model of round k - 1 for FINETUNE_FRACTION of its
+    # schedule (True), or train it again from MODEL.WEIGHTS (False)
+    _C.CCGR.FINETUNE = True
+    _C.CCGR.FINETUNE_FRACTION = 0.5
+    # selective-search proposals per training image, and processes that compute them
+    _C.CCGR.PROPOSAL_MAX = 2000
+    _C.CCGR.WORKERS = 2
     return cfg
 
 

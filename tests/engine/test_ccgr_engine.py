@@ -17,12 +17,18 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.data import transforms as T
 from detectron2.data.build import load_proposals_into_dataset
+from detectron2.structures import Boxes, Instances, pairwise_iou
 from PIL import Image
 
 import wsis_d2  # noqa: F401  (registers everything)
 from wsis_d2 import add_wsis_config
 from wsis_d2.data import build_dataset_mapper
-from wsis_d2.data.ccgr_files import load_cues, write_cues, write_pseudo_label_json
+from wsis_d2.data.ccgr_files import (
+    check_pseudo_label_json,
+    load_cues,
+    write_cues,
+    write_pseudo_label_json,
+)
 from wsis_d2.data.datasets import register_coco_counts_instances
 from wsis_d2.data.mappers.ccgr_mapper import CCGRDatasetMapper
 from wsis_d2.data.proposals import SelectiveSearchProposals, load_proposal_file, save_proposal_file
@@ -207,6 +213,109 @@ class TestCCGRPart1(unittest.TestCase):
         cfg = self._ccgr_cfg(os.path.join(self.tmp.name, "bad"), "no/such/cues.pkl")
         with self.assertRaisesRegex(ValueError, "CUES_FILE.*no/such/cues.pkl"):
             build_dataset_mapper(cfg, True)
+
+    def _seed_box_cues(self):
+        """Cues of a later round: the ground-truth boxes stand in for the IS branch's boxes."""
+        cues = load_cues(self._cues())
+        round2, seeds = {}, {}
+        for d in self.dicts:
+            rows = [
+                [a["category_id"], a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                 a["bbox"][1] + a["bbox"][3], 0.9]
+                for a in d["annotations"]
+            ]  # fmt: skip
+            sb = torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
+            centres = torch.stack(
+                [sb[:, 0], (sb[:, 1] + sb[:, 3]) / 2, (sb[:, 2] + sb[:, 4]) / 2, sb[:, 5]], dim=1
+            )
+            sem = torch.from_numpy(np.asarray(Image.open(cues["sem_seg"][d["image_id"]])))
+            round2[d["image_id"]] = (centres, sem)
+            seeds[d["image_id"]] = sb
+        path = os.path.join(self.tmp.name, "round2_cues.pkl")
+        write_cues(path, round2, 8, seed_boxes=seeds)
+        return path, seeds
+
+    def test_seed_box_cues_of_later_rounds(self):
+        path, seeds = self._seed_box_cues()
+        cues = load_cues(path)
+        self.assertIn("seed_boxes", cues)
+        d = load_proposals_into_dataset([dict(self.dicts[0])], self.proposals)[0]
+        plain = CCGRDatasetMapper(True, augmentations=[], image_format="RGB", num_classes=8,
+                                  proposal_topk=300, cues=cues)(d)
+        flipped = CCGRDatasetMapper(True, augmentations=[T.RandomFlip(prob=1.0)],
+                                    image_format="RGB", num_classes=8, proposal_topk=300,
+                                    cues=cues)(d)
+        w = d["width"]
+        torch.testing.assert_close(plain["seed_boxes"], seeds[d["image_id"]])
+        torch.testing.assert_close(flipped["seed_boxes"][:, 1], w - plain["seed_boxes"][:, 3])
+        torch.testing.assert_close(flipped["seed_boxes"][:, 3], w - plain["seed_boxes"][:, 1])
+        # trained and run on them: every bag is a seed box, its MIL box one of the K proposals of
+        # highest IoU with it
+        cfg = self._ccgr_cfg(os.path.join(self.tmp.name, "round2"), path,
+                             ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)"])
+        cfg.freeze()
+        trainer = self.train_net.Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        model = trainer.model
+        loader = build_detection_test_loader(cfg, DS, mapper=build_dataset_mapper(cfg, False))
+        checked = 0
+        for inp, res in run_ccgr_inference(model, loader):
+            info = res["ccgr"]
+            sb = inp["seed_boxes"]  # input pixels, as the proposals
+            self.assertEqual(len(info["classes"]), len(sb))
+            self.assertEqual(info["classes"].tolist(), sb[:, 0].long().tolist())
+            props = inp["proposals"].proposal_boxes
+            h_in, w_in = inp["image"].shape[-2:]
+            to_input = torch.tensor([w_in / inp["width"], h_in / inp["height"]] * 2)
+            for box, seed in zip(info["mil_boxes"], sb):
+                iou = pairwise_iou(Boxes(seed[None, 1:5]), props)[0]
+                top = torch.topk(iou, 10).values
+                mine = pairwise_iou(Boxes(seed[None, 1:5]), Boxes((box * to_input)[None]))[0, 0]
+                self.assertGreaterEqual(float(mine), float(top[-1]) - 1e-5)
+                checked += 1
+        self.assertGreater(checked, 0)
+        # a cues file whose seed boxes do not pair with its peaks
+        bad = dict(cues)
+        first = self.dicts[0]["image_id"]
+        bad["seed_boxes"] = dict(bad["seed_boxes"])
+        bad["seed_boxes"][first] = np.zeros((0, 6), np.float32)
+        if len(cues["peaks"][first]):
+            with self.assertRaisesRegex(ValueError, "seed boxes"):
+                CCGRDatasetMapper(True, augmentations=[], image_format="RGB", num_classes=8,
+                                  proposal_topk=50, cues=bad)(
+                    load_proposals_into_dataset([dict(self.dicts[0])], self.proposals)[0]
+                )
+
+    def test_pseudo_label_json_checked_against_its_dataset(self):
+        meta = MetadataCatalog.get(DS)
+        inverse = {v: k for k, v in meta.thing_dataset_id_to_contiguous_id.items()}
+        ids = [inverse[c] for c in range(8)]
+        d0 = self.dicts[0]
+        inst = Instances((d0["height"], d0["width"]))
+        masks = torch.zeros(1, d0["height"], d0["width"], dtype=torch.bool)
+        masks[0, 5:20, 5:30] = True
+        inst.pred_masks = masks
+        inst.pred_classes = torch.tensor([3])
+        inst.scores = torch.tensor([0.7])
+        good = os.path.join(self.tmp.name, "pseudo_ok.json")
+        write_pseudo_label_json(good, self.dicts, {d0["image_id"]: inst}, ids, meta.thing_classes)
+        self.assertEqual(check_pseudo_label_json(good, self.dicts, meta.thing_classes), 1)
+        with self.assertRaisesRegex(ValueError, "pseudo_ok.json.*images"):
+            check_pseudo_label_json(good, self.dicts[1:], meta.thing_classes)
+        with self.assertRaisesRegex(ValueError, "pseudo_ok.json.*categories"):
+            check_pseudo_label_json(good, self.dicts, list(meta.thing_classes)[::-1])
+        moved = [dict(d) for d in self.dicts]
+        moved[1]["height"] += 1
+        with self.assertRaisesRegex(ValueError, f"pseudo_ok.json.*{moved[1]['image_id']!r}"):
+            check_pseudo_label_json(good, moved, meta.thing_classes)
+        empty = os.path.join(self.tmp.name, "pseudo_empty.json")
+        write_pseudo_label_json(empty, self.dicts, {}, ids, meta.thing_classes)
+        with self.assertRaisesRegex(ValueError, "round 2: .*pseudo_empty.json.*no pseudo instance"):
+            check_pseudo_label_json(empty, self.dicts, meta.thing_classes, "round 2")
+        with self.assertRaisesRegex(ValueError, "not_there.json"):
+            check_pseudo_label_json(os.path.join(self.tmp.name, "not_there.json"), self.dicts,
+                                    meta.thing_classes)
 
     def test_images_without_peaks_train_without_bags(self):
         cues_path = self._cues()

@@ -124,6 +124,37 @@ class TestCountingEvaluator(unittest.TestCase):
         ev.process([self.inputs[order[2]]], [self.outputs[order[2]]])
         self.check(ev.evaluate()["counting"])
 
+    def test_mean_count_baseline(self):
+        # "training" set: mean counts (cat, dog) = (2, 0.5)
+        train = f"{self.name}_train"
+        DatasetCatalog.register(
+            train,
+            lambda: [
+                {"file_name": "a", "image_id": "a", "class_counts": [3, 1]},
+                {"file_name": "b", "image_id": "b", "class_counts": [1, 0]},
+            ],
+        )
+        MetadataCatalog.get(train).set(thing_classes=["cat", "dog"])
+        try:
+            ev = CountingEvaluator(self.name, distributed=False, baseline_dataset=train)
+            ev.process(self.inputs, self.outputs)
+            with self.assertLogs(counting_module.logger, level="INFO") as logs:
+                res = ev.evaluate()["counting"]
+            self.check(res)
+            # GT (cat, dog): (0, 2), (1, 0), (3, 0); per-class RMSE of predicting (2, 0.5)
+            gt = np.array([[0, 2], [1, 0], [3, 0]], dtype=float)
+            rmse = np.sqrt(((gt - np.array([2.0, 0.5])) ** 2).mean(axis=0))
+            self.assertAlmostEqual(res["baseline_mRMSE"], rmse.mean(), places=9)
+            self.assertAlmostEqual(res["mRMSE/baseline"], np.mean(RMSE) / rmse.mean(), places=9)
+            self.assertTrue(any("x baseline" in r.getMessage() for r in logs.records))
+            MetadataCatalog.get(f"{train}_other").set(thing_classes=["cat", "cow"])
+            with self.assertRaisesRegex(ValueError, f"{train}_other"):
+                CountingEvaluator(self.name, baseline_dataset=f"{train}_other")
+        finally:
+            DatasetCatalog.remove(train)
+            MetadataCatalog.remove(train)
+            MetadataCatalog.remove(f"{train}_other")
+
     def test_logs_predicted_and_true_counts_of_first_images(self):
         ev = CountingEvaluator(self.name, distributed=False)
         ev.num_examples = 2

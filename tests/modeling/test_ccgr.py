@@ -6,6 +6,8 @@ import torch
 
 from wsis_d2.layers import IntegralImage
 from wsis_d2.modeling.ccgr import (
+    bags_from_boxes,
+    semantic_labels_from_instances,
     IGNORE,
     build_bags,
     class_map_cues,
@@ -68,6 +70,69 @@ class TestBuildBags(unittest.TestCase):
         # a peak that every proposal shares with another peak of its class gets no bag
         bags, labels, rows = build_bags(self.boxes[1:2], scores[:1], self.peaks[:2], self.seg)
         self.assertEqual(bags.shape[0], 0)
+
+
+def _np_iou(a, b):
+    """IoU of XYXY boxes a (4,) and b (4,) in NumPy float64."""
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+class TestBagsFromBoxes(unittest.TestCase):
+    def test_top_k_by_iou_against_numpy(self):
+        g = torch.Generator().manual_seed(0)
+        xy = torch.rand(40, 2, generator=g) * 80
+        wh = torch.rand(40, 2, generator=g) * 40 + 4
+        proposals = torch.cat([xy, xy + wh], dim=1)
+        proposals[7] = proposals[3]  # an exact tie: the lower row first
+        seeds = torch.tensor([[10.0, 10, 50, 60], [60, 5, 100, 40], [300, 300, 310, 310]])
+        bags, labels, rows = bags_from_boxes(proposals, seeds, torch.tensor([2, 0, 1]), 5)
+        # the third box overlaps no proposal: no bag
+        self.assertEqual(rows.tolist(), [0, 1])
+        self.assertEqual(labels.tolist(), [2, 0])
+        self.assertEqual(tuple(bags.shape), (2, 5))
+        for bag, row in zip(bags.tolist(), rows.tolist()):
+            ious = [_np_iou(seeds[row], p) for p in proposals.tolist()]
+            expected = sorted(range(len(ious)), key=lambda i: (-ious[i], i))[:5]
+            expected = [i if ious[i] > 0 else -1 for i in expected]
+            self.assertEqual(bag, expected)
+
+    def test_padding_and_empty(self):
+        proposals = torch.tensor([[0.0, 0, 10, 10], [100, 100, 110, 110]])
+        bags, labels, rows = bags_from_boxes(proposals, torch.tensor([[0.0, 0, 8, 8]]), torch.tensor([4]), 4)
+        self.assertEqual(bags.tolist(), [[0, -1, -1, -1]])
+        self.assertEqual(labels.tolist(), [4])
+        bags, labels, rows = bags_from_boxes(proposals, torch.zeros(0, 4), torch.zeros(0), 4)
+        self.assertEqual(tuple(bags.shape), (0, 4))
+
+
+class TestSemanticLabelsFromInstances(unittest.TestCase):
+    def test_union_background_and_overlaps(self):
+        masks = torch.zeros(3, 6, 8, dtype=torch.bool)
+        masks[0, 0:3, 0:3] = True  # class 1
+        masks[1, 2:5, 2:6] = True  # class 1, overlaps mask 0 at (2, 2): same class, kept
+        masks[2, 4:6, 5:8] = True  # class 0, overlaps mask 1 at (4, 5): ignored
+        labels = semantic_labels_from_instances(masks, torch.tensor([1, 1, 0]), num_classes=3)
+        self.assertEqual(labels.dtype, torch.uint8)
+        expected = torch.full((6, 8), 3, dtype=torch.uint8)
+        expected[masks[0] | masks[1]] = 1
+        expected[masks[2]] = 0
+        expected[4, 5] = 255
+        self.assertTrue(torch.equal(labels, expected))
+        later_wins = semantic_labels_from_instances(
+            masks, torch.tensor([1, 1, 0]), 3, ignore_overlaps=False
+        )
+        self.assertEqual(int(later_wins[4, 5]), 0)
+        empty = semantic_labels_from_instances(torch.zeros(0, 6, 8, dtype=torch.bool), torch.zeros(0), 3)
+        self.assertTrue(bool((empty == 3).all()))
+        with self.assertRaisesRegex(ValueError, "classes"):
+            semantic_labels_from_instances(masks, torch.tensor([1, 1, 3]), 3)
 
 
 class TestClassMapCues(unittest.TestCase):

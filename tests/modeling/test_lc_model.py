@@ -201,6 +201,27 @@ class TestTraining(unittest.TestCase):
                     self.assertGreater(float(losses["loss_sp_neg"]), 0.0)
                 self.assertGreater(float(losses["loss_rank"]), 0.0)
 
+    def test_density_start_iter_trains_the_classification_alone_before_it(self):
+        batch = train_batch()
+        cfg = small_cfg(**{"MODEL.LC.DENSITY_START_ITER": "5"})
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        before, (m, d), sizes, _ = run_losses(model, batch, iteration=4)
+        after, _, _, _ = run_losses(model, batch, iteration=5)
+        ref = reference_losses(model, m, d, batch, sizes, iteration=5)
+        for key in ("loss_sp_pos", "loss_sp_neg", "loss_count", "loss_rank"):
+            self.assertEqual(float(before[key]), 0.0, key)
+            self.assertAlmostEqual(float(after[key]), ref[key], places=4, msg=key)
+            self.assertGreater(float(after[key]), 0.0, key)
+        self.assertAlmostEqual(float(before["loss_cls"]), ref["loss_cls"], places=5)
+        # before the start only the classification branch (and the backbone) get gradients
+        model.zero_grad()
+        sum(before.values()).backward()
+        density = [p.grad for n, p in model.named_parameters() if "density_branch" in n]
+        self.assertTrue(all(g is None or float(g.abs().max()) == 0.0 for g in density))
+        cls = [p.grad for n, p in model.named_parameters() if "cls_branch" in n]
+        self.assertTrue(any(g is not None and float(g.abs().max()) > 0 for g in cls))
+
     def test_mosaic_targets_exact_beyond_t_tilde_and_larger_bounds(self):
         # "count_exact" moves a count >= t̃ from the ranking (S̃) to the MSE and the guidance (S);
         # a lower bound above t̃ replaces t̃ in the hinge
@@ -322,6 +343,15 @@ class TestInference(unittest.TestCase):
         )
         torch.testing.assert_close(inst.pred_boxes.tensor, expected_boxes)
         self.assertTrue(bool(((inst.scores > 0) & (inst.scores <= 1)).all()))
+        # display outputs: density maps per class, retained peaks (<= counts) inside the image
+        self.assertEqual(out["density"].dim(), 3)
+        self.assertEqual(out["density"].shape[0], C)
+        peaks = out["peaks"]
+        self.assertEqual(peaks.shape[1], 3)
+        self.assertGreaterEqual(len(peaks), len(inst))
+        self.assertTrue(bool((torch.bincount(peaks[:, 0].long(), minlength=C) <= 2).all()))
+        self.assertTrue(bool(((peaks[:, 1] >= 0) & (peaks[:, 1] <= inp["height"])).all()))
+        self.assertTrue(bool(((peaks[:, 2] >= 0) & (peaks[:, 2] <= inp["width"])).all()))
 
     def test_odd_sizes_resized_outputs_and_evaluators(self):
         # image 0: network input 61x87 shown at 122x174 (a resize by the mapper); image 1: 75x49
@@ -392,6 +422,16 @@ class TestInference(unittest.TestCase):
             self.model.prm_group_distance = -1.0
         self.assertTrue(torch.equal(exact.pred_masks, same.pred_masks))
 
+    def test_peaks_in_output_pixels(self):
+        inp = make_input(61, 87, [0] * C, seed=5)
+        small = self.model.inference_single(dict(inp))
+        inp["height"], inp["width"] = 122, 174
+        large = self.model.inference_single(inp)
+        self.assertGreater(len(small["peaks"]), 0)
+        self.assertTrue(torch.equal(small["peaks"][:, 0], large["peaks"][:, 0]))
+        torch.testing.assert_close(large["peaks"][:, 1:], 2 * small["peaks"][:, 1:])
+        torch.testing.assert_close(large["density"], small["density"])
+
     def test_counts_only(self):
         self.model.prm_enabled = False
         try:
@@ -400,6 +440,8 @@ class TestInference(unittest.TestCase):
             self.model.prm_enabled = True
         self.assertNotIn("instances", out)
         self.assertEqual(out["counts"].tolist(), [2.0] * C)
+        self.assertEqual(out["density"].shape[0], C)
+        self.assertTrue(bool((torch.bincount(out["peaks"][:, 0].long(), minlength=C) <= 2).all()))
 
     def test_given_counts_choose_the_retained_peaks(self):
         inp = make_input(64, 80, [0] * C, seed=3)

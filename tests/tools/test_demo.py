@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, Instances
 
@@ -120,7 +120,8 @@ class TestDemo(unittest.TestCase):
                 f"DATASETS:\n  TEST: ('{META}',)\n"
                 "INPUT:\n  MIN_SIZE_TEST: 240\n  MAX_SIZE_TEST: 1000\n"
             )
-        argv = ["--config-file", cfg_path, "--output", out, "--input", *inputs, *extra]
+        source = ["--input", *inputs] if isinstance(inputs, list) else ["--dataset", inputs]
+        argv = ["--config-file", cfg_path, "--output", out, *source, *extra]
         return self.demo.get_parser().parse_args(argv)
 
     def test_expand_inputs(self):
@@ -141,6 +142,7 @@ class TestDemo(unittest.TestCase):
             "_DemoTestFakeCounter",
             out,
             [os.path.join(self.img_dir, "a.png"), os.path.join(self.img_dir, "sub")],
+            ["--confidence-threshold", "0.5"],
         )
         results = self.demo.main(args)
         # two inputs with the same stem get distinct PNGs
@@ -180,6 +182,16 @@ class TestDemo(unittest.TestCase):
         # the model saw the resized image (MIN_SIZE_TEST 240) and answered at the input size
         self.assertIn((240, 320), SEEN_INPUT_SIZES)
 
+    def test_counting_models_draw_every_instance_by_default(self):
+        out = os.path.join(self.tmp.name, "out_default")
+        args = self._args("_DemoTestFakeCounter", out, [os.path.join(self.img_dir, "a.png")])
+        self.demo.main(args)
+        pic = np.asarray(Image.open(os.path.join(out, "a.png")).convert("RGB")).astype(int)
+        # the low-score instance (bottom-left) is drawn: a counting model's instances are its
+        # counted objects
+        low = np.abs(pic[92:108, 7:28] - self.image.astype(int)[92:108, 7:28])
+        self.assertGreater(low.mean(), 10)
+
     def test_per_class_density_and_instances_only(self):
         out = os.path.join(self.tmp.name, "out_per_class")
         args = self._args(
@@ -195,14 +207,11 @@ class TestDemo(unittest.TestCase):
 
         out = os.path.join(self.tmp.name, "out_instances")
         args = self._args(
-            "_DemoTestFakeInstancesOnly",
-            out,
-            [os.path.join(self.img_dir, "b.jpg")],
-            ["--confidence-threshold", "0.5"],
+            "_DemoTestFakeInstancesOnly", out, [os.path.join(self.img_dir, "b.jpg")]
         )
         results = self.demo.main(args)
         (entry,) = results.values()
-        # counted from the instances scoring >= 0.5: one bean
+        # counted from the instances scoring >= 0.5 (the default without model counts): one bean
         self.assertEqual(entry["counts"], {"apple": 0.0, "bean": 1.0, "cherry": 0.0})
         pic = np.asarray(Image.open(os.path.join(out, "b.png")))
         self.assertEqual(pic.shape[1], W)
@@ -214,6 +223,43 @@ class TestDemo(unittest.TestCase):
         )
         (entry,) = self.demo.main(args).values()
         self.assertEqual(entry["counts"], {"apple": 1.0, "bean": 1.0, "cherry": 0.0})
+
+    def test_dataset_images_with_true_counts(self):
+        name = "_test_demo_fruit_dataset"
+        files = [os.path.join(self.img_dir, f) for f in ("a.png", "b.jpg", "sub/a.png")]
+        truth = [[1, 0, 3], [0, 2, 0], [5, 5, 5]]
+        if name not in DatasetCatalog.list():
+            DatasetCatalog.register(
+                name,
+                lambda: [
+                    {"file_name": f, "image_id": i, "height": H, "width": W, "class_counts": t}
+                    for i, (f, t) in enumerate(zip(files, truth))
+                ],
+            )
+            MetadataCatalog.get(name).set(thing_classes=CLASSES)
+        out = os.path.join(self.tmp.name, "out_dataset")
+        args = self._args("_DemoTestFakeCounter", out, name, ["--num-images", "2"])
+        results = self.demo.main(args)
+        # the first two records, in dataset order, with their true counts next to the predicted
+        self.assertEqual(list(results), files[:2])
+        for f, t in zip(files[:2], truth[:2]):
+            self.assertEqual(results[f]["true_counts"], dict(zip(CLASSES, map(float, t))))
+            self.assertEqual(results[f]["counts"], dict(zip(CLASSES, COUNTS)))
+        # the band lists "predicted/true" and every class with a non-zero predicted or true count
+        plain = self.demo.counts_strip(2 * W, np.array(COUNTS), CLASSES)
+        both = self.demo.counts_strip(2 * W, np.array(COUNTS), CLASSES, np.array([1.0, 0, 0]))
+        self.assertGreater(both.shape[0], plain.shape[0])
+        pic = np.asarray(Image.open(results[files[0]]["output"]))
+        self.assertEqual(pic.shape[0], H + both.shape[0])
+        with self.assertRaisesRegex(ValueError, "no_such_dataset"):
+            self.demo.dataset_inputs("no_such_dataset", 2)
+        with self.assertRaisesRegex(ValueError, "--num-images"):
+            self.demo.dataset_inputs(name, 0)
+        # --input and --dataset exclude each other
+        with self.assertRaises(SystemExit):
+            self.demo.get_parser().parse_args(
+                ["--config-file", "x.yaml", "--output", out, "--input", "a", "--dataset", name]
+            )
 
     def test_unreadable_image(self):
         bad = os.path.join(self.tmp.name, "bad.png")

@@ -7,7 +7,7 @@ Files of a CCGR round: the cues (peaks and pseudo semantic label maps per image 
 import json
 import os
 import pickle
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -16,20 +16,31 @@ from PIL import Image
 
 from detectron2.structures import Instances
 
-__all__ = ["write_cues", "load_cues", "write_pseudo_label_json"]
+__all__ = ["write_cues", "load_cues", "write_pseudo_label_json", "check_pseudo_label_json"]
 
 
 def write_cues(
-    path: str, cues: Dict[object, Tuple[torch.Tensor, torch.Tensor]], num_classes: int
+    path: str,
+    cues: Dict[object, Tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    seed_boxes: Optional[Dict[object, torch.Tensor]] = None,
 ) -> None:
     """
     Write a round's cues: ``path`` (a pickle {"num_classes", "peaks": {image_id: (P, 4)
-    float32}, "sem_seg": {image_id: PNG file name}}) and the label maps as PNG files in the folder
-    ``path`` without its extension. Written under temporary names and renamed.
+    float32}, "sem_seg": {image_id: PNG file name}[, "seed_boxes": {image_id: (P, 6) float32}]})
+    and the label maps as PNG files in the folder ``path`` without its extension. Written under
+    temporary names and renamed.
+
+    Args:
+        cues: {image_id: (peaks (P, 4) rows (class, x, y, value), sem_seg (H, W))}, original
+            image pixels.
+        seed_boxes: rounds k >= 2: {image_id: (P, 6) rows (class, x1, y1, x2, y2, score)}, the IS
+            branch's boxes that seed the bags (:func:`wsis_d2.modeling.ccgr.bags_from_boxes`);
+            row p belongs to peak p of the same image (its centre), which guards the refinement.
     """
     folder = os.path.splitext(path)[0] + "_sem_seg"
     os.makedirs(folder, exist_ok=True)
-    peaks, files = {}, {}
+    peaks, files, seeds = {}, {}, {}
     for n, (image_id, (pk, sem)) in enumerate(cues.items()):
         name = f"{n:07d}.png"
         part = os.path.join(folder, name + ".part")
@@ -37,7 +48,19 @@ def write_cues(
         os.replace(part, os.path.join(folder, name))
         peaks[image_id] = pk.cpu().numpy().astype(np.float32).reshape(-1, 4)
         files[image_id] = name
+        if seed_boxes is not None:
+            sb = seed_boxes.get(image_id)
+            sb = np.zeros((0, 6), np.float32) if sb is None else np.asarray(sb, np.float32)
+            sb = sb.reshape(-1, 6)
+            if len(sb) != len(peaks[image_id]):
+                raise ValueError(
+                    f"write_cues: image id {image_id!r} has {len(sb)} seed boxes but "
+                    f"{len(peaks[image_id])} peaks (one per box)"
+                )
+            seeds[image_id] = sb
     data = {"num_classes": int(num_classes), "peaks": peaks, "sem_seg": files}
+    if seed_boxes is not None:
+        data["seed_boxes"] = seeds
     part = path + ".part"
     with open(part, "wb") as f:
         pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -129,3 +152,66 @@ def write_pseudo_label_json(
         json.dump(data, f)
     os.replace(part, path)
     return len(annotations)
+
+
+def check_pseudo_label_json(
+    path: str, dataset_dicts: List[dict], class_names: Sequence[str], round_name: str = ""
+) -> int:
+    """
+    Check that a pseudo-label json (:func:`write_pseudo_label_json`) belongs to a dataset before
+    a Mask R-CNN is trained on it: the same image ids with the same file names and sizes, the
+    same class names, and at least one pseudo instance.
+
+    Args:
+        path: the json file.
+        dataset_dicts: the dataset's records (``DatasetCatalog.get(name)``).
+        class_names: the dataset's ``thing_classes``.
+        round_name: named in the error of a file without instances (e.g. "round 2").
+
+    Returns:
+        the number of pseudo instances (annotations) in the file.
+
+    Raises:
+        ValueError: naming ``path`` and the first mismatch found.
+    """
+    where = f"pseudo-label json {path}"
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where}: cannot be read as json ({e})") from e
+    if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations", "categories")):
+        raise ValueError(f"{where}: not a COCO instances json (needs images, annotations, categories)")
+    names = [c.get("name") for c in sorted(data["categories"], key=lambda c: c.get("id", 0))]
+    if names != list(class_names):
+        raise ValueError(f"{where}: categories {names}, the dataset's classes are {list(class_names)}")
+    images = {im.get("id"): im for im in data["images"]}
+    if len(images) != len(dataset_dicts):
+        raise ValueError(
+            f"{where}: {len(images)} images, the dataset has {len(dataset_dicts)}: written for "
+            "another dataset or split?"
+        )
+    for d in dataset_dicts:
+        im = images.get(d["image_id"])
+        if im is None:
+            raise ValueError(f"{where}: image id {d['image_id']!r} ({d['file_name']}) is missing")
+        if os.path.basename(str(im.get("file_name"))) != os.path.basename(d["file_name"]):
+            raise ValueError(
+                f"{where}: image id {d['image_id']!r} is {im.get('file_name')!r} there, "
+                f"{d['file_name']!r} in the dataset"
+            )
+        if (im.get("height"), im.get("width")) != (int(d["height"]), int(d["width"])):
+            raise ValueError(
+                f"{where}: image id {d['image_id']!r} is {im.get('height')}x{im.get('width')} "
+                f"there, {d['height']}x{d['width']} in the dataset"
+            )
+    count = len(data["annotations"])
+    if count == 0:
+        label = f"{round_name}: " if round_name else ""
+        raise ValueError(
+            f"{label}{where} holds no pseudo instance for any of its {len(images)} images, so "
+            "there is nothing to train the IS branch on. Check the previous stage: its bags "
+            "(peaks of the classifier or boxes of the IS branch above the score threshold) and "
+            "the MIL scores; a classifier that never predicts a present class gives no peaks."
+        )
+    return count

@@ -144,16 +144,26 @@ class CountingEvaluator(DatasetEvaluator):
     ``outputs[i]["counts"]`` (C,) against the dataset's GT counts. Results under the task
     "counting": "mRMSE", "mRMSE_nz", "m_relRMSE", "m_relRMSE_nz", "MAE" and "MAE/<class>".
     The evaluated set is the set of images passed to :meth:`process`.
+
+    With ``baseline_dataset`` (e.g. the training split) the results add "baseline_mRMSE", the
+    mRMSE of predicting every evaluated image with that dataset's mean count of each class, and
+    "mRMSE/baseline", the ratio of the two (the LC paper's yardstick).
     """
 
     def __init__(
-        self, dataset_name: str, distributed: bool = True, output_dir: Optional[str] = None
+        self,
+        dataset_name: str,
+        distributed: bool = True,
+        output_dir: Optional[str] = None,
+        baseline_dataset: Optional[str] = None,
     ):
         """
         Args:
             dataset_name: registered dataset; GT is read from ``DatasetCatalog.get(dataset_name)``.
             distributed: gather predictions from all ranks; only the main process returns results.
             output_dir: if given, all per-class metrics go to ``output_dir/counting.json``.
+            baseline_dataset: optional registered dataset with the same classes whose mean
+                per-class counts make the baseline (read once, at the first evaluation).
         """
         self._dataset_name = dataset_name
         self._distributed = distributed
@@ -162,6 +172,15 @@ class CountingEvaluator(DatasetEvaluator):
         if not hasattr(metadata, "thing_classes"):
             raise ValueError(f"metadata of dataset '{dataset_name}' has no field 'thing_classes'")
         self._class_names = list(metadata.thing_classes)
+        if baseline_dataset is not None:
+            names = getattr(MetadataCatalog.get(baseline_dataset), "thing_classes", None)
+            if names is None or list(names) != self._class_names:
+                raise ValueError(
+                    f"CountingEvaluator: baseline dataset '{baseline_dataset}' has classes "
+                    f"{names}, dataset '{dataset_name}' {self._class_names}"
+                )
+        self._baseline_dataset = baseline_dataset
+        self._baseline_counts = None  # (C,) mean counts, loaded lazily
         self._gt = None  # loaded lazily, on the main process only
         self.num_examples = 5  # images whose predicted and true counts are logged
         self.reset()
@@ -243,15 +262,34 @@ class CountingEvaluator(DatasetEvaluator):
         results = OrderedDict(
             (k, metrics[k]) for k in ("mRMSE", "mRMSE_nz", "m_relRMSE", "m_relRMSE_nz", "MAE")
         )
+        if self._baseline_dataset is not None:
+            if self._baseline_counts is None:
+                train = load_count_ground_truth(self._baseline_dataset)
+                self._baseline_counts = np.mean([c for _, c in train.values()], axis=0)
+            baseline = np.repeat(self._baseline_counts[None], gt.shape[0], axis=0)
+            results["baseline_mRMSE"] = counting_metrics(baseline, gt)["mRMSE"]
+            results["mRMSE/baseline"] = (
+                results["mRMSE"] / results["baseline_mRMSE"]
+                if results["baseline_mRMSE"] > 0
+                else float("nan")
+            )
         for name, value in zip(self._class_names, metrics["MAE_c"]):
             results[f"MAE/{name}"] = float(value)
         logger.info(
             "Counting on '{}' ({} images):\n{}".format(
                 self._dataset_name,
                 len(image_ids),
-                create_small_table({k: v for k, v in results.items() if "/" not in k}),
+                create_small_table(
+                    {k: v for k, v in results.items() if "/" not in k or k == "mRMSE/baseline"}
+                ),
             )
         )
+        if self._baseline_dataset is not None:
+            logger.info(
+                f"mRMSE {results['mRMSE']:.3f} vs. {results['baseline_mRMSE']:.3f} for the "
+                f"baseline (each class's mean count in '{self._baseline_dataset}' for every "
+                f"image): {results['mRMSE/baseline']:.2f} x baseline"
+            )
         logger.info(self._examples_table(image_ids, pred, gt))
         if self._output_dir:
             PathManager.mkdirs(self._output_dir)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from detectron2.layers import batched_nms
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
 
 from .. import layers as wsis_layers
 from ..layers import IntegralImage, refine_context_gap
@@ -44,6 +44,8 @@ from ..layers import IntegralImage, refine_context_gap
 __all__ = [
     "class_map_cues",
     "build_bags",
+    "bags_from_boxes",
+    "semantic_labels_from_instances",
     "refine_boxes",
     "pseudo_instances",
     "component_instances",
@@ -215,6 +217,82 @@ def build_bags(
     has = order[:, 0] >= 0
     peak_rows = torch.nonzero(has).flatten()
     return order[has], classes[has], peak_rows
+
+
+def bags_from_boxes(
+    proposal_boxes: torch.Tensor,
+    seed_boxes: torch.Tensor,
+    seed_classes: torch.Tensor,
+    bag_size: int = 10,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    The bags of a later round (k >= 2): every box predicted by the IS branch (above its score
+    threshold) is a bag with the box's class as label; its instances are the K proposals with the
+    highest IoU with the box (ties: the lower proposal row first).
+
+    Args:
+        proposal_boxes: (R, 4) XYXY proposals.
+        seed_boxes: (B, 4) XYXY boxes of the IS branch, same coordinates; seed_classes (B,) long.
+        bag_size: K.
+
+    Returns:
+        bags: (B', K) long proposal rows, best first, −1 padding (fewer than K proposals, or
+        proposals that do not overlap the box at all);
+        bag_labels: (B',) long; bag_seeds: (B',) long rows of ``seed_boxes``. A box that overlaps
+        no proposal gives no bag.
+    """
+    device = proposal_boxes.device
+    if seed_boxes.shape[0] == 0 or proposal_boxes.shape[0] == 0:
+        return (
+            torch.full((0, bag_size), -1, dtype=torch.long, device=device),
+            torch.zeros(0, dtype=torch.long, device=device),
+            torch.zeros(0, dtype=torch.long, device=device),
+        )
+    iou = pairwise_iou(Boxes(seed_boxes.float()), Boxes(proposal_boxes.float()))  # (B, R)
+    k = min(bag_size, proposal_boxes.shape[0])
+    # stable order: sort rows by IoU descending, proposal index ascending among equals
+    order = torch.sort(iou, dim=1, descending=True, stable=True).indices[:, :k]
+    top = torch.gather(iou, 1, order)
+    order = order.masked_fill(top <= 0, -1)
+    if k < bag_size:
+        order = F.pad(order, (0, bag_size - k), value=-1)
+    has = order[:, 0] >= 0
+    rows = torch.nonzero(has).flatten()
+    return order[has], seed_classes.long()[has], rows
+
+
+def semantic_labels_from_instances(
+    masks: torch.Tensor, classes: torch.Tensor, num_classes: int, ignore_overlaps: bool = True
+) -> torch.Tensor:
+    """
+    The pseudo semantic labels of a later round: the union of the IS branch's masks of each
+    class, background elsewhere.
+
+    Args:
+        masks: (N, H, W) bool instance masks; classes: (N,) long.
+        num_classes: C.
+        ignore_overlaps: a pixel in masks of two different classes gets the ignore value 255
+            (False: the class of the later mask, i.e. pass masks sorted by score ascending).
+
+    Returns:
+        (H, W) uint8 in the cue convention: class 0..C-1, C background, 255 ignored.
+    """
+    if masks.dim() != 3:
+        raise ValueError(f"masks must be (N, H, W), got {tuple(masks.shape)}")
+    height, width = masks.shape[-2:]
+    labels = torch.full((height, width), num_classes, dtype=torch.uint8, device=masks.device)
+    if masks.shape[0] == 0:
+        return labels
+    classes = classes.long()
+    if bool(((classes < 0) | (classes >= num_classes)).any()):
+        raise ValueError(f"classes must be in [0, {num_classes - 1}], got {classes.tolist()}")
+    per_class = torch.zeros(num_classes, height, width, dtype=torch.bool, device=masks.device)
+    for m, c in zip(masks.bool(), classes.tolist()):
+        per_class[c] |= m
+        labels[m] = c
+    if ignore_overlaps:
+        labels[per_class.sum(dim=0) > 1] = IGNORE
+    return labels
 
 
 # ------------------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ class CCGRDatasetMapper:
          "proposals": Instances(proposal_boxes, objectness_logits) in input pixels (the first
              DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN / _TEST),
          "peaks": float32 Tensor (P, 4) rows (class, x, y, value) in input pixels  # with cues
+         "seed_boxes": float32 Tensor (P, 6) rows (class, x1, y1, x2, y2, score), input pixels,
+             row p the box of peak p  # with cues of a round k >= 2 (the IS branch's boxes)
          "sem_seg": int64 Tensor (H, W) pseudo labels (C = background, 255 ignored)  # with cues}
     """
 
@@ -151,6 +153,19 @@ class CCGRDatasetMapper:
             if len(peaks):
                 peaks[:, 1:3] = transforms.apply_coords(peaks[:, 1:3].astype(np.float64))
             dataset_dict["peaks"] = torch.as_tensor(peaks)
+            if "seed_boxes" in self.cues:
+                # rounds k >= 2: the IS branch's boxes seed the bags (row p <-> peak p)
+                seeds = self.cues["seed_boxes"].get(image_id)
+                seeds = np.zeros((0, 6), np.float32) if seeds is None else seeds
+                seeds = np.asarray(seeds, dtype=np.float32).reshape(-1, 6).copy()
+                if len(seeds) != len(peaks):
+                    raise ValueError(
+                        f"cues file: image id {image_id!r} ({file_name}) has {len(seeds)} seed "
+                        f"boxes but {len(peaks)} peaks (one per box)"
+                    )
+                if len(seeds):
+                    seeds[:, 1:5] = transforms.apply_box(seeds[:, 1:5].astype(np.float64))
+                dataset_dict["seed_boxes"] = torch.as_tensor(seeds)
             dataset_dict["sem_seg"] = torch.as_tensor(aug_input.sem_seg.astype(np.int64))
         for key in ("annotations", "class_counts", "sem_seg_file_name"):
             dataset_dict.pop(key, None)

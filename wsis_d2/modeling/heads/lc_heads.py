@@ -5,7 +5,7 @@ activation maps M (image-classification branch) and the category density maps D 
 """
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,8 @@ class LCHead(nn.Module):
         branch_channels: int = 0,
         norm: str = "BN",
         upsample: int = 1,
+        density_backbone_grad: float = 1.0,
+        density_norm: Optional[str] = None,
     ):
         """
         Args:
@@ -84,6 +86,10 @@ class LCHead(nn.Module):
             branch_channels: P; 0 means ceil(1.5·C).
             norm: normalisation after the first conv of each branch ("" for none).
             upsample: integer bilinear upsampling factor of M and D (1: none).
+            density_backbone_grad: factor on the gradient that the density branch passes back
+                into the backbone feature (1: the paper's joint training; 0: the density branch
+                learns on the features the classification shapes). The forward is unchanged.
+            density_norm: normalisation of the density branch (None: ``norm``).
         """
         super().__init__()
         if num_classes < 1:
@@ -93,8 +99,15 @@ class LCHead(nn.Module):
         mid = int(branch_channels) if branch_channels > 0 else int(math.ceil(1.5 * num_classes))
         self.num_classes = num_classes
         self.upsample = int(upsample)
+        if not 0.0 <= density_backbone_grad <= 1.0:
+            raise ValueError(
+                f"MODEL.LC.DENSITY_BACKBONE_GRAD must be in [0, 1], got {density_backbone_grad}"
+            )
+        self.density_backbone_grad = float(density_backbone_grad)
         self.cls_branch = _branch(input_shape.channels, mid, num_classes, norm)
-        self.density_branch = _branch(input_shape.channels, mid, num_classes, norm)
+        self.density_branch = _branch(
+            input_shape.channels, mid, num_classes, norm if density_norm is None else density_norm
+        )
         in_stride = input_shape.stride or 1
         self.out_stride = in_stride / self.upsample
 
@@ -106,6 +119,10 @@ class LCHead(nn.Module):
             "branch_channels": cfg.MODEL.LC.BRANCH_CHANNELS,
             "norm": cfg.MODEL.LC.NORM,
             "upsample": cfg.MODEL.LC.UPSAMPLE,
+            "density_backbone_grad": cfg.MODEL.LC.DENSITY_BACKBONE_GRAD,
+            "density_norm": (
+                None if cfg.MODEL.LC.DENSITY_NORM == "same" else cfg.MODEL.LC.DENSITY_NORM
+            ),
         }
 
     def forward(self, feature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +134,10 @@ class LCHead(nn.Module):
             class_maps M: (N, C, h·u, w·u); density_maps D: (N, C, h·u, w·u), u = ``upsample``.
         """
         class_maps = self.cls_branch(feature)
+        g = self.density_backbone_grad
+        if g < 1.0 and torch.is_grad_enabled():
+            # same values, gradient into the backbone scaled by g
+            feature = feature.detach() if g == 0.0 else g * feature + (1.0 - g) * feature.detach()
         density_maps = self.density_branch(feature)
         if self.upsample > 1:
             both = torch.cat([class_maps, density_maps], dim=1)

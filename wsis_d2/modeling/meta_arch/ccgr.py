@@ -28,11 +28,18 @@ from detectron2.modeling import (
     build_roi_heads,
     build_sem_seg_head,
 )
-from detectron2.structures import ImageList
+from detectron2.structures import Boxes, ImageList
 from detectron2.utils.events import get_event_storage
 
 from ...layers import IntegralImage
-from ..ccgr import IGNORE, build_bags, component_instances, pseudo_instances, refine_boxes
+from ..ccgr import (
+    IGNORE,
+    bags_from_boxes,
+    build_bags,
+    component_instances,
+    pseudo_instances,
+    refine_boxes,
+)
 
 __all__ = ["CCGRNet"]
 
@@ -45,8 +52,9 @@ class CCGRNet(nn.Module):
     Input per image (``CCGRDatasetMapper``): "image" (3, H, W) in ``INPUT.FORMAT``; "height",
     "width" of the output; "labels" (C,) image-level labels; "proposals" (Instances with
     proposal_boxes and objectness_logits, input pixels); "peaks" (P, 4) rows (class, x, y, value)
-    in input pixels; for training "sem_seg" (H, W) long pseudo labels (C = background, the ignore
-    value ignored).
+    in input pixels; optional "seed_boxes" (P, 6) rows (class, x1, y1, x2, y2, score), the boxes
+    that seed the bags in rounds k >= 2 (row p the box of peak p); for training "sem_seg" (H, W)
+    long pseudo labels (C = background, the ignore value ignored).
 
     Training returns {"loss_mil", "loss_sem_seg"}. Inference returns per image:
 
@@ -169,6 +177,35 @@ class CCGRNet(nn.Module):
         )
         return boxes, scores, peaks
 
+    def _bags(self, x: Dict, i: int, boxes: Boxes, objectness, peaks, seg_scores):
+        """
+        Bags of one input: from its "seed_boxes" (rounds k >= 2: the IS branch's boxes, each with
+        its K proposals of highest IoU) when present, else from its peaks (Eq. 4). Peaks (and
+        seed boxes) of classes the image-level labels call absent are dropped first.
+
+        Returns:
+            bags (B, K), bag_labels (B,), bag_peaks (B,) rows of the returned peaks, peaks (P, 4).
+        """
+        keep = self._present(peaks, x)
+        peaks = peaks[keep]
+        seeds = x.get("seed_boxes")
+        if seeds is None:
+            bags, labels, rows = build_bags(
+                boxes.tensor, objectness, peaks, seg_scores, self.bag_size, self.bag_seg_weight
+            )
+            return bags, labels, rows, peaks
+        seeds = torch.as_tensor(seeds, dtype=torch.float32, device=self.device).reshape(-1, 6)
+        if seeds.shape[0] != keep.shape[0]:
+            raise ValueError(
+                f"CCGRNet: input {x.get('file_name', i)} has {seeds.shape[0]} seed boxes but "
+                f"{keep.shape[0]} peaks (one per box)"
+            )
+        seeds = seeds[keep]
+        bags, labels, rows = bags_from_boxes(
+            boxes.tensor, seeds[:, 1:5], seeds[:, 0].long(), self.bag_size
+        )
+        return bags, labels, rows, peaks
+
     def _seg_scores_from_labels(self, sem_seg: torch.Tensor) -> torch.Tensor:
         """(C, H, W) O from pseudo labels: 1 for the class, 0 elsewhere, 0.5 where ignored."""
         onehot = F.one_hot(sem_seg.clamp(max=self.num_classes).long(), self.num_classes + 1)
@@ -195,11 +232,8 @@ class CCGRNet(nn.Module):
         boxes, bags, bag_labels = [], [], []
         for i, x in enumerate(batched_inputs):
             b, s, peaks = self._fields(x, i)
-            peaks = self._present_peaks(peaks, x)
             o = self._seg_scores_from_labels(x["sem_seg"].to(self.device))
-            bag, label, _ = build_bags(
-                b.tensor, s, peaks, o, self.bag_size, self.bag_seg_weight
-            )
+            bag, label, _, _ = self._bags(x, i, b, s, peaks, o)
             boxes.append(b)
             bags.append(bag)
             bag_labels.append(label)
@@ -217,13 +251,13 @@ class CCGRNet(nn.Module):
         losses.update(seg_losses)
         return losses
 
-    def _present_peaks(self, peaks: torch.Tensor, inp: Dict) -> torch.Tensor:
-        """The peaks of the classes that the image-level labels say are present."""
+    def _present(self, peaks: torch.Tensor, inp: Dict) -> torch.Tensor:
+        """(P,) bool: the peaks of the classes that the image-level labels say are present."""
         labels = inp.get("labels")
         if labels is None or peaks.shape[0] == 0:
-            return peaks
+            return torch.ones(peaks.shape[0], dtype=torch.bool, device=peaks.device)
         present = torch.as_tensor(labels, device=peaks.device).reshape(-1) > 0.5
-        return peaks[present[peaks[:, 0].long()]]
+        return present[peaks[:, 0].long()]
 
     # ---------------------------------------------------------------------------------------
     # inference
@@ -256,14 +290,8 @@ class CCGRNet(nn.Module):
             result["instances"] = component_instances(scores_out, labels)
             return result
         boxes, objectness, peaks = self._fields(x, i)
-        peaks = self._present_peaks(peaks, x)
-        bags, bag_labels, bag_peaks = build_bags(
-            boxes.tensor,
-            objectness,
-            peaks,
-            scores_in[0, : self.num_classes],
-            self.bag_size,
-            self.bag_seg_weight,
+        bags, bag_labels, bag_peaks, peaks = self._bags(
+            x, i, boxes, objectness, peaks, scores_in[0, : self.num_classes]
         )
         feats = {k: v[i : i + 1] for k, v in features.items()}
         mil = self.roi_heads(feats, [boxes], [bags], [bag_labels])[0]

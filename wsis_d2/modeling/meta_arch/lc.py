@@ -81,7 +81,9 @@ class ImageLevelCounter(nn.Module):
     proposal_boxes in input coordinates) at inference.
 
     Output per image at inference: {"instances": Instances(pred_boxes, pred_masks, scores,
-    pred_classes) at (height, width), "counts": (C,) float}.
+    pred_classes) at (height, width), "counts": (C,) float, "density": (C, h, w) the density maps
+    D^c over the image (map resolution; Σ D^c = t̂_c with COUNT_MODE "paper"), "peaks": (P, 3)
+    rows (class, y, x) of the retained peaks (counts[c] per class) in output pixels}.
     """
 
     @configurable
@@ -105,6 +107,7 @@ class ImageLevelCounter(nn.Module):
         spatial_mode: str = "paper",
         count_absent: bool = True,
         spatial_start_iter: int = 0,
+        density_start_iter: int = 0,
         class_threshold: float = 0.5,
         prm_enabled: bool = True,
         prm_smooth_sigma: float = 2.0,
@@ -139,6 +142,9 @@ class ImageLevelCounter(nn.Module):
             spatial_mode: "paper" or "official" normalisation of L_spatial.
             count_absent: count MSE over S ∪ S0 (True) or S only.
             spatial_start_iter: first iteration of stage 2 (official two-stage schedule).
+            density_start_iter: iterations before it train L_class alone (the density branch's
+                losses are connected zeros), so that the classification branch starts learning
+                before the count MSE's gradients reach the shared backbone.
             class_threshold: presence threshold on σ(s_c) at inference.
             prm_enabled: compute instances at inference.
             prm_smooth_sigma, prm_mask_threshold, prm_max_batch: see ``add_lc_config``.
@@ -184,6 +190,7 @@ class ImageLevelCounter(nn.Module):
         self.spatial_mode = spatial_mode
         self.count_absent = bool(count_absent)
         self.spatial_start_iter = int(spatial_start_iter)
+        self.density_start_iter = int(density_start_iter)
         self.class_threshold = float(class_threshold)
         self.prm_enabled = bool(prm_enabled)
         self.prm_smooth_sigma = float(prm_smooth_sigma)
@@ -254,6 +261,7 @@ class ImageLevelCounter(nn.Module):
             "spatial_mode": lc.SPATIAL_MODE,
             "count_absent": lc.COUNT_ABSENT,
             "spatial_start_iter": lc.SPATIAL_START_ITER,
+            "density_start_iter": lc.DENSITY_START_ITER,
             "class_threshold": lc.CLASS_THRESHOLD,
             "prm_enabled": prm.ENABLED,
             "prm_smooth_sigma": prm.SMOOTH_SIGMA,
@@ -455,6 +463,8 @@ class ImageLevelCounter(nn.Module):
         absent = ~present  # S0
         storage = get_event_storage()
         stage1 = storage.iter < self.spatial_start_iter
+        # 0.0 before DENSITY_START_ITER: the density losses stay in the graph, as zeros
+        density_on = 0.0 if storage.iter < self.density_start_iter else 1.0
         counts_hat = estimate_counts(density_maps, valid, self.count_mode)
 
         loss_cls = lc_class_loss(scores, labels)
@@ -497,10 +507,10 @@ class ImageLevelCounter(nn.Module):
                 storage.put_scalar("lc/count_mean_S_tilde", counts_hat[beyond].mean())
         return {
             "loss_cls": self.cls_loss_weight * loss_cls,
-            "loss_sp_pos": self.spatial_loss_weight * loss_sp_pos,
-            "loss_sp_neg": self.spatial_loss_weight * loss_sp_neg,
-            "loss_count": self.count_loss_weight * loss_count,
-            "loss_rank": self.rank_loss_weight * loss_rank,
+            "loss_sp_pos": self.spatial_loss_weight * loss_sp_pos * density_on,
+            "loss_sp_neg": self.spatial_loss_weight * loss_sp_neg * density_on,
+            "loss_count": self.count_loss_weight * loss_count * density_on,
+            "loss_rank": self.rank_loss_weight * loss_rank * density_on,
         }
 
     def forward(self, batched_inputs: List[Dict]):
@@ -510,8 +520,8 @@ class ImageLevelCounter(nn.Module):
 
         Returns:
             training: dict of scalar losses ("loss_cls", "loss_sp_pos", "loss_sp_neg",
-            "loss_count", "loss_rank"). Inference: one dict per image with "instances" and
-            "counts".
+            "loss_count", "loss_rank"). Inference: one dict per image with "instances",
+            "counts", "density" and "peaks".
         """
         if not self.training:
             return self.inference(batched_inputs)
@@ -565,17 +575,31 @@ class ImageLevelCounter(nn.Module):
                         f"inference counts must be {tuple(counts_hat.shape)} non-negative "
                         f"numbers, got {counts.tolist()}"
                     )
-            result = {"counts": counts}
-            if not self.prm_enabled:
-                return result
             keep = self._retained_peaks(class_maps, indices, counts)
-            values = class_maps[0, keep[:, 1], keep[:, 2], keep[:, 3]]
             stride_y = x.shape[-2] / class_maps.shape[-2]
             stride_x = x.shape[-1] / class_maps.shape[-1]
             points = torch.stack(
                 [(keep[:, 3].float() + 0.5) * stride_x, (keep[:, 2].float() + 0.5) * stride_y],
                 dim=1,
             )
+            # for display (tools/demo.py): the density maps over the image and the retained peaks
+            # in output pixels (a border cell's centre can lie past the image: clamped to it)
+            peaks_out = torch.stack(
+                [
+                    keep[:, 1].to(points.dtype),
+                    (points[:, 1] * (out_h / in_h)).clamp(0, out_h),
+                    (points[:, 0] * (out_w / in_w)).clamp(0, out_w),
+                ],
+                dim=1,
+            )
+            result = {
+                "counts": counts,
+                "density": density_maps[0, :, :mh, :mw].detach().float(),
+                "peaks": peaks_out.detach(),
+            }
+            if not self.prm_enabled:
+                return result
+            values = class_maps[0, keep[:, 1], keep[:, 2], keep[:, 3]]
             groups = self._group(points, values.detach())
             num_groups = int(groups.max()) + 1 if groups.numel() else 0
             combine = groups[None, :] == torch.arange(num_groups, device=groups.device)[:, None]

@@ -1,0 +1,198 @@
+"""
+CCGR's rounds on the mini synthetic splits, kept short (a few iterations per stage): two rounds
+end to end (round 2 seeded by the IS branch of round 1), resume after a stage was killed (earlier
+stages skipped, the killed training continued from its checkpoint), the IS branch with
+DefaultPredictor on an odd-sized image, and the errors for a round without pseudo instances.
+"""
+
+import json
+import os
+import tempfile
+import unittest
+
+import numpy as np
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import DefaultPredictor, HookBase
+
+import wsis_d2  # noqa: F401  (registers everything)
+from wsis_d2 import add_wsis_config
+from wsis_d2.engine.ccgr_rounds import STAGE_FILE, CCGRRounds, StageTrainer, seed_cues_from_instances
+from detectron2.structures import Boxes, Instances
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FAST = ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1",
+        "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "MODEL.WEIGHTS", "",
+        "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160"]  # fmt: skip
+
+
+def _cfg(out, opts=()):
+    cfg = get_cfg()
+    add_wsis_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, "configs", "ccgr_mnv2_synthetic.yaml"))
+    cfg.merge_from_list(FAST + [
+        "MODEL.DEVICE", "cpu", "OUTPUT_DIR", out,
+        "DATASETS.TRAIN", "('wsis_synth_mini_train',)",
+        "MODEL.CCGR.REFINE_STEPS", "5", "MODEL.CCGR.PEAK_RELATIVE_THRESHOLD", "0.0",
+        "CCGR.ROUNDS", "2", "CCGR.PROPOSAL_MAX", "300", "CCGR.WORKERS", "0",
+        "CCGR.CLASSIFIER_CONFIG", os.path.join(REPO, "configs", "demo", "ccgr_cls_mnv2_synthetic.yaml"),
+        "CCGR.IS_CONFIG", os.path.join(REPO, "configs", "mask_rcnn_mnv2_fpn_synthetic.yaml"),
+        "CCGR.CLASSIFIER_OPTS", FAST,
+        # an IS branch of 3 iterations scores low: keep its boxes so that round 2 has bags
+        "CCGR.IS_OPTS", FAST + ["SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "1",
+                                "DATASETS.TEST", "('wsis_synth_mini_val',)",
+                                "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+                                "TEST.DETECTIONS_PER_IMAGE", "10"],
+        "CCGR.IS_SCORE_THRESHOLD", "0.0",
+    ] + list(opts))  # fmt: skip
+    return cfg
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAt(HookBase):
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def after_step(self):
+        if self.trainer.iter == self.iteration:
+            raise _Killed(f"killed after iteration {self.iteration}")
+
+
+def _trainer_class(kill_is_at=None, started=None):
+    """A StageTrainer that records where each training started and can be killed in the IS
+    branch (the Mask R-CNN) after a given iteration."""
+
+    class Trainer(StageTrainer):
+        def build_hooks(self):
+            hooks = super().build_hooks()
+            if kill_is_at is not None and self.cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":
+                hooks.append(_KillAt(kill_is_at))
+            return hooks
+
+        def train(self):
+            if started is not None:
+                started.append((self.cfg.OUTPUT_DIR, self.start_iter))
+            return super().train()
+
+    return Trainer
+
+
+class TestCCGRRounds(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls._old_root = os.environ.get("DETECTRON2_DATASETS")
+        os.environ["DETECTRON2_DATASETS"] = os.path.join(cls.tmp.name, "data")
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls._old_root is None:
+            os.environ.pop("DETECTRON2_DATASETS", None)
+        else:
+            os.environ["DETECTRON2_DATASETS"] = cls._old_root
+        cls.tmp.cleanup()
+
+    def test_rounds_kill_resume_and_predictor(self):
+        out = os.path.join(self.tmp.name, "run")
+        cfg = _cfg(out)
+        cfg.freeze()
+        # the first run is killed inside round 1's IS training, after iteration 1 (checkpoint 1)
+        with self.assertRaises(_Killed):
+            CCGRRounds(cfg, _trainer_class(kill_is_at=1)).run()
+        for stage in ("proposals", "round1/classifier", "round1/cues", "round1/mil_ss",
+                      "round1/pseudo_labels"):  # fmt: skip
+            self.assertTrue(os.path.isfile(os.path.join(out, stage, STAGE_FILE)), stage)
+        self.assertFalse(os.path.isfile(os.path.join(out, "round1", "is", STAGE_FILE)))
+        self.assertTrue(os.path.isfile(os.path.join(out, "round1", "is", "model_0000001.pth")))
+        mtime = os.path.getmtime(os.path.join(out, "round1", "mil_ss", "model_final.pth"))
+
+        started = []
+        metrics = CCGRRounds(cfg, _trainer_class(started=started)).run(resume=True)
+        # finished stages were skipped; the IS training continued after its checkpoint
+        self.assertEqual(
+            mtime, os.path.getmtime(os.path.join(out, "round1", "mil_ss", "model_final.pth"))
+        )
+        self.assertEqual(started[0], (os.path.join(out, "round1", "is"), 2))
+        self.assertEqual([s[0] for s in started[1:]],
+                         [os.path.join(out, "round2", "mil_ss"), os.path.join(out, "round2", "is")])
+        self.assertEqual(sorted(metrics), [1, 2])
+        for k in (1, 2):
+            m = metrics[k]
+            for key in ("pseudo_instances", "pseudo_mAP_r50", "mAP_r50", "mAP_b50"):
+                self.assertIn(key, m)
+                self.assertTrue(np.isfinite(m[key]))
+            self.assertGreater(m["pseudo_instances"], 0)
+        self.assertGreater(metrics[2]["seed_boxes_per_image"], 0)
+        with open(os.path.join(out, "rounds.json")) as f:
+            self.assertEqual(sorted(json.load(f)), ["1", "2"])
+        # per-round metrics in detectron2's event storage (step = round)
+        with open(os.path.join(out, "metrics.json")) as f:
+            events = [json.loads(line) for line in f if line.strip()]
+        self.assertEqual([e["iteration"] for e in events], [1, 2])
+        self.assertIn("ccgr/mAP_r50", events[1])
+        # round 2's MIL + SS model started from round 1's (fine-tuning)
+        with open(os.path.join(out, "round2", "mil_ss", "config.yaml")) as f:
+            self.assertIn(os.path.join(out, "round1", "mil_ss", "model_final.pth"), f.read())
+
+        # the final model is a stock Mask R-CNN for DefaultPredictor
+        is_cfg = CCGRRounds(cfg)._is_cfg(2)
+        is_cfg.MODEL.WEIGHTS = os.path.join(out, "round2", "is", "model_final.pth")
+        is_cfg.freeze()
+        image = np.random.default_rng(0).integers(0, 256, (97, 131, 3), dtype=np.uint8)
+        inst = DefaultPredictor(is_cfg)(image)["instances"]
+        self.assertEqual(inst.image_size, (97, 131))
+
+    def test_round_without_pseudo_instances(self):
+        out = os.path.join(self.tmp.name, "empty")
+        # no image-level label says any class is present: no peak, no bag, no pseudo instance
+        name = "_test_ccgr_rounds_no_labels"
+        if name not in DatasetCatalog.list():
+            def load():
+                dicts = [dict(d) for d in DatasetCatalog.get("wsis_synth_mini_train")]
+                for d in dicts:
+                    d["class_counts"] = [0] * 8
+                    d["annotations"] = []
+                return dicts
+
+            DatasetCatalog.register(name, load)
+            MetadataCatalog.get(name).set(
+                thing_classes=list(MetadataCatalog.get("wsis_synth_mini_train").thing_classes)
+            )
+        cfg = _cfg(out, ["CCGR.ROUNDS", "1", "DATASETS.TRAIN", f"('{name}',)"])
+        cfg.freeze()
+        with self.assertRaisesRegex(ValueError, "CCGR round 1: .*pseudo_labels.json.*no pseudo"):
+            CCGRRounds(cfg).run()
+
+    def test_bad_configs(self):
+        with self.assertRaisesRegex(ValueError, "CCGR.IS_CONFIG.*nowhere.yaml"):
+            CCGRRounds(_cfg(self.tmp.name, ["CCGR.IS_CONFIG", "nowhere.yaml"]))
+        with self.assertRaisesRegex(ValueError, "exactly one training dataset"):
+            CCGRRounds(_cfg(self.tmp.name, ["DATASETS.TRAIN", "('a', 'b')"]))
+
+    def test_seed_cues_from_instances(self):
+        inst = Instances((20, 30))
+        inst.pred_boxes = Boxes(torch.tensor([[0.0, 0, 10, 10], [5, 5, 25, 15], [1, 1, 4, 4]]))
+        masks = torch.zeros(3, 20, 30, dtype=torch.bool)
+        masks[0, 0:10, 0:10] = True
+        masks[1, 5:15, 5:25] = True
+        masks[2, 1:4, 1:4] = True
+        inst.pred_masks = masks
+        inst.scores = torch.tensor([0.9, 0.6, 0.2])
+        inst.pred_classes = torch.tensor([0, 2, 1])
+        peaks, sem, seeds = seed_cues_from_instances(inst, torch.tensor([1, 0, 1]), 3, 0.5)
+        # class 1 is absent from the labels, the third box scores below 0.5
+        self.assertEqual(seeds.tolist(), [[0, 0, 0, 10, 10, 0.8999999761581421],
+                                          [2, 5, 5, 25, 15, 0.6000000238418579]])
+        self.assertEqual(peaks[:, :3].tolist(), [[0, 5, 5], [2, 15, 10]])
+        self.assertEqual(int(sem[2, 2]), 0)
+        self.assertEqual(int(sem[12, 20]), 2)
+        self.assertEqual(int(sem[7, 7]), 255)  # both classes
+        self.assertEqual(int(sem[18, 28]), 3)  # background
+
+
+if __name__ == "__main__":
+    unittest.main()

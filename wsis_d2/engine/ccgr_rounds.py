@@ -1,0 +1,400 @@
+"""
+CCGR's rounds (the paper's iterative optimisation) as resumable stages, each in its own folder
+under ``OUTPUT_DIR``:
+
+    proposals/                    selective search over the training images (detectron2 file)
+    round1/classifier/            the image-level classifier (LC classification branch)
+    round1/cues/                  its peaks and pseudo semantic labels (cues.pkl)
+    round<k>/mil_ss/              CCGRNet (WSDDN MIL branch + PSP SS branch) on the round's cues
+    round<k>/pseudo_labels/       its pseudo instances after CCGR refinement (pseudo_labels.json)
+    round<k>/is/                  the IS branch (stock Mask R-CNN) trained on them, evaluated on
+                                  the DATASETS.TEST of its config
+    round<k+1>/cues/              bags seeded by the IS branch's boxes, SS labels = union of its masks
+
+A stage that finished writes ``stage.json`` (its metrics and seconds). :meth:`CCGRRounds.run` with
+``resume=True`` skips finished stages and continues a training stage from its last checkpoint.
+Per-round metrics go to detectron2's event storage (``OUTPUT_DIR/metrics.json`` and tensorboard,
+step = round) and to ``OUTPUT_DIR/rounds.json``.
+"""
+
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.data import build_detection_train_loader
+from detectron2.engine import hooks
+from detectron2.evaluation import inference_on_dataset
+from detectron2.utils.events import EventStorage, JSONWriter, TensorboardXWriter
+
+from ..config import add_wsis_config
+from ..data import build_dataset_mapper
+from ..data.ccgr_files import check_pseudo_label_json, write_cues, write_pseudo_label_json
+from ..data.datasets import register_coco_counts_instances
+from ..data.mappers.lc_mapper import class_counts_of
+from ..data.proposals import SelectiveSearchProposals
+from ..evaluation import InstanceAPEvaluator
+from ..modeling.ccgr import semantic_labels_from_instances
+from .ccgr import compute_cues, cue_parameters, make_proposal_file, run_ccgr_inference
+from .defaults import WSISTrainer
+
+__all__ = ["CCGRRounds", "StageTrainer", "seed_cues_from_instances"]
+
+logger = logging.getLogger(__name__)
+
+STAGE_FILE = "stage.json"
+
+
+class StageTrainer(WSISTrainer):
+    """``WSISTrainer`` with wsis_d2's dataset mappers and no evaluation hook (a stage evaluates
+    what it needs itself)."""
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True))
+
+    def build_hooks(self):
+        return [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
+
+
+def seed_cues_from_instances(
+    instances, labels: torch.Tensor, num_classes: int, score_threshold: float
+):
+    """
+    The cues of round k + 1 of one image from the IS branch's predictions of round k.
+
+    Args:
+        instances: Instances at the image's original size (pred_boxes, pred_masks, scores,
+            pred_classes).
+        labels: (C,) image-level labels; boxes of absent classes are dropped.
+        num_classes: C.
+        score_threshold: boxes scoring less are dropped.
+
+    Returns:
+        peaks (P, 4) rows (class, x, y, score): the kept boxes' centres;
+        sem_seg (H, W) uint8: the union of the kept masks of each class, C background, 255 where
+        two classes overlap;
+        seed_boxes (P, 6) rows (class, x1, y1, x2, y2, score), row p the box of peak p.
+    """
+    inst = instances.to("cpu")
+    height, width = inst.image_size
+    present = torch.as_tensor(labels).reshape(-1).cpu() > 0.5
+    keep = (inst.scores >= score_threshold) & present[inst.pred_classes]
+    inst = inst[keep]
+    boxes = inst.pred_boxes.tensor.float()
+    classes = inst.pred_classes.float()
+    scores = inst.scores.float()
+    seeds = torch.cat([classes[:, None], boxes, scores[:, None]], dim=1).reshape(-1, 6)
+    peaks = torch.stack(
+        [classes, (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2, scores], dim=1
+    ).reshape(-1, 4)
+    if inst.has("pred_masks") and len(inst) > 0:
+        order = torch.argsort(scores, stable=True)  # the better mask last
+        sem = semantic_labels_from_instances(
+            inst.pred_masks[order].bool(), inst.pred_classes[order], num_classes
+        )
+    else:
+        sem = torch.full((height, width), num_classes, dtype=torch.uint8)
+    return peaks, sem, seeds
+
+
+class CCGRRounds:
+    """
+    Runs CCGR from image-level labels to the final IS branch (see the module docstring).
+
+    The main config (e.g. ``configs/ccgr_mnv2_synthetic.yaml``) is CCGRNet's; ``CCGR.*`` names the
+    classifier and IS-branch configs and the round settings. Training images:
+    ``DATASETS.TRAIN`` (one dataset; only its image-level labels are read; the main config's
+    DATASETS.TEST is not used); the IS branch is evaluated after each round on the DATASETS.TEST
+    of its own config (``CCGR.IS_CONFIG`` with ``CCGR.IS_OPTS``).
+    """
+
+    def __init__(self, cfg: CfgNode, trainer_cls: Callable = StageTrainer):
+        if len(cfg.DATASETS.TRAIN) != 1:
+            raise ValueError(
+                f"CCGR rounds need exactly one training dataset in DATASETS.TRAIN, got "
+                f"{list(cfg.DATASETS.TRAIN)}"
+            )
+        if cfg.CCGR.ROUNDS < 1:
+            raise ValueError(f"CCGR.ROUNDS must be >= 1, got {cfg.CCGR.ROUNDS}")
+        for key in ("CLASSIFIER_CONFIG", "IS_CONFIG"):
+            path = cfg.CCGR[key]
+            if not path or not os.path.isfile(path):
+                raise ValueError(f"CCGR.{key}: config file {path!r} does not exist")
+        self.cfg = cfg
+        self.trainer_cls = trainer_cls
+        self.output = cfg.OUTPUT_DIR
+        self.train_set = cfg.DATASETS.TRAIN[0]
+        self.dicts = DatasetCatalog.get(self.train_set)
+        self.meta = MetadataCatalog.get(self.train_set)
+        self.num_classes = len(self.meta.thing_classes)
+        self.has_gt_masks = any(
+            "segmentation" in a for d in self.dicts for a in d.get("annotations", [])
+        )
+        self.resume = False
+        self.metrics: Dict[int, Dict[str, float]] = OrderedDict()
+
+    # --------------------------------------------------------------------------------------
+    # stage bookkeeping
+
+    def _dir(self, *parts) -> str:
+        return os.path.join(self.output, *parts)
+
+    def _stage(self, name: str, fn: Callable[[str], Dict]) -> Dict:
+        """Run stage ``name`` (a folder) unless it finished and we resume; returns its metrics."""
+        folder = self._dir(name)
+        marker = os.path.join(folder, STAGE_FILE)
+        if self.resume and os.path.isfile(marker):
+            with open(marker) as f:
+                done = json.load(f)
+            logger.info(f"CCGR: stage {name} finished earlier ({done['seconds']:.0f} s), skipped")
+            return done["metrics"]
+        if os.path.isfile(marker):
+            os.remove(marker)
+        os.makedirs(folder, exist_ok=True)
+        logger.info(f"CCGR: stage {name} ...")
+        start = time.perf_counter()
+        metrics = fn(folder)
+        seconds = time.perf_counter() - start
+        part = marker + ".part"
+        with open(part, "w") as f:
+            json.dump({"metrics": metrics, "seconds": seconds}, f, indent=2)
+        os.replace(part, marker)
+        logger.info(f"CCGR: stage {name} done in {seconds:.0f} s: {json.dumps(metrics)}")
+        return metrics
+
+    def _sub_cfg(self, config_file: Optional[str], folder: str, opts=()) -> CfgNode:
+        if config_file is None:
+            cfg = self.cfg.clone()
+            cfg.defrost()
+        else:
+            cfg = get_cfg()
+            add_wsis_config(cfg)
+            cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts))
+        cfg.MODEL.DEVICE = self.cfg.MODEL.DEVICE
+        cfg.TEST.EVAL_PERIOD = 0
+        if config_file != self.cfg.CCGR.IS_CONFIG:
+            # image-level stages: an image without objects is a negative example, not noise
+            cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
+        cfg.OUTPUT_DIR = folder
+        return cfg
+
+    def _trained(self, cfg: CfgNode, dataset: str):
+        """The model of a finished training stage (cfg.OUTPUT_DIR/model_final.pth, frozen cfg)
+        and a test loader over ``dataset`` with the stage's test mapper."""
+        cfg.MODEL.WEIGHTS = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+        cfg.freeze()
+        model = self.trainer_cls.build_model(cfg)
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        model.eval()
+        loader = build_detection_test_loader(cfg, dataset, mapper=build_dataset_mapper(cfg, False))
+        return model, loader
+
+    def _train(self, cfg: CfgNode):
+        cfg.freeze()
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+            f.write(cfg.dump())  # the stage's full config, as default_setup writes it
+        trainer = self.trainer_cls(cfg)
+        trainer.resume_or_load(resume=self.resume)
+        trainer.train()
+        return trainer.model
+
+    # --------------------------------------------------------------------------------------
+    # stages
+
+    def _proposals(self, folder: str) -> Dict:
+        path = os.path.join(folder, f"{self.train_set}.pkl")
+        generator = SelectiveSearchProposals(max_proposals=self.cfg.CCGR.PROPOSAL_MAX)
+        stats = make_proposal_file(path, self.dicts, generator, workers=self.cfg.CCGR.WORKERS)
+        return {"proposal_images_per_s": stats["images_per_s"]}
+
+    def _proposal_file(self) -> str:
+        return self._dir("proposals", f"{self.train_set}.pkl")
+
+    def _classifier(self, folder: str) -> Dict:
+        cfg = self._sub_cfg(self.cfg.CCGR.CLASSIFIER_CONFIG, folder, self.cfg.CCGR.CLASSIFIER_OPTS)
+        cfg.DATASETS.TRAIN = (self.train_set,)
+        cfg.DATASETS.TEST = ()
+        self._train(cfg)
+        return {}
+
+    def _round1_cues(self, folder: str) -> Dict:
+        cfg = self._sub_cfg(
+            self.cfg.CCGR.CLASSIFIER_CONFIG,
+            self._dir("round1", "classifier"),
+            self.cfg.CCGR.CLASSIFIER_OPTS,
+        )
+        cfg.DATASETS.TEST = (self.train_set,)
+        model, loader = self._trained(cfg, self.train_set)
+        cues = compute_cues(model, loader, cue_parameters(self.cfg))
+        write_cues(os.path.join(folder, "cues.pkl"), cues, self.num_classes)
+        return {"peaks_per_image": sum(len(p) for p, _ in cues.values()) / max(1, len(cues))}
+
+    def _mil_ss_cfg(self, k: int, folder: str) -> CfgNode:
+        cfg = self._sub_cfg(None, folder)
+        cfg.MODEL.CCGR.CUES_FILE = self._dir(f"round{k}", "cues", "cues.pkl")
+        cfg.DATASETS.TRAIN = (self.train_set,)
+        cfg.DATASETS.TEST = (self.train_set,)
+        cfg.DATASETS.PROPOSAL_FILES_TRAIN = (self._proposal_file(),)
+        cfg.DATASETS.PROPOSAL_FILES_TEST = (self._proposal_file(),)
+        return cfg
+
+    def _mil_ss(self, k: int, folder: str) -> Dict:
+        cfg = self._mil_ss_cfg(k, folder)
+        if k > 1 and self.cfg.CCGR.FINETUNE:
+            cfg.MODEL.WEIGHTS = self._dir(f"round{k - 1}", "mil_ss", "model_final.pth")
+            cfg.SOLVER.MAX_ITER = max(1, int(round(cfg.SOLVER.MAX_ITER * self.cfg.CCGR.FINETUNE_FRACTION)))
+            cfg.SOLVER.STEPS = tuple(s for s in cfg.SOLVER.STEPS if s < cfg.SOLVER.MAX_ITER)
+            cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.MAX_ITER // 10)
+        self._train(cfg)
+        return {}
+
+    def _pseudo_labels(self, k: int, folder: str) -> Dict:
+        model, loader = self._trained(
+            self._mil_ss_cfg(k, self._dir(f"round{k}", "mil_ss")), self.train_set
+        )
+        evaluator = InstanceAPEvaluator(self.train_set, distributed=False)
+        evaluator.reset()
+        pseudo = {}
+        for inp, out in run_ccgr_inference(model, loader):
+            pseudo[inp["image_id"]] = out["instances"]
+            if self.has_gt_masks:
+                evaluator.process([inp], [out])
+        ids = self.meta.get("thing_dataset_id_to_contiguous_id", None)
+        inverse = (
+            {v: k for k, v in ids.items()} if ids else {c: c for c in range(self.num_classes)}
+        )
+        n = write_pseudo_label_json(
+            os.path.join(folder, "pseudo_labels.json"),
+            self.dicts,
+            pseudo,
+            [inverse[c] for c in range(self.num_classes)],
+            self.meta.thing_classes,
+        )
+        metrics = {"pseudo_instances": float(n)}
+        if self.has_gt_masks:
+            res = evaluator.evaluate()["wsis_instance"]
+            metrics.update({f"pseudo_{m}": res[m] for m in ("mAP_r50", "mAP_b50")})
+        return metrics
+
+    def _pseudo_dataset(self, k: int) -> str:
+        """Register round k's pseudo labels as a dataset (checked against the training set)."""
+        name = f"{self.train_set}_ccgr_round{k}"
+        path = self._dir(f"round{k}", "pseudo_labels", "pseudo_labels.json")
+        check_pseudo_label_json(path, self.dicts, self.meta.thing_classes, f"CCGR round {k}")
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        meta = {"thing_classes": list(self.meta.thing_classes)}
+        ids = self.meta.get("thing_dataset_id_to_contiguous_id", None)
+        if ids:
+            meta["thing_dataset_id_to_contiguous_id"] = dict(ids)
+        register_coco_counts_instances(name, meta, path, "")
+        return name
+
+    def _is_cfg(self, k: int) -> CfgNode:
+        cfg = self._sub_cfg(
+            self.cfg.CCGR.IS_CONFIG, self._dir(f"round{k}", "is"), self.cfg.CCGR.IS_OPTS
+        )
+        cfg.DATASETS.TRAIN = (self._pseudo_dataset(k),)
+        return cfg
+
+    def _is_branch(self, k: int, folder: str) -> Dict:
+        model = self._train(self._is_cfg(k))
+        metrics = {}
+        tests = tuple(self._is_cfg(k).DATASETS.TEST)
+        for name in tests:
+            cfg = self._is_cfg(k)
+            cfg.freeze()
+            loader = build_detection_test_loader(cfg, name, mapper=build_dataset_mapper(cfg, False))
+            res = inference_on_dataset(
+                model, loader, InstanceAPEvaluator(name, distributed=False)
+            )["wsis_instance"]
+            for m in ("mAP_r25", "mAP_r50", "mAP_r75", "mAP_b50"):
+                metrics[m if len(tests) == 1 else f"{name}/{m}"] = res[m]
+        return metrics
+
+    def _seed_cues(self, k: int, folder: str) -> Dict:
+        """Round k's cues from the IS branch of round k − 1."""
+        cfg = self._is_cfg(k - 1)
+        cfg.DATASETS.TEST = (self.train_set,)
+        model, loader = self._trained(cfg, self.train_set)
+        by_id = {d["image_id"]: d for d in self.dicts}
+        cues, seeds = {}, {}
+        with torch.no_grad():
+            for batch in loader:
+                for inp, out in zip(batch, model(batch)):
+                    d = by_id[inp["image_id"]]
+                    labels = torch.as_tensor(class_counts_of(d, self.num_classes) > 0)
+                    peaks, sem, sb = seed_cues_from_instances(
+                        out["instances"], labels, self.num_classes, self.cfg.CCGR.IS_SCORE_THRESHOLD
+                    )
+                    cues[inp["image_id"]] = (peaks, sem)
+                    seeds[inp["image_id"]] = sb
+        write_cues(os.path.join(folder, "cues.pkl"), cues, self.num_classes, seed_boxes=seeds)
+        return {"seed_boxes_per_image": sum(len(s) for s in seeds.values()) / max(1, len(seeds))}
+
+    # --------------------------------------------------------------------------------------
+
+    def stages(self) -> List[str]:
+        names = ["proposals", "round1/classifier", "round1/cues"]
+        for k in range(1, self.cfg.CCGR.ROUNDS + 1):
+            if k > 1:
+                names.append(f"round{k}/cues")
+            names += [f"round{k}/mil_ss", f"round{k}/pseudo_labels", f"round{k}/is"]
+        return names
+
+    def run(self, resume: bool = False) -> Dict[int, Dict[str, float]]:
+        """
+        Run (or, with ``resume``, continue) every stage.
+
+        Returns:
+            {round: metrics}: the pseudo labels' quality on the training set (when it has
+            ground-truth masks) and the IS branch's mAP on DATASETS.TEST.
+        """
+        self.resume = resume
+        os.makedirs(self.output, exist_ok=True)
+        writers = [
+            JSONWriter(os.path.join(self.output, "metrics.json")),
+            TensorboardXWriter(self.output),
+        ]
+        total = len(self.stages())
+        done = 0
+
+        def stage(name, fn):
+            nonlocal done
+            done += 1
+            logger.info(f"CCGR: [{done}/{total}] {name}")
+            return self._stage(name, fn)
+
+        stage("proposals", self._proposals)
+        stage("round1/classifier", self._classifier)
+        stage("round1/cues", self._round1_cues)
+        for k in range(1, self.cfg.CCGR.ROUNDS + 1):
+            metrics = OrderedDict()
+            if k > 1:
+                metrics.update(stage(f"round{k}/cues", lambda f, k=k: self._seed_cues(k, f)))
+            stage(f"round{k}/mil_ss", lambda f, k=k: self._mil_ss(k, f))
+            metrics.update(stage(f"round{k}/pseudo_labels", lambda f, k=k: self._pseudo_labels(k, f)))
+            metrics.update(stage(f"round{k}/is", lambda f, k=k: self._is_branch(k, f)))
+            self.metrics[k] = metrics
+            with EventStorage(start_iter=k) as storage:
+                for key, value in metrics.items():
+                    storage.put_scalar(f"ccgr/{key}", float(value), smoothing_hint=False)
+                for w in writers:
+                    w.write()
+            with open(os.path.join(self.output, "rounds.json"), "w") as f:
+                json.dump({str(r): m for r, m in self.metrics.items()}, f, indent=2)
+            logger.info(f"CCGR: round {k}: {json.dumps(metrics)}")
+        for w in writers:
+            w.close()
+        return self.metrics
