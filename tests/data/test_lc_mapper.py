@@ -18,6 +18,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
 import wsis_d2  # noqa: F401  (registers datasets and mappers)
+from wsis_d2.utils.testing import datasets_root
 from wsis_d2 import add_wsis_config
 from wsis_d2.data import build_dataset_mapper
 from wsis_d2.data.mappers.lc_mapper import LCDatasetMapper
@@ -305,9 +306,7 @@ class TestLCDatasetMapper(unittest.TestCase):
             LCDatasetMapper(True, augmentations=[], num_classes=3, mosaic_grid=1)
 
     def test_synthetic_split_maps(self):
-        old = os.environ.get("DETECTRON2_DATASETS")
-        os.environ["DETECTRON2_DATASETS"] = os.path.join(self.tmp.name, "data")
-        try:
+        with datasets_root(os.path.join(self.tmp.name, "data")):
             dicts = DatasetCatalog.get("wsis_synth_mini_val")
             cfg = add_wsis_config(get_cfg())
             cfg.DATASETS.TRAIN = ("wsis_synth_mini_val",)
@@ -331,11 +330,6 @@ class TestLCDatasetMapper(unittest.TestCase):
                 np.testing.assert_array_equal(out["counts"].numpy(), np.minimum(exact, t))
                 np.testing.assert_array_equal(out["count_ge"].numpy(), exact >= t)
                 np.testing.assert_array_equal(out["labels"].numpy(), exact > 0)
-        finally:
-            if old is None:
-                os.environ.pop("DETECTRON2_DATASETS", None)
-            else:
-                os.environ["DETECTRON2_DATASETS"] = old
 
 
 if __name__ == "__main__":

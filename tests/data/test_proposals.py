@@ -14,6 +14,7 @@ from detectron2.data.build import load_proposals_into_dataset
 from detectron2.structures import BoxMode
 
 import wsis_d2  # noqa: F401  (registers the synthetic datasets)
+from wsis_d2.utils.testing import datasets_root
 from wsis_d2.data.proposals import (
     SelectiveSearchProposals,
     check_proposals,
@@ -153,15 +154,10 @@ class TestMakeProposalsTool(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
-        cls._old_root = os.environ.get("DETECTRON2_DATASETS")
-        os.environ["DETECTRON2_DATASETS"] = os.path.join(cls.tmp.name, "data")
+        cls.enterClassContext(datasets_root(os.path.join(cls.tmp.name, "data")))
 
     @classmethod
     def tearDownClass(cls):
-        if cls._old_root is None:
-            os.environ.pop("DETECTRON2_DATASETS", None)
-        else:
-            os.environ["DETECTRON2_DATASETS"] = cls._old_root
         cls.tmp.cleanup()
 
     def test_selective_search_and_mcg_on_a_dataset(self):

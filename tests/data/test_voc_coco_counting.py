@@ -17,6 +17,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
 import wsis_d2  # noqa: F401  (registers the builtin splits)
+from wsis_d2.utils.testing import datasets_root
 from wsis_d2.data.datasets.coco_counting import register_coco_counting
 from wsis_d2.data.datasets.voc_counting import (
     VOC_CLASSES,
@@ -196,15 +197,8 @@ class TestVOCCounting(_TmpRoot):
             self.assertEqual(
                 MetadataCatalog.get(f"voc_2007_count_{split}").evaluator_type, "counting"
             )
-        old = os.environ.get("DETECTRON2_DATASETS")
-        os.environ["DETECTRON2_DATASETS"] = self.root
-        try:
+        with datasets_root(self.root):
             dicts = DatasetCatalog.get("voc_2007_count_test")
-        finally:
-            if old is None:
-                os.environ.pop("DETECTRON2_DATASETS", None)
-            else:
-                os.environ["DETECTRON2_DATASETS"] = old
         self.assertEqual(len(dicts), 3)
 
 
@@ -487,15 +481,8 @@ class TestCOCOCounting(_TmpRoot):
         ):
             self.assertIn(name, DatasetCatalog.list())
             self.assertEqual(MetadataCatalog.get(name).evaluator_type, etype)
-        old = os.environ.get("DETECTRON2_DATASETS")
-        os.environ["DETECTRON2_DATASETS"] = self.root
-        try:
+        with datasets_root(self.root):
             test = DatasetCatalog.get("coco_2014_count_test")
-        finally:
-            if old is None:
-                os.environ.pop("DETECTRON2_DATASETS", None)
-            else:
-                os.environ["DETECTRON2_DATASETS"] = old
         self.assertEqual([d["image_id"] for d in test], [31, 50, 66])
 
 

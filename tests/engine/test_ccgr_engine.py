@@ -21,6 +21,7 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 from PIL import Image
 
 import wsis_d2  # noqa: F401  (registers everything)
+from wsis_d2.utils.testing import datasets_root
 from wsis_d2 import add_wsis_config
 from wsis_d2.data import build_dataset_mapper
 from wsis_d2.data.ccgr_files import (
@@ -65,8 +66,7 @@ class TestCCGRPart1(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
-        cls._old_root = os.environ.get("DETECTRON2_DATASETS")
-        os.environ["DETECTRON2_DATASETS"] = os.path.join(cls.tmp.name, "data")
+        cls.enterClassContext(datasets_root(os.path.join(cls.tmp.name, "data")))
         cls.train_net = _load_train_net()
         cls.dicts = DatasetCatalog.get(DS)
         cls.proposals = os.path.join(cls.tmp.name, "proposals.pkl")
@@ -77,10 +77,6 @@ class TestCCGRPart1(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        if cls._old_root is None:
-            os.environ.pop("DETECTRON2_DATASETS", None)
-        else:
-            os.environ["DETECTRON2_DATASETS"] = cls._old_root
         cls.tmp.cleanup()
 
     def _cues(self):

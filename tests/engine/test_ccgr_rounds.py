@@ -17,6 +17,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor, HookBase
 
 import wsis_d2  # noqa: F401  (registers everything)
+from wsis_d2.utils.testing import datasets_root
 from wsis_d2 import add_wsis_config
 from wsis_d2.engine.ccgr_rounds import STAGE_FILE, CCGRRounds, StageTrainer, seed_cues_from_instances
 from detectron2.structures import Boxes, Instances
@@ -85,15 +86,10 @@ class TestCCGRRounds(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
-        cls._old_root = os.environ.get("DETECTRON2_DATASETS")
-        os.environ["DETECTRON2_DATASETS"] = os.path.join(cls.tmp.name, "data")
+        cls.enterClassContext(datasets_root(os.path.join(cls.tmp.name, "data")))
 
     @classmethod
     def tearDownClass(cls):
-        if cls._old_root is None:
-            os.environ.pop("DETECTRON2_DATASETS", None)
-        else:
-            os.environ["DETECTRON2_DATASETS"] = cls._old_root
         cls.tmp.cleanup()
 
     def test_rounds_kill_resume_and_predictor(self):

@@ -15,6 +15,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 
+from wsis_d2.utils.testing import datasets_root
 from wsis_d2.evaluation import CountingEvaluator, InstanceAPEvaluator
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,15 +46,10 @@ class TestTrainNet(unittest.TestCase):
         cls.train_net = _load_train_net()
         cls.tmp = tempfile.TemporaryDirectory()
         # tiny splits are generated into this temporary data root
-        cls._old_root = os.environ.get("DETECTRON2_DATASETS")
-        os.environ["DETECTRON2_DATASETS"] = os.path.join(cls.tmp.name, "data")
+        cls.enterClassContext(datasets_root(os.path.join(cls.tmp.name, "data")))
 
     @classmethod
     def tearDownClass(cls):
-        if cls._old_root is None:
-            os.environ.pop("DETECTRON2_DATASETS", None)
-        else:
-            os.environ["DETECTRON2_DATASETS"] = cls._old_root
         cls.tmp.cleanup()
 
     def _opts(self, out, max_iter):

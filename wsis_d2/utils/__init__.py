@@ -1,0 +1,1 @@
+"""Small utilities of wsis_d2 (as detectron2.utils)."""
