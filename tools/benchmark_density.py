@@ -36,7 +36,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import (  # noqa: E402
     DatasetCatalog,
     build_detection_test_loader,
@@ -49,7 +48,7 @@ from detectron2.solver import build_lr_scheduler  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import wsis_d2  # noqa: E402, F401  (registers datasets and models)
-from wsis_d2 import add_wsis_config  # noqa: E402
+from wsis_d2 import get_wsis_cfg  # noqa: E402
 from wsis_d2.data.mappers.density_mapper import DensityDatasetMapper  # noqa: E402
 from wsis_d2.evaluation import DensityEvaluator  # noqa: E402
 from wsis_d2.engine import (  # noqa: E402
@@ -68,10 +67,7 @@ MODELS = {
 
 def build_cfg(config_file: str, args):
     """The model's config with the benchmark's data, device and (optionally) schedule."""
-    cfg = get_cfg()
-    add_wsis_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, config_file))
-    cfg.merge_from_list(args.opts)
+    cfg = get_wsis_cfg(os.path.join(ROOT, config_file), args.opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.DATASETS.TRAIN = (args.train_set,)
     cfg.DATASETS.TEST = (args.test_set,)

@@ -7,10 +7,9 @@ import importlib.util
 import os
 import time
 
-from detectron2.config import get_cfg
 from detectron2.engine import hooks
 
-from wsis_d2 import add_wsis_config
+from wsis_d2 import get_wsis_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VAL_SET = "wsis_synth_val"
@@ -36,10 +35,7 @@ def load_trainer_class():
 
 def bench_cfg(config_file, opts, output_dir, train_set, val_set=VAL_SET):
     """A config for a CPU benchmark run: ``train_set`` / ``val_set``, no periodic evaluation."""
-    cfg = get_cfg()
-    add_wsis_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = get_wsis_cfg(config_file, opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.DATASETS.TRAIN = (train_set,)
     cfg.DATASETS.TEST = (val_set,)

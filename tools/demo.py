@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from PIL import UnidentifiedImageError
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data.catalog import Metadata
@@ -39,7 +38,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
 import wsis_d2  # noqa: F401  (registers datasets, models and mappers)
-from wsis_d2 import add_wsis_config
+from wsis_d2 import get_wsis_cfg
 from wsis_d2.engine import check_device
 from wsis_d2.evaluation.counting import load_count_ground_truth
 
@@ -87,10 +86,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_wsis_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_wsis_cfg(args.config_file, args.opts)
     cfg.freeze()
     check_device(cfg.MODEL.DEVICE)
     return cfg

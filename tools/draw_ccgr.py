@@ -20,13 +20,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, DatasetFromList, MetadataCatalog  # noqa: E402
 from detectron2.data import build_detection_test_loader  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 import wsis_d2  # noqa: E402,F401  (registers datasets, models and mappers)
-from wsis_d2 import add_wsis_config  # noqa: E402
+from wsis_d2 import get_wsis_cfg  # noqa: E402
 from wsis_d2.data import build_dataset_mapper  # noqa: E402
 from wsis_d2.layers import context_boxes  # noqa: E402
 
@@ -88,9 +87,7 @@ def main(argv=None):
     parser.add_argument("--images", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", default="output/ccgr_example.png")
     args = parser.parse_args(argv)
-    cfg = get_cfg()
-    add_wsis_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    cfg = get_wsis_cfg(args.config_file)
     dataset = args.dataset or cfg.DATASETS.TRAIN[0]
     cfg.merge_from_list([
         "MODEL.WEIGHTS", args.weights, "MODEL.CCGR.CUES_FILE", args.cues,

@@ -14,21 +14,17 @@ DefaultPredictor and tools/demo.py with CCGR.IS_CONFIG.
 
 import json
 
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils.logger import setup_logger
 
 import wsis_d2  # noqa: F401  (registers datasets, models and mappers)
-from wsis_d2 import add_wsis_config
+from wsis_d2 import get_wsis_cfg
 from wsis_d2.engine import check_device
 from wsis_d2.engine.ccgr_rounds import CCGRRounds
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_wsis_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_wsis_cfg(args.config_file, args.opts)
     cfg.freeze()
     check_device(cfg.MODEL.DEVICE)
     default_setup(cfg, args)

@@ -12,7 +12,6 @@ reference) with detectron2's DefaultTrainer.
 import os
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
@@ -24,7 +23,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import wsis_d2  # noqa: F401  (registers datasets, models and mappers)
-from wsis_d2 import add_wsis_config
+from wsis_d2 import get_wsis_cfg
 from wsis_d2.data import build_dataset_mapper
 from wsis_d2.engine import WSISTrainer, launch
 from wsis_d2.evaluation import CountingEvaluator, DensityEvaluator, InstanceAPEvaluator
@@ -90,10 +89,7 @@ class Trainer(WSISTrainer):
 
 
 def load_config(args):
-    cfg = get_cfg()
-    add_wsis_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_wsis_cfg(args.config_file, args.opts)
     cfg.freeze()
     return cfg
 

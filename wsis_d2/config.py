@@ -5,6 +5,7 @@ Call it before ``cfg.merge_from_file``.
 """
 
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 
 def add_data_config(cfg):
@@ -371,4 +372,16 @@ def add_wsis_config(cfg):
     add_lc_config(cfg)
     add_density_config(cfg)
     add_ccgr_config(cfg)
+    return cfg
+
+
+def get_wsis_cfg(config_file: str = "", opts=()) -> CN:
+    """
+    detectron2's default config with every wsis_d2 key, then ``config_file`` (if given) and the
+    "KEY VALUE" list ``opts`` merged in, in that order; not frozen.
+    """
+    cfg = add_wsis_config(get_cfg())
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
     return cfg

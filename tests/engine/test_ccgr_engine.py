@@ -161,14 +161,18 @@ class TestCCGRPart1(unittest.TestCase):
             res = model([{"image": image, "height": 97, "width": 131}])[0]
         self.assertEqual(res["instances"].image_size, (97, 131))
 
+    def _map_first_image(self, cues, proposal_topk, flip=False):
+        """(first training image with its proposals, its training input without / with a flip)."""
+        d = load_proposals_into_dataset([dict(self.dicts[0])], self.proposals)[0]
+        augs = [T.RandomFlip(prob=1.0)] if flip else []
+        mapper = CCGRDatasetMapper(True, augmentations=augs, image_format="RGB", num_classes=8,
+                                   proposal_topk=proposal_topk, cues=cues)
+        return d, mapper(d)
+
     def test_mapper_flips_everything_and_keeps_no_ground_truth(self):
         cues = load_cues(self._cues())
-        d = load_proposals_into_dataset([dict(self.dicts[0])], self.proposals)[0]
-        plain = CCGRDatasetMapper(True, augmentations=[], image_format="RGB", num_classes=8,
-                                  proposal_topk=50, cues=cues)(d)
-        flipped = CCGRDatasetMapper(True, augmentations=[T.RandomFlip(prob=1.0)],
-                                    image_format="RGB", num_classes=8, proposal_topk=50,
-                                    cues=cues)(d)
+        d, plain = self._map_first_image(cues, 50)
+        _, flipped = self._map_first_image(cues, 50, flip=True)
         w = d["width"]
         for out in (plain, flipped):
             self.assertNotIn("annotations", out)
@@ -235,12 +239,8 @@ class TestCCGRPart1(unittest.TestCase):
         path, seeds = self._seed_box_cues()
         cues = load_cues(path)
         self.assertIn("seed_boxes", cues)
-        d = load_proposals_into_dataset([dict(self.dicts[0])], self.proposals)[0]
-        plain = CCGRDatasetMapper(True, augmentations=[], image_format="RGB", num_classes=8,
-                                  proposal_topk=300, cues=cues)(d)
-        flipped = CCGRDatasetMapper(True, augmentations=[T.RandomFlip(prob=1.0)],
-                                    image_format="RGB", num_classes=8, proposal_topk=300,
-                                    cues=cues)(d)
+        d, plain = self._map_first_image(cues, 300)
+        _, flipped = self._map_first_image(cues, 300, flip=True)
         w = d["width"]
         torch.testing.assert_close(plain["seed_boxes"], seeds[d["image_id"]])
         torch.testing.assert_close(flipped["seed_boxes"][:, 1], w - plain["seed_boxes"][:, 3])
@@ -278,10 +278,7 @@ class TestCCGRPart1(unittest.TestCase):
         bad["seed_boxes"][first] = np.zeros((0, 6), np.float32)
         if len(cues["peaks"][first]):
             with self.assertRaisesRegex(ValueError, "seed boxes"):
-                CCGRDatasetMapper(True, augmentations=[], image_format="RGB", num_classes=8,
-                                  proposal_topk=50, cues=bad)(
-                    load_proposals_into_dataset([dict(self.dicts[0])], self.proposals)[0]
-                )
+                self._map_first_image(bad, 50)
 
     def test_pseudo_label_json_checked_against_its_dataset(self):
         meta = MetadataCatalog.get(DS)

@@ -27,14 +27,14 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import hooks
 from detectron2.evaluation import inference_on_dataset
 from detectron2.utils.events import EventStorage, JSONWriter, TensorboardXWriter
 
-from ..config import add_wsis_config
+from ..config import get_wsis_cfg
 from ..data import build_dataset_mapper
 from ..data.ccgr_files import check_pseudo_label_json, write_cues, write_pseudo_label_json
 from ..data.datasets import register_coco_counts_instances
@@ -175,9 +175,7 @@ class CCGRRounds:
             cfg = self.cfg.clone()
             cfg.defrost()
         else:
-            cfg = get_cfg()
-            add_wsis_config(cfg)
-            cfg.merge_from_file(config_file)
+            cfg = get_wsis_cfg(config_file)
         cfg.merge_from_list(list(opts))
         cfg.MODEL.DEVICE = self.cfg.MODEL.DEVICE
         cfg.TEST.EVAL_PERIOD = 0
