@@ -307,12 +307,11 @@ class CCGRRounds:
         return cfg
 
     def _is_branch(self, k: int, folder: str) -> Dict:
-        model = self._train(self._is_cfg(k))
+        cfg = self._is_cfg(k)  # registers (and checks) the pseudo labels once
+        model = self._train(cfg)  # frozen from here
         metrics = {}
-        tests = tuple(self._is_cfg(k).DATASETS.TEST)
+        tests = tuple(cfg.DATASETS.TEST)
         for name in tests:
-            cfg = self._is_cfg(k)
-            cfg.freeze()
             loader = build_detection_test_loader(cfg, name, mapper=build_dataset_mapper(cfg, False))
             res = inference_on_dataset(
                 model, loader, InstanceAPEvaluator(name, distributed=False)
