@@ -21,7 +21,7 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 from PIL import Image
 
 import wsis_d2  # noqa: F401  (registers everything)
-from wsis_d2.utils.testing import datasets_root
+from wsis_d2.utils.testing import datasets_root, device_under_test
 from wsis_d2 import add_wsis_config
 from wsis_d2.data import build_dataset_mapper
 from wsis_d2.data.ccgr_files import (
@@ -54,7 +54,7 @@ def _cfg(path, out, opts=()):
     add_wsis_config(cfg)
     cfg.merge_from_file(os.path.join(REPO, "configs", path))
     cfg.merge_from_list(
-        ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "OUTPUT_DIR", out,
+        ["MODEL.DEVICE", device_under_test(), "MODEL.WEIGHTS", "", "OUTPUT_DIR", out,
          "DATASETS.TRAIN", f"('{DS}',)", "DATASETS.TEST", f"('{DS}',)",
          "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
          "SOLVER.CHECKPOINT_PERIOD", "100", "TEST.EVAL_PERIOD", "0"] + list(opts)

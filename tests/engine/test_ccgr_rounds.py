@@ -17,7 +17,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor, HookBase
 
 import wsis_d2  # noqa: F401  (registers everything)
-from wsis_d2.utils.testing import datasets_root
+from wsis_d2.utils.testing import datasets_root, device_under_test
 from wsis_d2 import add_wsis_config
 from wsis_d2.engine.ccgr_rounds import STAGE_FILE, CCGRRounds, StageTrainer, seed_cues_from_instances
 from detectron2.structures import Boxes, Instances
@@ -33,7 +33,7 @@ def _cfg(out, opts=()):
     add_wsis_config(cfg)
     cfg.merge_from_file(os.path.join(REPO, "configs", "ccgr_mnv2_synthetic.yaml"))
     cfg.merge_from_list(FAST + [
-        "MODEL.DEVICE", "cpu", "OUTPUT_DIR", out,
+        "MODEL.DEVICE", device_under_test(), "OUTPUT_DIR", out,
         "DATASETS.TRAIN", "('wsis_synth_mini_train',)",
         "MODEL.CCGR.REFINE_STEPS", "5", "MODEL.CCGR.PEAK_RELATIVE_THRESHOLD", "0.0",
         "CCGR.ROUNDS", "2", "CCGR.PROPOSAL_MAX", "300", "CCGR.WORKERS", "0",

@@ -225,6 +225,18 @@ class BoxScoreTestBody:
         for got, expected in zip(*results):
             torch.testing.assert_close(got, expected)
 
+    def test_clipping_gradient_does_not_follow_torch_clamp(self):
+        # torch.clamp's gradient at the bound itself changed between releases (1 in torch 2.11,
+        # 0 in 2.14); the reference's clipping must give the op's convention on any release
+        from wsis_d2.layers.box_score import _clip_coord
+
+        v = torch.tensor([-1.0, 0.0, 0.5, 3.0, 7.0, 9.0], dtype=torch.float64, device=self.device)
+        v.requires_grad_()
+        out = _clip_coord(v, 7)
+        (grad,) = torch.autograd.grad(out.sum(), v)
+        self.assertEqual(out.tolist(), [0.0, 0.0, 0.5, 3.0, 7.0, 7.0])
+        self.assertEqual(grad.tolist(), [0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+
     def test_integer_coordinates_take_the_ops_one_sided_derivative(self):
         # proposals are integer boxes, so CCGR's first step reads the derivative at a kink: the
         # reference must take the op's derivative from the right / below, not split the tie

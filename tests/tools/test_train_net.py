@@ -15,7 +15,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 
-from wsis_d2.utils.testing import datasets_root
+from wsis_d2.utils.testing import datasets_root, device_under_test
 from wsis_d2.evaluation import CountingEvaluator, InstanceAPEvaluator
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,7 +61,7 @@ class TestTrainNet(unittest.TestCase):
             "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "160",
             "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
             "DATALOADER.NUM_WORKERS", "0", "TEST.WSIS_COCO_EVAL", "False",
-            "MODEL.WEIGHTS", "",
+            "MODEL.WEIGHTS", "", "MODEL.DEVICE", device_under_test(),
         ]
 
     def test_train_eval_resume_predict(self):

@@ -4,7 +4,7 @@ import os
 import unittest
 from unittest import mock
 
-from wsis_d2.utils.testing import datasets_root
+from wsis_d2.utils.testing import datasets_root, device_under_test
 
 
 class TestDatasetsRoot(unittest.TestCase):
@@ -22,6 +22,20 @@ class TestDatasetsRoot(unittest.TestCase):
                 with datasets_root("/inside"):
                     raise KeyError("boom")
             self.assertNotIn("DETECTRON2_DATASETS", os.environ)
+
+
+class TestDeviceUnderTest(unittest.TestCase):
+    def test_cpu_by_default_and_from_the_variable(self):
+        with mock.patch.dict(os.environ, {"WSIS_TEST_DEVICE": ""}):
+            self.assertEqual(device_under_test(), "cpu")
+        with mock.patch.dict(os.environ, {"WSIS_TEST_DEVICE": "cpu"}):
+            self.assertEqual(device_under_test(), "cpu")
+
+    def test_cuda_without_a_gpu_is_an_error(self):
+        with mock.patch.dict(os.environ, {"WSIS_TEST_DEVICE": "cuda"}):
+            with mock.patch("torch.cuda.is_available", return_value=False):
+                with self.assertRaisesRegex(RuntimeError, "WSIS_TEST_DEVICE.*no GPU"):
+                    device_under_test()
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ right/below (from the left/above at x = W / y = H).
 
 Boxes are (K, 5) rows (n, x1, y1, x2, y2): image index n, then corners with x1 <= x2, y1 <= y2.
 They are clipped to the image before scoring; the mean is over the clipped part, and a coordinate
-at or beyond the image bounds gets zero gradient (as through torch.clamp). A box with zero area after clipping (zero size, or fully outside)
-has mean 0 and zero gradient. ValueError for: NaN in boxes, x2 < x1 or y2 < y1 (malformed, not
+at or beyond the image bounds gets zero gradient (on every path and torch release). A box with
+zero area after clipping (zero size, or fully outside) has mean 0 and zero gradient. ValueError for: NaN in boxes, x2 < x1 or y2 < y1 (malformed, not
 treated as empty), image index / class out of range, NaN or inf in a map that some box scores.
 
 The context ring of a box B is C \\ B, where C is B scaled by ``context_scale`` (1.5 in CCGR) about
@@ -84,11 +84,21 @@ def _check_scored_maps_finite(maps: torch.Tensor, boxes: torch.Tensor, classes: 
         )
 
 
+def _clip_coord(v: torch.Tensor, bound: int) -> torch.Tensor:
+    """
+    ``v`` clamped into [0, bound] with the op's gradient: 1 strictly inside, 0 at and beyond the
+    bounds. Written out rather than ``torch.clamp``, whose gradient at the bound itself differs
+    between releases (0 in torch 2.14, 1 in 2.11: measured on both).
+    """
+    inside = (v > 0) & (v < bound)
+    return torch.where(inside, v, v.detach().clamp(0, bound))
+
+
 def _clip(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    x1 = boxes[:, 1].clamp(0, width)
-    y1 = boxes[:, 2].clamp(0, height)
-    x2 = boxes[:, 3].clamp(0, width)
-    y2 = boxes[:, 4].clamp(0, height)
+    x1 = _clip_coord(boxes[:, 1], width)
+    y1 = _clip_coord(boxes[:, 2], height)
+    x2 = _clip_coord(boxes[:, 3], width)
+    y2 = _clip_coord(boxes[:, 4], height)
     return torch.stack([boxes[:, 0], x1, y1, x2, y2], dim=1)
 
 
@@ -178,7 +188,7 @@ def box_sum(
         and compiled_ops_available(maps.device)
     ):
         # the CPU kernel validates the unclipped boxes (the messages of _validate; a flipped box
-        # can look valid once clipped) and clamps them itself, with torch.clamp's gradients
+        # can look valid once clipped) and clamps them itself (zero gradient at and beyond the bounds)
         _check_shapes(maps, boxes, classes)
         args = (maps.contiguous(), boxes.contiguous(), classes.contiguous())
         needs_grad = torch.is_grad_enabled() and (maps.requires_grad or boxes.requires_grad)

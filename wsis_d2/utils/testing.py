@@ -3,7 +3,7 @@
 import contextlib
 import os
 
-__all__ = ["datasets_root"]
+__all__ = ["datasets_root", "device_under_test"]
 
 
 @contextlib.contextmanager
@@ -23,3 +23,18 @@ def datasets_root(path: str):
             os.environ.pop("DETECTRON2_DATASETS", None)
         else:
             os.environ["DETECTRON2_DATASETS"] = old
+
+
+def device_under_test() -> str:
+    """
+    The ``MODEL.DEVICE`` of the end-to-end tests (training, CCGR stages and rounds): "cpu" unless
+    ``$WSIS_TEST_DEVICE`` names another (``WSIS_TEST_DEVICE=cuda make test`` on a GPU machine runs
+    them on CUDA; the op tests have their own CUDA classes, run whenever a GPU is visible).
+    """
+    device = os.environ.get("WSIS_TEST_DEVICE", "cpu") or "cpu"
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"$WSIS_TEST_DEVICE is {device!r} but torch sees no GPU")
+    return device

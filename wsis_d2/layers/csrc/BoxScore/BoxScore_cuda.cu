@@ -84,24 +84,33 @@ void check_shapes(const at::Tensor& maps, const at::Tensor& boxes, const at::Ten
 }
 
 // Index ranges and NaN coordinates of the boxes; with S, also finiteness of every scored map (its
-// total S[H][W]). One host synchronisation.
+// total S[H][W]). One host synchronisation; a second one only to name the first bad map.
 void check_boxes(const at::Tensor& boxes, const at::Tensor& classes, int64_t N, int64_t C,
                  const at::Tensor* S) {
   auto n = boxes.select(1, 0);
   auto bad = (n != n.floor()) | (n < 0) | (n >= N) | (classes < 0) | (classes >= C) |
              boxes.narrow(1, 1, 4).isnan().any(1);
   std::vector<at::Tensor> flags = {bad.any()};
+  at::Tensor not_finite;
   if (S != nullptr) {
     const int64_t H = S->size(2) - 1, W = S->size(3) - 1;
     auto totals = S->select(2, H).select(2, W).reshape({-1});
     auto m = (n.to(at::kLong) * C + classes).clamp(0, N * C - 1);
-    flags.push_back(at::isfinite(totals.index({m})).logical_not().any());
+    not_finite = at::isfinite(totals.index({m})).logical_not();  // (K,)
+    flags.push_back(not_finite.any());
   }
   auto host = at::stack(flags).cpu();
   const bool* f = host.data_ptr<bool>();
   TORCH_CHECK_VALUE(!f[0], "box_sum: boxes have an image index outside [0, ", N,
                     ") or not an integer, a class outside [0, ", C, "), or a NaN coordinate");
-  TORCH_CHECK_VALUE(S == nullptr || !f[1], "box_sum: a scored map contains NaN or inf");
+  if (S != nullptr && f[1]) {
+    // the message of the CPU kernel and of the Python checks: maps[n, c] ... NaN or inf
+    const int64_t k = at::nonzero(not_finite).select(1, 0).select(0, 0).item<int64_t>();
+    const int64_t nk = static_cast<int64_t>(n.select(0, k).item<double>());
+    const int64_t ck = classes.select(0, k).item<int64_t>();
+    TORCH_CHECK_VALUE(false, "box_sum: maps[", nk, ", ", ck, "] (scored by boxes[", k,
+                      "]) contains NaN or inf");
+  }
 }
 
 } // namespace
