@@ -3,6 +3,7 @@
 import unittest
 
 import torch
+import torch.nn.functional as F
 
 from wsis_d2.layers import IntegralImage
 from wsis_d2.modeling.ccgr import (
@@ -11,6 +12,7 @@ from wsis_d2.modeling.ccgr import (
     IGNORE,
     build_bags,
     class_map_cues,
+    merge_plateau_peaks,
     component_instances,
     pseudo_instances,
 )
@@ -155,6 +157,35 @@ class TestClassMapCues(unittest.TestCase):
         self.assertTrue(bool((sem[8:14, 8:14] == 0).all()))  # M̄ >= 0.78 near the peak: class 0
         self.assertEqual(int(sem[38, 10]), 3)  # background
         self.assertEqual(int(sem[30, 40]), IGNORE)  # M̄ = 0.25 at the weak peak: uncertain
+
+    def test_plateaus_give_one_peak(self):
+        # a coarse map upsampled bilinearly (align_corners False, as compute_cues does) is flat
+        # for half a cell along the borders: its corner maximum becomes a 4 x 4 block of ties
+        coarse = torch.tensor([[[[5.0, 1.0, 0.0], [1.0, 0.0, 3.0], [0.0, 0.0, 0.0]]]])
+        up = F.interpolate(coarse, size=(24, 24), mode="bilinear", align_corners=False)[0]
+        # second class: two separate equal maxima must stay two peaks; a ridge of 3 ties is one
+        second = torch.zeros(24, 24)
+        second[3, 4] = second[15, 18] = 2.0
+        second[20, 5:8] = 2.0
+        maps = torch.stack([up[0], second])
+        peaks, _ = class_map_cues(maps, torch.tensor([1.0, 1.0]), None, (24, 24), mode="pixels",
+                                  peak_threshold=0.5)
+        by_class = {c: peaks[peaks[:, 0] == c, 1:].tolist() for c in (0, 1)}
+        # class 0: the corner block (rows and columns 0..3) once, at the member nearest its
+        # centre; the 3.0 cell (row 1, last column) gives a 2 x 4 block of ties at 2.8125 (rows
+        # 11-12 between two cell centres, the last 4 columns flat): once too
+        self.assertEqual(len(by_class[0]), 2)
+        self.assertEqual(by_class[0][0], [1.5, 1.5, 5.0])
+        self.assertAlmostEqual(by_class[0][1][2], 2.8125, places=5)
+        self.assertTrue(11 <= by_class[0][1][1] - 0.5 <= 12 and 20 <= by_class[0][1][0] - 0.5)
+        self.assertEqual(sorted(p[:2] for p in by_class[1]),
+                         [[4.5, 3.5], [6.5, 20.5], [18.5, 15.5]])
+
+        merged = merge_plateau_peaks(torch.tensor([[0, 0], [0, 1], [1, 1], [5, 5]]),
+                                     torch.tensor([2.0, 2.0, 2.0, 1.0]), (8, 8))
+        self.assertEqual(merged, [(0, 1, 2.0), (5, 5, 1.0)])
+        self.assertEqual(merge_plateau_peaks(torch.zeros(0, 2, dtype=torch.long),
+                                             torch.zeros(0), (8, 8)), [])
 
     def test_regions_follow_the_image(self):
         image = torch.zeros(3, 20, 30)

@@ -34,6 +34,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from detectron2.layers import batched_nms
 from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
@@ -58,6 +59,45 @@ IGNORE = 255
 
 # ------------------------------------------------------------------------------------------------
 # 1. round-1 cues
+
+
+def merge_plateau_peaks(
+    yx: torch.Tensor, values: torch.Tensor, size: Tuple[int, int]
+) -> list:
+    """
+    One peak per plateau. A local maximum ties with its equal neighbours, so a flat top gives a
+    cluster of touching "peaks"; the class maps are upsampled bilinearly (align_corners False)
+    before peak finding, which makes such flat tops at every map border (half a map cell wide:
+    16 input pixels at stride 32), so a class whose maximum cell touches the border had a whole
+    block of peaks, and no proposal held exactly one peak of the class (no bag for that object).
+    Two distinct maxima never touch (a neighbour of a peak is not higher, so a touching peak is
+    equal: the same plateau), so 8-connected peak pixels are merged into one peak: the member
+    nearest to their centroid, with their (common) value.
+
+    Args:
+        yx: (P, 2) long pixel positions (y, x) of the local maxima of one map.
+        values: (P,) their values.
+        size: (H, W) of the map.
+
+    Returns:
+        [(y, x, value)] one per plateau, ordered by value (descending), then position.
+    """
+    if yx.shape[0] == 0:
+        return []
+    pos = yx.cpu().numpy().astype(np.int64)
+    val = values.detach().cpu().numpy()
+    mask = np.zeros(size, dtype=bool)
+    mask[pos[:, 0], pos[:, 1]] = True
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    comp = labels[pos[:, 0], pos[:, 1]]
+    out = []
+    for k in np.unique(comp):
+        members = np.nonzero(comp == k)[0]
+        centre = pos[members].mean(axis=0)
+        best = members[np.argmin(((pos[members] - centre) ** 2).sum(axis=1))]
+        out.append((int(pos[best, 0]), int(pos[best, 1]), float(val[members].max())))
+    out.sort(key=lambda t: (-t[2], t[0], t[1]))
+    return out
 
 
 def class_map_cues(
@@ -85,7 +125,8 @@ def class_map_cues(
         image: (3, H, W) the network input (0..255), needed by ``mode`` "regions".
         out_size: (height, width) of the original image; peaks and labels are given there.
         peak_radius: r of the local-maximum window (2r+1).
-        peak_threshold: a peak needs M^c >= this · max M^c.
+        peak_threshold: a peak needs M^c >= this · max M^c. Touching peaks (a plateau) count
+            once (:func:`merge_plateau_peaks`).
         mode: "regions" or "pixels".
         fg_threshold, bg_threshold: thresholds on M̄^c = M^c / max M^c (see the module docstring).
         segment_*: graph-based segmentation of "regions" (k, σ, minimum size in input pixels).
@@ -114,7 +155,7 @@ def class_map_cues(
         found = wsis_layers.find_peaks(m[None, None], radius=peak_radius, threshold=None)
         idx, val = found.indices, found.values
         keep = val >= peak_threshold * top if top > 0 else val >= top
-        for (_, _, y, x), v in zip(idx[keep].tolist(), val[keep].tolist()):
+        for y, x, v in merge_plateau_peaks(idx[keep][:, 2:], val[keep], (h, w)):
             peaks.append([c, (x + 0.5) * sx, (y + 0.5) * sy, v])
     peaks_t = torch.tensor(peaks, dtype=torch.float32).reshape(-1, 4)
 
@@ -195,9 +236,10 @@ def build_bags(
         (b[:, 0:1] <= px[None]) & (px[None] <= b[:, 2:3]) & (b[:, 1:2] <= py[None]) & (py[None] <= b[:, 3:4])
     )  # (R, P)
     same = classes[:, None] == classes[None, :]  # (P, P)
-    # number of peaks of each peak's class inside each proposal
-    same_count = contains.to(torch.int32) @ same.to(torch.int32)  # (R, P)
-    candidate = contains & (same_count == 1)
+    # number of peaks of each peak's class inside each proposal (a float product: CUDA has no
+    # integer matmul; sums of 0/1 products are exact integers far beyond any peak count)
+    same_count = contains.to(torch.float32) @ same.to(torch.float32)  # (R, P)
+    candidate = contains & (same_count < 1.5)
     uniq = torch.unique(classes)
     if integral is None:
         integral = IntegralImage(seg_scores.detach()[None])
