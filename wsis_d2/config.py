@@ -359,6 +359,9 @@ def add_ccgr_config(cfg):
     # selective-search proposals per training image, and processes that compute them
     _C.CCGR.PROPOSAL_MAX = 2000
     _C.CCGR.WORKERS = 2
+    # an existing proposal file of DATASETS.TRAIN instead (e.g. MCG / COB boxes converted by
+    # tools/make_proposals.py); checked against the training images, then used as is
+    _C.CCGR.PROPOSAL_FILE = ""
     return cfg
 
 

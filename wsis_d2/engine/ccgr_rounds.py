@@ -39,7 +39,7 @@ from ..data import build_dataset_mapper
 from ..data.ccgr_files import check_pseudo_label_json, write_cues, write_pseudo_label_json
 from ..data.datasets import register_coco_counts_instances
 from ..data.mappers.lc_mapper import class_counts_of
-from ..data.proposals import SelectiveSearchProposals
+from ..data.proposals import SelectiveSearchProposals, load_proposal_file
 from ..evaluation import InstanceAPEvaluator
 from ..modeling.ccgr import semantic_labels_from_instances
 from .ccgr import compute_cues, cue_parameters, make_proposal_file, run_ccgr_inference
@@ -210,12 +210,25 @@ class CCGRRounds:
     # stages
 
     def _proposals(self, folder: str) -> Dict:
+        given = self.cfg.CCGR.PROPOSAL_FILE
+        if given:
+            data = load_proposal_file(given)  # ValueError naming the file if malformed
+            missing = {d["image_id"] for d in self.dicts} - {i for i in data["ids"]}
+            if missing:
+                raise ValueError(
+                    f"CCGR.PROPOSAL_FILE {given}: no proposals for {len(missing)} of the "
+                    f"{len(self.dicts)} images of {self.train_set}, e.g. {sorted(map(str, missing))[:3]}"
+                )
+            n = sum(len(b) for b in data["boxes"]) / max(1, len(data["boxes"]))
+            return {"proposals_per_image": n}
         path = os.path.join(folder, f"{self.train_set}.pkl")
         generator = SelectiveSearchProposals(max_proposals=self.cfg.CCGR.PROPOSAL_MAX)
         stats = make_proposal_file(path, self.dicts, generator, workers=self.cfg.CCGR.WORKERS)
         return {"proposal_images_per_s": stats["images_per_s"]}
 
     def _proposal_file(self) -> str:
+        if self.cfg.CCGR.PROPOSAL_FILE:
+            return self.cfg.CCGR.PROPOSAL_FILE
         return self._dir("proposals", f"{self.train_set}.pkl")
 
     def _classifier(self, folder: str) -> Dict:
@@ -281,7 +294,7 @@ class CCGRRounds:
         metrics = {"pseudo_instances": float(n)}
         if self.has_gt_masks:
             res = evaluator.evaluate()["wsis_instance"]
-            metrics.update({f"pseudo_{m}": res[m] for m in ("mAP_r50", "mAP_b50")})
+            metrics.update({f"pseudo_{m}": res[m] for m in ("mAP_r25", "mAP_r50", "mAP_b50")})
         return metrics
 
     def _pseudo_dataset(self, k: int) -> str:
