@@ -190,6 +190,9 @@ MALFORMED = [
     ("no_geometry", lambda d: d["annotations"][4].pop("bbox"), "bbox"),
     ("file_name", lambda d: d["images"][0].pop("file_name"), "file_name"),
     ("category_name", lambda d: d["categories"][0].pop("name"), "name"),
+    ("image_labels_type", lambda d: d["images"][1].update(image_labels="dog"), "image_labels"),
+    ("image_labels_unknown", lambda d: d["images"][1].update(image_labels=[7, 5]),
+     "image_labels"),
 ]
 
 
@@ -230,3 +233,14 @@ def test_register_coco_counts_instances(tmp_path):
         for n in names:
             DatasetCatalog.remove(n)
             MetadataCatalog.remove(n)
+
+
+def test_image_level_labels_without_annotations(tmp_path):
+    # image 11 has no annotation; its image_labels (category ids) say a dog and a cat are there
+    data = copy.deepcopy(_coco())
+    data["images"][1]["image_labels"] = [3, 7, 3]
+    dicts = load_coco_counts_json(_write(tmp_path, data), str(tmp_path))
+    by_id = {d["image_id"]: d for d in dicts}
+    assert by_id[11]["image_labels"] == [0, 1]  # contiguous: dog (7) -> 1, cat (3) -> 0
+    assert by_id[11]["class_counts"] == [0, 0] and by_id[11]["annotations"] == []
+    assert "image_labels" not in by_id[10]

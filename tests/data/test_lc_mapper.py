@@ -21,7 +21,7 @@ import wsis_d2  # noqa: F401  (registers datasets and mappers)
 from wsis_d2.utils.testing import datasets_root
 from wsis_d2 import add_wsis_config
 from wsis_d2.data import build_dataset_mapper
-from wsis_d2.data.mappers.lc_mapper import LCDatasetMapper
+from wsis_d2.data.mappers.lc_mapper import LCDatasetMapper, image_labels_of
 
 H, W = 30, 40
 META_NAME = "_test_lc_mapper_three_classes"
@@ -101,6 +101,19 @@ class TestLCDatasetMapper(unittest.TestCase):
         # the input dict is left alone
         self.assertEqual(d["class_counts"], [0, 4, 9])
         self.assertNotIn("image", d)
+
+    def test_image_labels_without_instances(self):
+        d = self._dict(class_counts=[0, 2, 0], image_labels=[0, 1])
+        labels_only = LCDatasetMapper(True, augmentations=[], num_classes=3, lower_count=5,
+                                      image_labels_only=True)
+        out = labels_only(d)
+        self.assertEqual(out["labels"].tolist(), [1.0, 1.0, 0.0])
+        self.assertEqual(image_labels_of(d, 3).tolist(), [True, True, False])
+        # a model that reads counts would learn count 0 for a present class: refused, named
+        with self.assertRaisesRegex(ValueError, r"rgb\.png.*image_labels.*\[0\].*IMAGE_LABELS_ONLY"):
+            self._mapper()(d)
+        with self.assertRaisesRegex(ValueError, r"image_labels.*class 3"):
+            image_labels_of(self._dict(class_counts=[0, 0, 0], image_labels=[3]), 3)
 
     def test_image_is_uint8_chw_in_bgr(self):
         out = self._mapper()(self._dict(class_counts=[1, 0, 0]))

@@ -19,6 +19,7 @@ from detectron2.engine import DefaultPredictor, HookBase
 import wsis_d2  # noqa: F401  (registers everything)
 from wsis_d2.utils.testing import datasets_root, device_under_test
 from wsis_d2 import add_wsis_config
+from wsis_d2.data.datasets import register_coco_counts_instances
 from wsis_d2.engine.ccgr_rounds import STAGE_FILE, CCGRRounds, StageTrainer, seed_cues_from_instances
 from detectron2.structures import Boxes, Instances
 
@@ -162,6 +163,42 @@ class TestCCGRRounds(unittest.TestCase):
         cfg.freeze()
         with self.assertRaisesRegex(ValueError, "CCGR round 1: .*pseudo_labels.json.*no pseudo"):
             CCGRRounds(cfg).run()
+
+    def test_coco_json_with_image_labels_only(self):
+        # a user's COCO json that says which classes each image shows and nothing else: no
+        # annotation at all, "image_labels" per image (the README's "Your own data")
+        name = "_test_ccgr_rounds_image_labels"
+        src = DatasetCatalog.get("wsis_synth_mini_train")
+        meta = MetadataCatalog.get("wsis_synth_mini_train")
+        to_id = {v: k for k, v in meta.thing_dataset_id_to_contiguous_id.items()}
+        data = {
+            "images": [
+                {"id": d["image_id"], "file_name": d["file_name"], "height": d["height"],
+                 "width": d["width"],
+                 "image_labels": sorted({to_id[a["category_id"]] for a in d["annotations"]})}
+                for d in src
+            ],
+            "annotations": [],
+            "categories": [{"id": to_id[c], "name": n} for c, n in enumerate(meta.thing_classes)],
+        }  # fmt: skip
+        path = os.path.join(self.tmp.name, "image_labels.json")
+        with open(path, "w") as f:
+            json.dump(data, f)
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        register_coco_counts_instances(name, {}, path, "")
+        out = os.path.join(self.tmp.name, "image_labels")
+        cfg = _cfg(out, ["CCGR.ROUNDS", "1", "DATASETS.TRAIN", f"('{name}',)"])
+        cfg.freeze()
+        metrics = CCGRRounds(cfg).run()
+        self.assertGreater(metrics[1]["pseudo_instances"], 0)
+        self.assertNotIn("pseudo_mAP_r50", metrics[1])  # no masks to score them against
+        with open(os.path.join(out, "round1", "pseudo_labels", "pseudo_labels.json")) as f:
+            pseudo = json.load(f)
+        labels = {im["id"]: set(im["image_labels"]) for im in data["images"]}
+        for a in pseudo["annotations"]:
+            self.assertIn(a["category_id"], labels[a["image_id"]])  # present classes only
 
     def test_bad_configs(self):
         with self.assertRaisesRegex(ValueError, "CCGR.IS_CONFIG.*nowhere.yaml"):

@@ -38,7 +38,7 @@ from ..config import get_wsis_cfg
 from ..data import build_dataset_mapper
 from ..data.ccgr_files import check_pseudo_label_json, write_cues, write_pseudo_label_json
 from ..data.datasets import register_coco_counts_instances
-from ..data.mappers.lc_mapper import class_counts_of
+from ..data.mappers.lc_mapper import image_labels_of
 from ..data.proposals import SelectiveSearchProposals, load_proposal_file
 from ..evaluation import InstanceAPEvaluator
 from ..modeling.ccgr import semantic_labels_from_instances
@@ -344,7 +344,7 @@ class CCGRRounds:
             for batch in loader:
                 for inp, out in zip(batch, model(batch)):
                     d = by_id[inp["image_id"]]
-                    labels = torch.as_tensor(class_counts_of(d, self.num_classes) > 0)
+                    labels = torch.as_tensor(image_labels_of(d, self.num_classes))
                     peaks, sem, sb = seed_cues_from_instances(
                         out["instances"], labels, self.num_classes, self.cfg.CCGR.IS_SCORE_THRESHOLD
                     )

@@ -285,7 +285,9 @@ def load_coco_counts_json(
 
     Args:
         json_file: path of the COCO json ("images", "annotations", "categories"; annotations may
-            carry an extra "point": [x, y] in pixel coordinates).
+            carry an extra "point": [x, y] in pixel coordinates; an image may carry
+            "image_labels": [category id, ...], classes present without any annotation: image-level
+            labels for CCGR and the image-level classifier, which read nothing else of it).
         image_root: directory that the images' "file_name" are relative to.
         dataset_name: when given, sets ``thing_classes`` and ``thing_dataset_id_to_contiguous_id``
             in the dataset's metadata.
@@ -296,7 +298,9 @@ def load_coco_counts_json(
         "segmentation" (RLE, counts str), "point": [x, y], "iscrowd"}]}``, one per image in file
         order, images without annotations included. Category ids are made contiguous in the order
         of the json ids. Crowd annotations are kept (``iscrowd=1``) but not counted. Annotations
-        with neither "bbox" nor "segmentation" (point-only data) have neither key.
+        with neither "bbox" nor "segmentation" (point-only data) have neither key. An image with
+        "image_labels" gets ``"image_labels"``: their contiguous ids (see
+        :func:`wsis_d2.data.mappers.lc_mapper.image_labels_of`).
     """
     chk = _Checker(json_file)
     with PathManager.open(json_file, "r") as f:
@@ -339,16 +343,26 @@ def load_coco_counts_json(
         for a in anns:
             if not a["iscrowd"]:
                 counts[a["category_id"]] += 1
-        dataset_dicts.append(
-            {
-                "file_name": os.path.join(image_root, img["file_name"]),
-                "height": img["height"],
-                "width": img["width"],
-                "image_id": iid,
-                "annotations": anns,
-                "class_counts": counts,
-            }
-        )
+        record = {
+            "file_name": os.path.join(image_root, img["file_name"]),
+            "height": img["height"],
+            "width": img["width"],
+            "image_id": iid,
+            "annotations": anns,
+            "class_counts": counts,
+        }
+        if "image_labels" in img:
+            where = f"images (id={iid!r})"
+            labels = img["image_labels"]
+            if not isinstance(labels, list) or not all(_is_int(c) for c in labels):
+                chk.fail(
+                    where, f"field 'image_labels' must be a list of category ids, got {labels!r:.80}"
+                )
+            unknown = [c for c in labels if c not in cat_to_contiguous]
+            if unknown:
+                chk.fail(where, f"field 'image_labels' holds unknown category ids {unknown}")
+            record["image_labels"] = sorted({cat_to_contiguous[c] for c in labels})
+        dataset_dicts.append(record)
     logger.info(
         f"Loaded {len(dataset_dicts)} images and {len(data['annotations'])} annotations "
         f"({num_classes} classes) from {json_file}"

@@ -21,7 +21,7 @@ from detectron2.data import transforms as T
 from ..ccgr_files import load_cues
 from ..proposals import check_proposals, load_proposal_file
 from .build import DATASET_MAPPER_REGISTRY
-from .lc_mapper import _num_classes_of, class_counts_of
+from .lc_mapper import _num_classes_of, image_labels_of
 
 __all__ = ["CCGRDatasetMapper"]
 
@@ -35,8 +35,8 @@ class CCGRDatasetMapper:
 
         {"file_name", "image_id", "height", "width",
          "image": uint8 Tensor (3, H, W) in INPUT.FORMAT (after resize / flip),
-         "labels": float32 Tensor (C,) image-level labels (from class_counts or the annotations'
-             classes; nothing else of the annotations is kept),
+         "labels": float32 Tensor (C,) image-level labels (the classes of class_counts / the
+             annotations, and those of "image_labels"; nothing else of the annotations is kept),
          "proposals": Instances(proposal_boxes, objectness_logits) in input pixels (the first
              DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN / _TEST),
          "peaks": float32 Tensor (P, 4) rows (class, x, y, value) in input pixels  # with cues
@@ -123,7 +123,7 @@ class CCGRDatasetMapper:
         dataset_dict = copy.deepcopy(dataset_dict)
         file_name = dataset_dict["file_name"]
         image_id = dataset_dict["image_id"]
-        counts = class_counts_of(dataset_dict, self.num_classes)
+        labels = image_labels_of(dataset_dict, self.num_classes)
         image = utils.read_image(file_name, format=self.image_format)
         utils.check_image_size(dataset_dict, image)
         sem_seg = None
@@ -141,7 +141,7 @@ class CCGRDatasetMapper:
         image = aug_input.image
         image_shape = image.shape[:2]
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        dataset_dict["labels"] = torch.as_tensor(counts > 0, dtype=torch.float32)
+        dataset_dict["labels"] = torch.as_tensor(labels, dtype=torch.float32)
         if "proposal_boxes" not in dataset_dict:
             raise ValueError(
                 f"{file_name}: no proposals (set MODEL.LOAD_PROPOSALS and "
@@ -167,6 +167,6 @@ class CCGRDatasetMapper:
                     seeds[:, 1:5] = transforms.apply_box(seeds[:, 1:5].astype(np.float64))
                 dataset_dict["seed_boxes"] = torch.as_tensor(seeds)
             dataset_dict["sem_seg"] = torch.as_tensor(aug_input.sem_seg.astype(np.int64))
-        for key in ("annotations", "class_counts", "sem_seg_file_name"):
+        for key in ("annotations", "class_counts", "image_labels", "sem_seg_file_name"):
             dataset_dict.pop(key, None)
         return dataset_dict

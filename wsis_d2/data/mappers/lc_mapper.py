@@ -20,7 +20,7 @@ from detectron2.data import transforms as T
 
 from .build import DATASET_MAPPER_REGISTRY
 
-__all__ = ["LCDatasetMapper", "image_level_targets", "class_counts_of"]
+__all__ = ["LCDatasetMapper", "image_level_targets", "class_counts_of", "image_labels_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,29 @@ def class_counts_of(dataset_dict: Dict, num_classes: int) -> np.ndarray:
                 f"hold {from_annotations[c]} non-crowd instances of it"
             )
     return counts
+
+
+def image_labels_of(dataset_dict: Dict, num_classes: int) -> np.ndarray:
+    """
+    Image-level labels l_c of one dataset dict: the classes with instances
+    (:func:`class_counts_of` > 0) and those named by its optional ``"image_labels"`` (contiguous
+    class ids of classes present without instances, e.g. from a COCO image's ``image_labels``).
+
+    Returns:
+        (C,) bool array.
+
+    Raises:
+        ValueError naming the file for a class id outside 0..C-1.
+    """
+    labels = class_counts_of(dataset_dict, num_classes) > 0
+    for c in dataset_dict.get("image_labels", ()):
+        if not 0 <= int(c) < num_classes:
+            raise ValueError(
+                f"{dataset_dict.get('file_name', '<no file_name>')}: 'image_labels' holds class "
+                f"{c}, outside 0..{num_classes - 1}"
+            )
+        labels[int(c)] = True
+    return labels
 
 
 def image_level_targets(
@@ -166,6 +189,7 @@ class LCDatasetMapper:
         mosaic_prob: float = 0.0,
         mosaic_grid: int = 2,
         mosaic_pool: Optional[List[Dict]] = None,
+        image_labels_only: bool = False,
     ):
         """
         Args:
@@ -181,6 +205,9 @@ class LCDatasetMapper:
             mosaic_grid: g, tiles per side of a mosaic (>= 2).
             mosaic_pool: dataset dicts the other tiles are drawn from (the training set);
                 required when ``mosaic_prob`` > 0 and ``is_train``.
+            image_labels_only: the model reads the labels alone (MODEL.LC.IMAGE_LABELS_ONLY), so
+                images may name present classes without instances (``"image_labels"``); other
+                models need their counts, and such an image is a ValueError naming it.
         """
         if num_classes < 1:
             raise ValueError(f"LCDatasetMapper: num_classes must be >= 1, got {num_classes}")
@@ -192,6 +219,7 @@ class LCDatasetMapper:
         self.num_classes = int(num_classes)
         self.lower_count = None if lower_count is None else int(lower_count)
         self.mask_format = mask_format
+        self.image_labels_only = bool(image_labels_only)
         if not 0.0 <= mosaic_prob <= 1.0:
             raise ValueError(f"MODEL.LC.MOSAIC_PROB must be in [0, 1], got {mosaic_prob}")
         if mosaic_grid < 2:
@@ -251,6 +279,7 @@ class LCDatasetMapper:
             "mosaic_prob": mosaic_prob,
             "mosaic_grid": cfg.MODEL.LC.MOSAIC_GRID,
             "mosaic_pool": pool,
+            "image_labels_only": cfg.MODEL.LC.IMAGE_LABELS_ONLY,
         }
 
     def _read_image(self, dataset_dict: Dict) -> np.ndarray:
@@ -313,6 +342,17 @@ class LCDatasetMapper:
         """
         dataset_dict = copy.deepcopy(dataset_dict)
         counts = class_counts_of(dataset_dict, self.num_classes)
+        label_only = image_labels_of(dataset_dict, self.num_classes) & (counts == 0)
+        if label_only.any() and (not self.image_labels_only or self.mosaic_prob > 0):
+            what = (
+                "mosaics (MODEL.LC.MOSAIC_PROB > 0) need counts" if self.image_labels_only
+                else "this model needs counts; train with MODEL.LC.IMAGE_LABELS_ONLY True to use "
+                "image-level labels alone"
+            )
+            raise ValueError(
+                f"{dataset_dict.get('file_name')}: 'image_labels' names classes "
+                f"{np.nonzero(label_only)[0].tolist()} without instances, and {what}"
+            )
         image = self._read_image(dataset_dict)
 
         aug_input = T.AugInput(image)
@@ -331,6 +371,8 @@ class LCDatasetMapper:
             targets = targets + (torch.full_like(targets[2], self.lower_count is None),)
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         labels, counts_t, count_ge, count_exact = targets
+        if label_only.any():
+            labels = torch.maximum(labels, torch.as_tensor(label_only, dtype=labels.dtype))
         dataset_dict["labels"] = labels
         dataset_dict["counts"] = counts_t
         dataset_dict["count_ge"] = count_ge
