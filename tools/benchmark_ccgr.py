@@ -65,12 +65,16 @@ def schedule_opts(config_file, iters):
         return []
     cfg = get_wsis_cfg(config_file)
     rescale_schedule(cfg, iters)
-    return [
+    opts = [
         "SOLVER.MAX_ITER", str(cfg.SOLVER.MAX_ITER),
         "SOLVER.STEPS", str(tuple(cfg.SOLVER.STEPS)),
         "SOLVER.WARMUP_ITERS", str(cfg.SOLVER.WARMUP_ITERS),
         "SOLVER.CHECKPOINT_PERIOD", str(cfg.SOLVER.CHECKPOINT_PERIOD),
     ]  # fmt: skip
+    if cfg.MODEL.META_ARCHITECTURE == "ImageLevelCounter":  # what rescale_schedule rescales
+        opts += ["MODEL.LC.SPATIAL_START_ITER", str(cfg.MODEL.LC.SPATIAL_START_ITER),
+                 "MODEL.LC.DENSITY_START_ITER", str(cfg.MODEL.LC.DENSITY_START_ITER)]
+    return opts
 
 
 def evaluate(cfg, model, test_set):
@@ -101,7 +105,7 @@ def train_or_load(cfg, resume):
 
 
 def run_ccgr(args):
-    """All CCGR rounds; returns ({round: metrics}, {stage: seconds})."""
+    """All CCGR rounds; returns ({round: metrics}, {stage: seconds}, the IS branch's opts)."""
     is_opts = schedule_opts(IS_CONFIG, args.is_iters) + ["DATASETS.TEST", f"('{args.test_set}',)"]
     cls_opts = schedule_opts(CLS_CONFIG, args.cls_iters)
     opts = schedule_opts(CCGR_CONFIG, args.mil_ss_iters) + [
@@ -139,12 +143,10 @@ def run_supervised(args, is_opts):
 
 def run_lc(args):
     """LC of ``--lc-config`` on its own training data (or ``--lc-weights``), on the test set."""
-    cfg = get_wsis_cfg(args.lc_config, schedule_opts(args.lc_config, args.lc_iters))
-    train_set = cfg.DATASETS.TRAIN[0]
-    if args.lc_train_set:
-        train_set = args.lc_train_set
-    cfg = bench_cfg(args.lc_config, schedule_opts(args.lc_config, args.lc_iters),
-                    os.path.join(args.output, "lc"), train_set, args.test_set)
+    opts = schedule_opts(args.lc_config, args.lc_iters)
+    train_set = args.lc_train_set or get_wsis_cfg(args.lc_config).DATASETS.TRAIN[0]
+    cfg = bench_cfg(args.lc_config, opts, os.path.join(args.output, "lc"), train_set,
+                    args.test_set)
     if args.lc_weights:
         if not os.path.isfile(args.lc_weights):
             raise ValueError(f"--lc-weights: no such file {args.lc_weights}")

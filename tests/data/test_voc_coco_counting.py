@@ -18,7 +18,7 @@ from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
 import wsis_d2  # noqa: F401  (registers the builtin splits)
 from wsis_d2.utils.testing import datasets_root
-from wsis_d2.data.datasets.coco_counting import register_coco_counting
+from wsis_d2.data.datasets.coco_counting import register_coco_counting, restrict_to_voc
 from wsis_d2.data.datasets.voc_counting import (
     VOC_CLASSES,
     register_voc_counting,
@@ -465,6 +465,15 @@ class TestCOCOCounting(_TmpRoot):
         self.assertEqual(by_id[66]["class_counts"], [0] * 20)
         self.assertEqual(by_id[50]["class_counts"][VOC.index("person")], 2)
         self.assertEqual(sum(by_id[50]["class_counts"]), 2)
+
+    def test_restrict_to_voc_renumbers_image_labels(self):
+        coco = ["person", "giraffe", "couch"]  # contiguous 0, 1, 2 of an 80-class json
+        d = {"file_name": "x.jpg", "annotations": [], "class_counts": [0, 0, 0],
+             "image_labels": [2, 1, 0]}
+        (out,) = restrict_to_voc([d], coco)
+        # couch -> sofa, person -> person; the giraffe has no VOC class and is dropped
+        self.assertEqual(out["image_labels"], sorted([VOC.index("sofa"), VOC.index("person")]))
+        self.assertEqual(out["class_counts"], [0] * 20)
 
     def test_wrong_categories_raise(self):
         with self.assertRaisesRegex(ValueError, "few_categories.json"):

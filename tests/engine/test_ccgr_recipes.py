@@ -167,11 +167,19 @@ class TestCCGRRecipes(unittest.TestCase):
         # selective search; one that misses training images is refused, naming the file
         made = load_proposal_file(os.path.join(out, "proposals", "voc_2012_count_trainaug.pkl"))
         given = os.path.join(self.tmp.name, "mcg.pkl")
-        save_proposal_file(given, made["ids"][:3], made["boxes"][:3], made["objectness_logits"][:3])
-        bad = _recipe_cfg(VOC_RECIPE, os.path.join(self.tmp.name, "given"),
+        save_proposal_file(given, made["ids"], [b[:20] for b in made["boxes"]],
+                           [s[:20] for s in made["objectness_logits"]])
+        cfg = _recipe_cfg(VOC_RECIPE, os.path.join(self.tmp.name, "given"),
                           ["CCGR.PROPOSAL_FILE", given])
-        with self.assertRaisesRegex(ValueError, r"mcg\.pkl: no proposals for 1 of the 4 images"):
-            CCGRRounds(bad).run()
+        cfg.freeze()
+        rounds = CCGRRounds(cfg)
+        self.assertEqual(rounds._proposals(os.path.join(self.tmp.name, "given", "proposals")),
+                         {"proposals_per_image": 20.0})
+        mil_ss = rounds._mil_ss_cfg(1, os.path.join(self.tmp.name, "given", "round1", "mil_ss"))
+        self.assertEqual(mil_ss.DATASETS.PROPOSAL_FILES_TRAIN, (given,))
+        save_proposal_file(given, made["ids"][:3], made["boxes"][:3], made["objectness_logits"][:3])
+        with self.assertRaisesRegex(ValueError, r"PROPOSAL_FILE .*mcg\.pkl: no proposals for image"):
+            CCGRRounds(cfg).run()
 
 
 if __name__ == "__main__":

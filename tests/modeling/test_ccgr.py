@@ -184,6 +184,10 @@ class TestClassMapCues(unittest.TestCase):
         merged = merge_plateau_peaks(torch.tensor([[0, 0], [0, 1], [1, 1], [5, 5]]),
                                      torch.tensor([2.0, 2.0, 2.0, 1.0]), (8, 8))
         self.assertEqual(merged, [(0, 1, 2.0), (5, 5, 1.0)])
+        # radius 0: every pixel is a local maximum, touching pixels differ: nothing is merged
+        unmerged = merge_plateau_peaks(torch.tensor([[0, 0], [0, 1], [5, 5]]),
+                                       torch.tensor([2.0, 3.0, 1.0]), (8, 8), radius=0)
+        self.assertEqual(unmerged, [(0, 1, 3.0), (0, 0, 2.0), (5, 5, 1.0)])
         self.assertEqual(merge_plateau_peaks(torch.zeros(0, 2, dtype=torch.long),
                                              torch.zeros(0), (8, 8)), [])
 

@@ -39,7 +39,7 @@ from ..data import build_dataset_mapper
 from ..data.ccgr_files import check_pseudo_label_json, write_cues, write_pseudo_label_json
 from ..data.datasets import register_coco_counts_instances
 from ..data.mappers.lc_mapper import image_labels_of
-from ..data.proposals import SelectiveSearchProposals, load_proposal_file
+from ..data.proposals import SelectiveSearchProposals, check_proposals, load_proposal_file
 from ..evaluation import InstanceAPEvaluator
 from ..modeling.ccgr import semantic_labels_from_instances
 from .ccgr import compute_cues, cue_parameters, make_proposal_file, run_ccgr_inference
@@ -212,15 +212,12 @@ class CCGRRounds:
     def _proposals(self, folder: str) -> Dict:
         given = self.cfg.CCGR.PROPOSAL_FILE
         if given:
-            data = load_proposal_file(given)  # ValueError naming the file if malformed
-            missing = {d["image_id"] for d in self.dicts} - {i for i in data["ids"]}
-            if missing:
-                raise ValueError(
-                    f"CCGR.PROPOSAL_FILE {given}: no proposals for {len(missing)} of the "
-                    f"{len(self.dicts)} images of {self.train_set}, e.g. {sorted(map(str, missing))[:3]}"
-                )
-            n = sum(len(b) for b in data["boxes"]) / max(1, len(data["boxes"]))
-            return {"proposals_per_image": n}
+            # ValueError naming the file for a malformed file, a missing image or a bad box
+            data = load_proposal_file(given)
+            check_proposals(f"CCGR.PROPOSAL_FILE {given}", data, self.dicts)
+            index = {image_id: i for i, image_id in enumerate(data["ids"])}
+            n = sum(len(data["boxes"][index[d["image_id"]]]) for d in self.dicts)
+            return {"proposals_per_image": n / max(1, len(self.dicts))}
         path = os.path.join(folder, f"{self.train_set}.pkl")
         generator = SelectiveSearchProposals(max_proposals=self.cfg.CCGR.PROPOSAL_MAX)
         stats = make_proposal_file(path, self.dicts, generator, workers=self.cfg.CCGR.WORKERS)

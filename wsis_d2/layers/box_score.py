@@ -12,8 +12,9 @@ right/below (from the left/above at x = W / y = H).
 Boxes are (K, 5) rows (n, x1, y1, x2, y2): image index n, then corners with x1 <= x2, y1 <= y2.
 They are clipped to the image before scoring; the mean is over the clipped part, and a coordinate
 at or beyond the image bounds gets zero gradient (on every path and torch release). A box with
-zero area after clipping (zero size, or fully outside) has mean 0 and zero gradient. ValueError for: NaN in boxes, x2 < x1 or y2 < y1 (malformed, not
-treated as empty), image index / class out of range, NaN or inf in a map that some box scores.
+zero area after clipping (zero size, or fully outside) has mean 0 and zero gradient. ValueError
+for: NaN in boxes, x2 < x1 or y2 < y1 (malformed, not treated as empty), image index / class out
+of range, NaN or inf in a map that some box scores.
 
 The context ring of a box B is C \\ B, where C is B scaled by ``context_scale`` (1.5 in CCGR) about
 its centre; both are clipped to the image, and the ring mean is (S(C) - S(B)) / (|C| - |B|), 0 for

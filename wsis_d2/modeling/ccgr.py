@@ -29,7 +29,7 @@ The files of a round (cues, pseudo-label json) are read and written by
 """
 
 import logging
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from ..layers import IntegralImage, refine_context_gap
 
 __all__ = [
     "class_map_cues",
+    "merge_plateau_peaks",
     "build_bags",
     "bags_from_boxes",
     "semantic_labels_from_instances",
@@ -62,8 +63,8 @@ IGNORE = 255
 
 
 def merge_plateau_peaks(
-    yx: torch.Tensor, values: torch.Tensor, size: Tuple[int, int]
-) -> list:
+    yx: torch.Tensor, values: torch.Tensor, size: Tuple[int, int], radius: int = 1
+) -> List[Tuple[int, int, float]]:
     """
     One peak per plateau. A local maximum ties with its equal neighbours, so a flat top gives a
     cluster of touching "peaks"; the class maps are upsampled bilinearly (align_corners False)
@@ -78,12 +79,17 @@ def merge_plateau_peaks(
         yx: (P, 2) long pixel positions (y, x) of the local maxima of one map.
         values: (P,) their values.
         size: (H, W) of the map.
+        radius: r of the local-maximum window; with r = 0 every pixel is a "peak", neighbours
+            of different values touch, and nothing is merged.
 
     Returns:
         [(y, x, value)] one per plateau, ordered by value (descending), then position.
     """
     if yx.shape[0] == 0:
         return []
+    if radius < 1:
+        pos, val = yx.tolist(), values.tolist()
+        return sorted(((y, x, v) for (y, x), v in zip(pos, val)), key=lambda t: (-t[2], t[0], t[1]))
     pos = yx.cpu().numpy().astype(np.int64)
     val = values.detach().cpu().numpy()
     mask = np.zeros(size, dtype=bool)
@@ -155,7 +161,7 @@ def class_map_cues(
         found = wsis_layers.find_peaks(m[None, None], radius=peak_radius, threshold=None)
         idx, val = found.indices, found.values
         keep = val >= peak_threshold * top if top > 0 else val >= top
-        for y, x, v in merge_plateau_peaks(idx[keep][:, 2:], val[keep], (h, w)):
+        for y, x, v in merge_plateau_peaks(idx[keep][:, 2:], val[keep], (h, w), peak_radius):
             peaks.append([c, (x + 0.5) * sx, (y + 0.5) * sy, v])
     peaks_t = torch.tensor(peaks, dtype=torch.float32).reshape(-1, 4)
 

@@ -122,6 +122,8 @@ def restrict_to_voc(dicts: List[Dict], coco_classes: Sequence[str]) -> List[Dict
             annotations.append(a)
         d["annotations"] = annotations
         d["class_counts"] = counts
+        if "image_labels" in d:
+            d["image_labels"] = sorted({to_voc[c] for c in d["image_labels"] if c in to_voc})
     return dicts
 
 

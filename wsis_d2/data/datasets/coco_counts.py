@@ -352,11 +352,12 @@ def load_coco_counts_json(
             "class_counts": counts,
         }
         if "image_labels" in img:
-            where = f"images (id={iid!r})"
+            where = f"images[{list(images).index(iid)}] (id={iid!r})"
             labels = img["image_labels"]
             if not isinstance(labels, list) or not all(_is_int(c) for c in labels):
                 chk.fail(
-                    where, f"field 'image_labels' must be a list of category ids, got {labels!r:.80}"
+                    where,
+                    f"field 'image_labels' must be a list of category ids, got {labels!r:.80}",
                 )
             unknown = [c for c in labels if c not in cat_to_contiguous]
             if unknown:

@@ -99,6 +99,11 @@ def image_labels_of(dataset_dict: Dict, num_classes: int) -> np.ndarray:
         ValueError naming the file for a class id outside 0..C-1.
     """
     labels = class_counts_of(dataset_dict, num_classes) > 0
+    return _add_image_labels(dataset_dict, labels)
+
+
+def _add_image_labels(dataset_dict: Dict, labels: np.ndarray) -> np.ndarray:
+    num_classes = labels.shape[0]
     for c in dataset_dict.get("image_labels", ()):
         if not 0 <= int(c) < num_classes:
             raise ValueError(
@@ -206,8 +211,9 @@ class LCDatasetMapper:
             mosaic_pool: dataset dicts the other tiles are drawn from (the training set);
                 required when ``mosaic_prob`` > 0 and ``is_train``.
             image_labels_only: the model reads the labels alone (MODEL.LC.IMAGE_LABELS_ONLY), so
-                images may name present classes without instances (``"image_labels"``); other
-                models need their counts, and such an image is a ValueError naming it.
+                training images may name present classes without instances
+                (``"image_labels"``); other models need their counts, and such a training image
+                is a ValueError naming it (at test time the labels are simply added).
         """
         if num_classes < 1:
             raise ValueError(f"LCDatasetMapper: num_classes must be >= 1, got {num_classes}")
@@ -235,6 +241,11 @@ class LCDatasetMapper:
             for d in mosaic_pool:
                 slim = {k: d[k] for k in ("file_name", "height", "width") if k in d}
                 slim["class_counts"] = class_counts_of(d, self.num_classes)
+                if (image_labels_of(d, self.num_classes) & (slim["class_counts"] == 0)).any():
+                    raise ValueError(
+                        f"{d.get('file_name', '<no file_name>')}: 'image_labels' names classes "
+                        "without instances, and mosaics (MODEL.LC.MOSAIC_PROB > 0) need counts"
+                    )
                 self.mosaic_pool.append(slim)
         mode = "training" if is_train else "inference"
         logger.info(
@@ -342,15 +353,16 @@ class LCDatasetMapper:
         """
         dataset_dict = copy.deepcopy(dataset_dict)
         counts = class_counts_of(dataset_dict, self.num_classes)
-        label_only = image_labels_of(dataset_dict, self.num_classes) & (counts == 0)
-        if label_only.any() and (not self.image_labels_only or self.mosaic_prob > 0):
+        label_only = _add_image_labels(dataset_dict, counts > 0) & (counts == 0)
+        refuse = not self.image_labels_only or self.mosaic_prob > 0
+        if label_only.any() and self.is_train and refuse:
             what = (
                 "mosaics (MODEL.LC.MOSAIC_PROB > 0) need counts" if self.image_labels_only
                 else "this model needs counts; train with MODEL.LC.IMAGE_LABELS_ONLY True to use "
                 "image-level labels alone"
             )
             raise ValueError(
-                f"{dataset_dict.get('file_name')}: 'image_labels' names classes "
+                f"{dataset_dict.get('file_name', '<no file_name>')}: 'image_labels' names classes "
                 f"{np.nonzero(label_only)[0].tolist()} without instances, and {what}"
             )
         image = self._read_image(dataset_dict)
@@ -382,6 +394,7 @@ class LCDatasetMapper:
 
         annos = dataset_dict.pop("annotations", None)
         dataset_dict.pop("class_counts", None)
+        dataset_dict.pop("image_labels", None)
         if not self.is_train and annos is not None:
             annos = [
                 utils.transform_instance_annotations(copy.deepcopy(a), transforms, image_shape)

@@ -84,7 +84,8 @@ void check_shapes(const at::Tensor& maps, const at::Tensor& boxes, const at::Ten
 }
 
 // Index ranges and NaN coordinates of the boxes; with S, also finiteness of every scored map (its
-// total S[H][W]). One host synchronisation; a second one only to name the first bad map.
+// total S[H][W]). One host synchronisation on the valid path; a few more on failure, to name the
+// map of the first box that scores a non-finite one.
 void check_boxes(const at::Tensor& boxes, const at::Tensor& classes, int64_t N, int64_t C,
                  const at::Tensor* S) {
   auto n = boxes.select(1, 0);
@@ -104,7 +105,7 @@ void check_boxes(const at::Tensor& boxes, const at::Tensor& classes, int64_t N, 
   TORCH_CHECK_VALUE(!f[0], "box_sum: boxes have an image index outside [0, ", N,
                     ") or not an integer, a class outside [0, ", C, "), or a NaN coordinate");
   if (S != nullptr && f[1]) {
-    // the message of the CPU kernel and of the Python checks: maps[n, c] ... NaN or inf
+    // "maps[n, c] ... contains NaN or inf", as the CPU kernel and the Python checks say
     const int64_t k = at::nonzero(not_finite).select(1, 0).select(0, 0).item<int64_t>();
     const int64_t nk = static_cast<int64_t>(n.select(0, k).item<double>());
     const int64_t ck = classes.select(0, k).item<int64_t>();
