@@ -36,17 +36,13 @@ import sys
 import time
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import build_detection_test_loader
-from detectron2.evaluation import inference_on_dataset
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wsis_d2  # noqa: E402,F401  (registers datasets, models and mappers)
 from wsis_d2 import get_wsis_cfg  # noqa: E402
-from wsis_d2.data import build_dataset_mapper  # noqa: E402
-from wsis_d2.engine.ccgr_rounds import STAGE_FILE, CCGRRounds  # noqa: E402
-from wsis_d2.evaluation import InstanceAPEvaluator  # noqa: E402
+from wsis_d2.engine.ccgr_rounds import STAGE_FILE, CCGRRounds, instance_ap  # noqa: E402
 
 from benchmark_utils import ROOT, bench_cfg, load_trainer_class, rescale_schedule  # noqa: E402
 
@@ -54,7 +50,6 @@ CCGR_CONFIG = os.path.join(ROOT, "configs", "ccgr_mnv2_synthetic.yaml")
 CLS_CONFIG = os.path.join(ROOT, "configs", "demo", "ccgr_cls_mnv2_synthetic.yaml")
 IS_CONFIG = os.path.join(ROOT, "configs", "mask_rcnn_mnv2_fpn_synthetic.yaml")
 LC_CONFIG = os.path.join(ROOT, "configs", "demo", "lc_mnv2_synthetic_demo.yaml")
-METRICS = ("mAP_r25", "mAP_r50", "mAP_r75", "mAP_b50")
 
 logger = logging.getLogger("benchmark_ccgr")
 
@@ -75,13 +70,6 @@ def schedule_opts(config_file, iters):
         opts += ["MODEL.LC.SPATIAL_START_ITER", str(cfg.MODEL.LC.SPATIAL_START_ITER),
                  "MODEL.LC.DENSITY_START_ITER", str(cfg.MODEL.LC.DENSITY_START_ITER)]
     return opts
-
-
-def evaluate(cfg, model, test_set):
-    """mAP^r_25/50/75 and mAP^b_50 (VOC protocol, ``InstanceAPEvaluator``) on ``test_set``."""
-    loader = build_detection_test_loader(cfg, test_set, mapper=build_dataset_mapper(cfg, False))
-    res = inference_on_dataset(model, loader, InstanceAPEvaluator(test_set, distributed=False))
-    return {m: float(res["wsis_instance"][m]) for m in METRICS}
 
 
 def train_or_load(cfg, resume):
@@ -137,7 +125,7 @@ def run_supervised(args, is_opts):
     cfg.freeze()
     model, seconds = train_or_load(cfg, args.resume)
     start = time.perf_counter()
-    res = evaluate(cfg, model, args.test_set)
+    res = instance_ap(cfg, model, args.test_set)
     return res, seconds, time.perf_counter() - start
 
 
@@ -159,7 +147,7 @@ def run_lc(args):
         cfg.freeze()
         model, seconds = train_or_load(cfg, args.resume)
     start = time.perf_counter()
-    res = evaluate(cfg, model, args.test_set)
+    res = instance_ap(cfg, model, args.test_set)
     return res, seconds, time.perf_counter() - start, cfg.SOLVER.MAX_ITER, train_set
 
 

@@ -105,6 +105,14 @@ def seed_cues_from_instances(
     return peaks, sem, seeds
 
 
+def instance_ap(cfg: CfgNode, model, dataset: str) -> Dict[str, float]:
+    """mAP^r_25/50/75 and mAP^b_50 (VOC protocol, ``InstanceAPEvaluator``) of ``model`` on
+    ``dataset``, mapped by ``cfg``'s test mapper: how the IS branch of every round is scored."""
+    loader = build_detection_test_loader(cfg, dataset, mapper=build_dataset_mapper(cfg, False))
+    res = inference_on_dataset(model, loader, InstanceAPEvaluator(dataset, distributed=False))
+    return {m: float(res["wsis_instance"][m]) for m in ("mAP_r25", "mAP_r50", "mAP_r75", "mAP_b50")}
+
+
 class CCGRRounds:
     """
     Runs CCGR from image-level labels to the final IS branch (see the module docstring).
@@ -322,12 +330,8 @@ class CCGRRounds:
         metrics = {}
         tests = tuple(cfg.DATASETS.TEST)
         for name in tests:
-            loader = build_detection_test_loader(cfg, name, mapper=build_dataset_mapper(cfg, False))
-            res = inference_on_dataset(
-                model, loader, InstanceAPEvaluator(name, distributed=False)
-            )["wsis_instance"]
-            for m in ("mAP_r25", "mAP_r50", "mAP_r75", "mAP_b50"):
-                metrics[m if len(tests) == 1 else f"{name}/{m}"] = res[m]
+            for m, value in instance_ap(cfg, model, name).items():
+                metrics[m if len(tests) == 1 else f"{name}/{m}"] = value
         return metrics
 
     def _seed_cues(self, k: int, folder: str) -> Dict:
