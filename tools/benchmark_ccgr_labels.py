@@ -150,11 +150,13 @@ def evaluate_variants(args, cfg, model, dataset, dicts):
         info = out.get("ccgr")
         if info is None:
             continue
-        mil = model.pseudo_instances_from_boxes(sem, info["mil_boxes"], info["classes"], info["mil_scores"])
+        mil = model.pseudo_instances_from_boxes(
+            sem, info["mil_boxes"], info["classes"], info["mil_scores"], inp=inp
+        )
         evals["mil"].process([inp], [{"instances": mil}])
         for s in steps:
             inst = model.pseudo_instances_from_boxes(
-                sem, info["snapshots"][s], info["classes"], info["mil_scores"]
+                sem, info["snapshots"][s], info["classes"], info["mil_scores"], inp=inp
             )
             step_evals[s].process([inp], [{"instances": inst}])
         if n < args.timing_images:

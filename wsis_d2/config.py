@@ -93,6 +93,16 @@ def add_lc_config(cfg):
     # train the classification branch alone from image-level labels (PRM-style peak stimulation,
     # the classifier of CCGR's round-1 cues): L_class only, counts are never read
     _C.MODEL.LC.IMAGE_LABELS_ONLY = False
+    _C.MODEL.LC.CALIBRATION = CN()
+    # count calibration fitted after the last iteration (not in the paper): "gain" sets
+    # α_c = argmin Σ_S (α·t̂ − t)² + Σ_S̃ max(0, t̃ − α·t̂)² over training images where class c is
+    # present, with the training supervision (counts censored at t̃ as the training mapper does),
+    # and inference uses α_c·D^c; "none": α = 1
+    _C.MODEL.LC.CALIBRATION.MODE = "none"
+    # datasets to fit on (full images at the test size); empty = DATASETS.TRAIN
+    _C.MODEL.LC.CALIBRATION.DATASETS = ()
+    # images of them used, evenly spaced over the list; 0 = all
+    _C.MODEL.LC.CALIBRATION.MAX_IMAGES = 0
 
     _C.MODEL.LC.PRM = CN()
     # inference: one instance per retained peak (top round(t̂_c) peaks of present classes) with
@@ -310,6 +320,10 @@ def add_ccgr_config(cfg):
     # --- pseudo instance masks ---
     # mask = pixels of the refined box whose class score S_c is >= this
     _C.MODEL.CCGR.MASK_THRESHOLD = 0.5
+    # the S that the refinement and the pseudo masks read: "pixels" (the SS branch's scores, as
+    # the paper) or "regions" (averaged over graph-based image regions, SEGMENT_SCALE / SIGMA /
+    # MIN_SIZE as the round-1 cues, so that boxes and masks follow image edges)
+    _C.MODEL.CCGR.SCORE_MODE = "regions"
     # pseudo instances of one class overlapping a better-scored one at box IoU > this are dropped
     # (1.0: keep all)
     _C.MODEL.CCGR.NMS_THRESHOLD = 0.5

@@ -1,4 +1,5 @@
-"""wsis_d2.engine.calibration: the count calibration of density models fitted after training."""
+"""wsis_d2.engine.calibration: the count calibration of density and LC models fitted after
+training."""
 
 import os
 import unittest
@@ -11,8 +12,16 @@ from detectron2.modeling import build_model
 
 import wsis_d2  # noqa: F401  (registers models)
 from wsis_d2 import add_wsis_config
-from wsis_d2.engine import DensityCountCalibration, calibrate_density_counts
+from wsis_d2.data.mappers.lc_mapper import image_level_targets
+from wsis_d2.engine import (
+    DensityCountCalibration,
+    LCCountCalibration,
+    build_lc_calibration_loader,
+    calibrate_density_counts,
+    calibrate_lc_counts,
+)
 from wsis_d2.modeling.meta_arch.density import fit_count_calibration
+from wsis_d2.modeling.meta_arch.lc import fit_lower_count_gain
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
 
@@ -115,6 +124,157 @@ class TestCalibrateDensityCounts(unittest.TestCase):
             hook.before_train()
         hook.trainer = SimpleNamespace(model=_model())
         hook.before_train()  # a density model passes
+
+
+def _lc_cfg():
+    cfg = get_cfg()
+    add_wsis_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIGS, "Base-LC.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res4"]
+    cfg.MODEL.LC.IN_FEATURE = "res4"
+    cfg.MODEL.LC.NUM_CLASSES = 3
+    cfg.MODEL.LC.CALIBRATION.MODE = "gain"
+    return cfg
+
+
+def _lc_model():
+    torch.manual_seed(0)
+    model = build_model(_lc_cfg())
+    with torch.no_grad():  # positive densities: raw counts of a few objects
+        model.head.density_branch[-1].bias.fill_(0.02)
+    return model
+
+
+def _lc_batches():
+    """Six single-image test-time inputs with exact counts (some >= t̃ = 5)."""
+    rng = np.random.default_rng(4)
+    batches = []
+    for i, (h, w) in enumerate([(64, 80), (70, 52), (96, 96), (64, 64), (50, 90), (88, 60)]):
+        counts = torch.as_tensor(rng.integers(0, 9, 3), dtype=torch.long)
+        batches.append([{
+            "image": torch.as_tensor(rng.integers(0, 255, (3, h, w)), dtype=torch.uint8),
+            "height": h, "width": w, "file_name": f"lc{i}.png",
+            "counts": counts, "labels": (counts > 0).float(),
+            "count_ge": torch.zeros(3, dtype=torch.bool),
+        }])
+    return batches
+
+
+class TestCalibrateLCCounts(unittest.TestCase):
+    def test_fits_censored_gain_and_sets_the_model(self):
+        model = _lc_model()
+        batches = _lc_batches()
+        model.set_count_gain(7.0)  # a stale gain is not used while fitting
+        model.train()
+        result = calibrate_lc_counts(model, batches, lower_count=5)
+        self.assertTrue(model.training)
+
+        probe = _lc_model().eval()
+        probe.load_state_dict(model.state_dict())
+        raw, t, ge = [], [], []
+        for b in batches:
+            raw.append(probe.raw_counts(b[0]).double())
+            _, tc, gc = image_level_targets(b[0]["counts"].numpy(), 5)
+            t.append(tc)
+            ge.append(gc)
+        raw, t, ge = torch.stack(raw), torch.stack(t).double(), torch.stack(ge)
+        self.assertTrue(bool(ge.any()))  # the censoring of the training supervision applies
+        expected = fit_lower_count_gain(raw, t, ge)
+        torch.testing.assert_close(torch.tensor(result["gain"], dtype=torch.float64), expected)
+        torch.testing.assert_close(model.count_gain.double(), expected, rtol=1e-6, atol=0)
+        self.assertEqual(result["images"], 6)
+        self.assertLessEqual(result["mae_after"], result["mae_before"])
+        # without censoring every count is exact: another fit
+        uncensored = calibrate_lc_counts(model, batches, lower_count=None)
+        t_exact = torch.stack([b[0]["counts"] for b in batches]).double()
+        torch.testing.assert_close(
+            torch.tensor(uncensored["gain"], dtype=torch.float64),
+            fit_lower_count_gain(raw, t_exact, torch.zeros_like(ge)),
+        )
+        # inference reads α·t̂
+        model.eval()
+        out = model(batches[0])[0]
+        present = out["counts"] > 0
+        torch.testing.assert_close(
+            out["counts"][present],
+            (raw[0].float() * model.count_gain).round().clamp_min(0)[present],
+        )
+
+    def test_errors(self):
+        model = _lc_model()
+        batches = _lc_batches()
+        del batches[2][0]["counts"]
+        with self.assertRaisesRegex(ValueError, "lc2.png"):
+            calibrate_lc_counts(model, batches, 5)
+        self.assertEqual(model.count_gain.tolist(), [1.0] * 3)
+        with self.assertRaisesRegex(ValueError, "no images"):
+            calibrate_lc_counts(model, [], 5)
+        with self.assertRaisesRegex(ValueError, "ImageLevelCounter"):
+            calibrate_lc_counts(torch.nn.Linear(2, 2), _lc_batches(), 5)
+
+    def test_hook_checks_mode_model_and_labels_before_training(self):
+        cfg = _lc_cfg()
+        cfg.MODEL.LC.CALIBRATION.MODE = "affine"
+        with self.assertRaisesRegex(ValueError, "LC.CALIBRATION.MODE"):
+            LCCountCalibration(cfg)
+        cfg.MODEL.LC.CALIBRATION.MODE = "gain"
+        cfg.MODEL.LC.IMAGE_LABELS_ONLY = True
+        with self.assertRaisesRegex(ValueError, "IMAGE_LABELS_ONLY"):
+            LCCountCalibration(cfg)
+        cfg.MODEL.LC.IMAGE_LABELS_ONLY = False
+        hook = LCCountCalibration(cfg)
+        hook.trainer = SimpleNamespace(model=_model())  # a density model
+        with self.assertRaisesRegex(ValueError, "ImageLevelCounter"):
+            hook.before_train()
+        hook.trainer = SimpleNamespace(model=_lc_model())
+        hook.before_train()
+
+    def test_loader_takes_evenly_spaced_images_with_exact_counts(self):
+        import tempfile
+
+        from detectron2.data import DatasetCatalog, MetadataCatalog
+        from PIL import Image
+
+        name = "wsis_test_lc_calibration"
+        with tempfile.TemporaryDirectory() as tmp:
+            dicts = []
+            for i in range(10):
+                path = os.path.join(tmp, f"im{i}.png")
+                Image.fromarray(np.full((40, 30, 3), 20 * i, np.uint8)).save(path)
+                dicts.append({
+                    "file_name": path, "image_id": i, "height": 40, "width": 30,
+                    "annotations": [
+                        {"bbox": [1, 1, 5, 5], "bbox_mode": 1, "category_id": i % 3}
+                        for _ in range(i)
+                    ],
+                })
+            DatasetCatalog.register(name, lambda: dicts)
+            MetadataCatalog.get(name).set(thing_classes=["a", "b", "c"])
+            try:
+                cfg = _lc_cfg()
+                cfg.DATASETS.TRAIN = (name,)
+                cfg.DATASETS.TEST = (name,)
+                cfg.INPUT.MIN_SIZE_TEST = 40
+                cfg.MODEL.LC.CALIBRATION.MAX_IMAGES = 4
+                got = [b[0] for b in build_lc_calibration_loader(cfg)]
+                self.assertEqual([g["image_id"] for g in got], [0, 3, 6, 9])
+                for g in got:
+                    i = g["image_id"]
+                    expected = [0, 0, 0]
+                    expected[i % 3] = i
+                    self.assertEqual(g["counts"].tolist(), expected)  # exact, also >= 5
+                    self.assertNotIn("instances", g)
+                cfg.MODEL.LC.CALIBRATION.MAX_IMAGES = 0
+                self.assertEqual(len(list(build_lc_calibration_loader(cfg))), 10)
+                cfg.MODEL.LC.CALIBRATION.MAX_IMAGES = -1
+                with self.assertRaisesRegex(ValueError, "MAX_IMAGES"):
+                    build_lc_calibration_loader(cfg)
+            finally:
+                DatasetCatalog.remove(name)
+                MetadataCatalog.remove(name)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from wsis_d2.data.mappers.ccgr_mapper import CCGRDatasetMapper
 from wsis_d2.data.proposals import SelectiveSearchProposals, load_proposal_file, save_proposal_file
 from wsis_d2.engine.ccgr import compute_cues, cue_parameters, make_proposal_file, run_ccgr_inference
 from wsis_d2.evaluation import InstanceAPEvaluator
+from wsis_d2.layers import graph_segment
+from wsis_d2.modeling.ccgr import pseudo_instances
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DS = "wsis_synth_mini_train"
@@ -154,8 +156,41 @@ class TestCCGRPart1(unittest.TestCase):
         finally:
             DatasetCatalog.remove("_test_ccgr_pseudo")
             MetadataCatalog.remove("_test_ccgr_pseudo")
-        # DefaultPredictor-style input without cues: connected components, no crash
+        # SCORE_MODE "regions" (the default): refinement and masks read S averaged over the
+        # image's graph regions; "pixels": S itself
         model.eval()
+        inp = next(iter(loader))[0]
+        regions = graph_segment(inp["image"].float(), *model.segment_params)
+        regions = torch.nn.functional.interpolate(
+            regions[None, None].float(), size=(inp["height"], inp["width"]), mode="nearest"
+        )[0, 0].long().numpy()
+        refined = {}
+        for mode in ("pixels", "regions"):
+            model.score_mode = mode
+            try:
+                with torch.no_grad():
+                    res = model([inp])[0]
+                if mode == "regions":
+                    with self.assertRaisesRegex(ValueError, "needs the input"):
+                        model.pseudo_instances_from_boxes(
+                            res["sem_seg"], res["ccgr"]["mil_boxes"], res["ccgr"]["classes"],
+                            res["ccgr"]["mil_scores"])
+            finally:
+                model.score_mode = "regions"
+            s = res["sem_seg"][:8].cpu().numpy().astype(np.float64)
+            if mode == "regions":
+                for r in np.unique(regions):
+                    s[:, regions == r] = s[:, regions == r].mean(axis=1, keepdims=True)
+            info = {k: v.cpu() for k, v in res["ccgr"].items() if k != "snapshots"}
+            refined[mode] = info["refined_boxes"]
+            expected = pseudo_instances(torch.tensor(s, dtype=torch.float32), info["refined_boxes"],
+                                        info["classes"], info["mil_scores"],
+                                        mask_threshold=model.mask_threshold,
+                                        nms_threshold=model.nms_threshold)
+            self.assertEqual(len(res["instances"]), len(expected))
+            self.assertTrue(torch.equal(res["instances"].pred_masks.cpu(), expected.pred_masks))
+        self.assertFalse(torch.equal(refined["pixels"], refined["regions"]))  # refinement reads it
+        # DefaultPredictor-style input without cues: connected components, no crash
         image = torch.randint(0, 255, (3, 97, 131), dtype=torch.uint8)
         with torch.no_grad():
             res = model([{"image": image, "height": 97, "width": 131}])[0]

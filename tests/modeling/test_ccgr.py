@@ -2,6 +2,7 @@
 
 import unittest
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -15,6 +16,7 @@ from wsis_d2.modeling.ccgr import (
     merge_plateau_peaks,
     component_instances,
     pseudo_instances,
+    region_mean_scores,
 )
 
 
@@ -237,6 +239,19 @@ class TestPseudoInstances(unittest.TestCase):
         self.assertEqual(int(inst.pred_masks[0].sum()), 16)
         none = pseudo_instances(s, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0))
         self.assertEqual(len(none), 0)
+
+    def test_region_means_against_numpy(self):
+        rng = np.random.default_rng(2)
+        scores = rng.random((3, 9, 11))
+        regions = rng.integers(0, 7, (9, 11))
+        regions[regions == 4] = 5  # a label without pixels
+        got = region_mean_scores(torch.tensor(scores), torch.tensor(regions))
+        expected = np.empty_like(scores)
+        for r in np.unique(regions):
+            expected[:, regions == r] = scores[:, regions == r].mean(axis=1, keepdims=True)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=0)
+        with self.assertRaisesRegex(ValueError, "differ in size"):
+            region_mean_scores(torch.tensor(scores), torch.zeros(9, 10, dtype=torch.long))
 
     def test_components(self):
         s = torch.zeros(3, 12, 12)

@@ -18,6 +18,7 @@ from detectron2.utils.events import EventStorage
 import wsis_d2  # noqa: F401  (registers models)
 from wsis_d2 import add_wsis_config
 from wsis_d2.evaluation import CountingEvaluator, InstanceAPEvaluator
+from wsis_d2.modeling.meta_arch.lc import fit_lower_count_gain
 from wsis_d2.modeling.prm import segment_image
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
@@ -532,6 +533,86 @@ def _square_annotation(x, y, size, cls):
         "point": [x + size / 2, y + size / 2],
         "iscrowd": 0,
     }
+
+
+def _censored_objective(alpha, p, t, ge):
+    """Σ_S (α·t̂ − t)² + Σ_S̃ max(0, t − α·t̂)² over present images, NumPy (one class)."""
+    p = np.clip(p, 0, None)
+    present = t >= 1
+    exact, bound = present & ~ge, present & ge
+    f = ((alpha * p[exact] - t[exact]) ** 2).sum()
+    return f + (np.clip(t[bound] - alpha * p[bound], 0, None) ** 2).sum()
+
+
+class TestCountGain(unittest.TestCase):
+    def test_exact_counts_give_least_squares_gain(self):
+        rng = np.random.default_rng(0)
+        t = rng.integers(0, 5, (40, 3)).astype(float)
+        p = t * np.array([0.5, 1.0, 2.0]) + rng.normal(0, 0.2, t.shape)
+        gain = fit_lower_count_gain(torch.tensor(p), torch.tensor(t), torch.zeros(40, 3, dtype=bool))
+        present = t >= 1
+        for c in range(3):
+            pc, tc = np.clip(p[present[:, c], c], 0, None), t[present[:, c], c]
+            self.assertAlmostEqual(float(gain[c]), (pc * tc).sum() / (pc * pc).sum(), places=12)
+
+    def test_lower_bounds_minimise_the_censored_objective(self):
+        rng = np.random.default_rng(1)
+        grid = np.linspace(0.05, 6.0, 59501)
+        for trial in range(20):
+            n = int(rng.integers(3, 30))
+            true = rng.integers(0, 12, n).astype(float)
+            p = true * rng.uniform(0.3, 1.5) + rng.normal(0, 0.7, n)  # some t̂ < 0
+            ge = true >= 5
+            t = np.where(ge, 5.0, true)
+            alpha = float(fit_lower_count_gain(torch.tensor(p[:, None]), torch.tensor(t[:, None]),
+                                               torch.tensor(ge[:, None]))[0])
+            f_star = _censored_objective(alpha, p, t, ge)
+            f_grid = np.array([_censored_objective(a, p, t, ge) for a in grid])
+            if (t >= 1).sum() == 0 or (np.clip(p, 0, None)[t >= 1] == 0).all():
+                self.assertEqual(alpha, 1.0)
+                continue
+            self.assertLessEqual(f_star, f_grid.min() + 1e-9, (trial, alpha, grid[f_grid.argmin()]))
+
+    def test_bounds_only_and_met_bounds(self):
+        # only lower bounds: the smallest α meeting all of them (a flat minimum)
+        p = torch.tensor([[2.0], [4.0], [1.0]])
+        t = torch.tensor([[5.0], [5.0], [5.0]])
+        ge = torch.ones(3, 1, dtype=torch.bool)
+        self.assertAlmostEqual(float(fit_lower_count_gain(p, t, ge)[0]), 5.0, places=12)
+        # a bound that the exact least-squares gain already meets changes nothing
+        p = torch.tensor([[1.0], [2.0], [9.0]])
+        t = torch.tensor([[1.0], [2.0], [5.0]])
+        ge = torch.tensor([[False], [False], [True]])
+        self.assertAlmostEqual(float(fit_lower_count_gain(p, t, ge)[0]), 1.0, places=12)
+        # absent class and class predicted 0 everywhere: identity
+        p = torch.tensor([[1.0, 0.0], [2.0, -1.0]])
+        t = torch.tensor([[0.0, 3.0], [0.0, 2.0]])
+        self.assertEqual(fit_lower_count_gain(p, t, torch.zeros(2, 2, dtype=bool)).tolist(), [1.0, 1.0])
+        with self.assertRaisesRegex(ValueError, "count_ge"):
+            fit_lower_count_gain(p, t, torch.zeros(2, 3, dtype=bool))
+
+    def test_gain_scales_inference_and_old_checkpoints_load(self):
+        torch.manual_seed(0)
+        model = build_model(small_cfg(**{"MODEL.LC.COUNT_MODE": "official"})).eval()
+        _count_bias(model, 2.2)
+        inp = make_input(61, 87, [0] * C, seed=5)
+        with torch.no_grad():
+            raw = model.raw_counts(inp)
+        torch.testing.assert_close(raw, torch.full((C,), 2.2), rtol=1e-5, atol=1e-5)
+        model.set_count_gain(torch.tensor([1.0, 2.0, 0.5]))
+        out = model([inp])[0]
+        self.assertEqual(out["counts"].tolist(), [2.0, 4.0, 1.0])
+        torch.testing.assert_close(out["density"].mean(dim=(1, 2)), torch.tensor([2.2, 4.4, 1.1]))
+        for bad in (0.0, -1.0, float("nan")):
+            with self.assertRaisesRegex(ValueError, "gains"):
+                model.set_count_gain(bad)
+        state = {k: v for k, v in model.state_dict().items() if k != "count_gain"}
+        fresh = build_model(small_cfg(**{"MODEL.LC.COUNT_MODE": "official"}))
+        fresh.set_count_gain(3.0)
+        fresh.load_state_dict(state)  # strict: a checkpoint from before the calibration
+        self.assertEqual(fresh.count_gain.tolist(), [1.0] * C)
+        fresh.load_state_dict(model.state_dict())
+        self.assertEqual(fresh.count_gain.tolist(), [1.0, 2.0, 0.5])
 
 
 if __name__ == "__main__":

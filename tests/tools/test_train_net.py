@@ -2,7 +2,8 @@
 End-to-end: tools/train_net.py trains the supervised Mask R-CNN reference (stock detectron2 Mask
 R-CNN on the MobileNetV2-FPN backbone, bfloat16 autocast as configured) on the tiny synthetic
 splits, evaluates it with the evaluators chosen by evaluator_type, saves, resumes, and the saved
-model loads in detectron2's DefaultPredictor.
+model loads in detectron2's DefaultPredictor; the main job's LC config fits its count calibration
+after the last iteration into the final checkpoint.
 """
 import importlib.util
 import os
@@ -20,6 +21,7 @@ from wsis_d2.evaluation import CountingEvaluator, InstanceAPEvaluator
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MASK_RCNN = os.path.join(REPO, "configs", "mask_rcnn_mnv2_fpn_synthetic.yaml")
+LC_DEMO = os.path.join(REPO, "configs", "demo", "lc_mnv2_synthetic_demo.yaml")
 
 
 def _load_train_net():
@@ -95,6 +97,35 @@ class TestTrainNet(unittest.TestCase):
         instances = predictor(image)["instances"]
         self.assertEqual(instances.image_size, (97, 131))
         self.assertEqual(tuple(instances.pred_masks.shape[1:]), (97, 131))
+
+    def test_lc_count_calibration_lands_in_the_final_checkpoint(self):
+        from wsis_d2.data.mappers.lc_mapper import image_level_targets
+        from wsis_d2.engine import build_lc_calibration_loader
+        from wsis_d2.modeling.meta_arch.lc import fit_lower_count_gain
+
+        out = os.path.join(self.tmp.name, "lc")
+        opts = self._opts(out, 2) + ["MODEL.LC.CALIBRATION.MAX_IMAGES", "5"]
+        self.train_net.main(_Args(LC_DEMO, opts))
+        saved = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu")["model"]
+        gain = saved["count_gain"].double()
+        self.assertEqual(tuple(gain.shape), (8,))
+        # the same fit, redone on the saved model's raw counts of those 5 training images
+        cfg = self.train_net.setup(_Args(LC_DEMO, opts + ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth")]))
+        trainer_model = self.train_net.Trainer.build_model(cfg)
+        from detectron2.checkpoint import DetectionCheckpointer
+
+        DetectionCheckpointer(trainer_model).load(cfg.MODEL.WEIGHTS)
+        trainer_model.eval()
+        raw, t, ge = [], [], []
+        for batch in build_lc_calibration_loader(cfg):
+            raw.append(trainer_model.raw_counts(batch[0]).double())
+            _, tc, gc = image_level_targets(batch[0]["counts"].numpy(), cfg.MODEL.LC.LOWER_COUNT)
+            t.append(tc)
+            ge.append(gc)
+        self.assertEqual(len(raw), 5)
+        expected = fit_lower_count_gain(torch.stack(raw), torch.stack(t), torch.stack(ge))
+        torch.testing.assert_close(gain, expected.float().double(), rtol=1e-4, atol=1e-6)
+        self.assertFalse(torch.equal(gain, torch.ones(8, dtype=torch.float64)))
 
     def test_evaluators_follow_evaluator_type(self):
         cfg_file = MASK_RCNN

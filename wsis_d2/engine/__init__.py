@@ -1,4 +1,11 @@
-from .calibration import DensityCountCalibration, build_calibration_loader, calibrate_density_counts
+from .calibration import (
+    DensityCountCalibration,
+    LCCountCalibration,
+    build_calibration_loader,
+    build_lc_calibration_loader,
+    calibrate_density_counts,
+    calibrate_lc_counts,
+)
 from .defaults import WSISTrainer
 from .launch import check_device, launch
 from .train_loop import AutocastTrainer, amp_dtype, build_train_loop
@@ -6,11 +13,14 @@ from .train_loop import AutocastTrainer, amp_dtype, build_train_loop
 __all__ = [
     "AutocastTrainer",
     "DensityCountCalibration",
+    "LCCountCalibration",
     "WSISTrainer",
     "amp_dtype",
     "build_calibration_loader",
+    "build_lc_calibration_loader",
     "build_train_loop",
     "check_device",
     "calibrate_density_counts",
+    "calibrate_lc_counts",
     "launch",
 ]

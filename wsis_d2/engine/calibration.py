@@ -1,5 +1,6 @@
 """
-Count calibration of density models after training (``MODEL.DENSITY.CALIBRATION``).
+Count calibration after training: density models (``MODEL.DENSITY.CALIBRATION``) and LC / ILC
+(``MODEL.LC.CALIBRATION``).
 
 A density regressor's count error has a part that is the same on every image of a training run:
 a gain (mass per object a little too high or low) and a background density (a count error growing
@@ -20,8 +21,16 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 from ..modeling.meta_arch.density import check_calibration_mode, fit_count_calibration
+from ..modeling.meta_arch.lc import fit_lower_count_gain
 
-__all__ = ["DensityCountCalibration", "calibrate_density_counts", "build_calibration_loader"]
+__all__ = [
+    "DensityCountCalibration",
+    "LCCountCalibration",
+    "build_calibration_loader",
+    "build_lc_calibration_loader",
+    "calibrate_density_counts",
+    "calibrate_lc_counts",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -168,3 +177,161 @@ class DensityCountCalibration(HookBase):
             for c, (g, o) in enumerate(zip(result["gain"], result["offset"])):
                 self.trainer.storage.put_scalar(f"density/calibration_gain_{c}", g)
                 self.trainer.storage.put_scalar(f"density/calibration_offset_{c}", o)
+
+
+# ------------------------------------------------------------------------------------------------
+# LC / ILC
+
+
+def check_lc_calibration_mode(mode: str) -> str:
+    if mode not in ("none", "gain"):
+        raise ValueError(f"MODEL.LC.CALIBRATION.MODE must be 'none' or 'gain', got {mode!r}")
+    return mode
+
+
+def _lc_model(model):
+    """The ImageLevelCounter inside ``model`` (DistributedDataParallel unwrapped), or a
+    ValueError."""
+    net = model.module if hasattr(model, "module") else model
+    if not (hasattr(net, "set_count_gain") and hasattr(net, "raw_counts")):
+        raise ValueError(
+            "MODEL.LC.CALIBRATION.MODE 'gain' needs an LC model (ImageLevelCounter), got "
+            f"{type(net).__name__}"
+        )
+    return net
+
+
+def calibrate_lc_counts(model, data_loader: Iterable[List[Dict]], lower_count=None) -> Dict:
+    """
+    Fit and set the count gain α of an LC / ILC model (:func:`fit_lower_count_gain`) on the
+    images of ``data_loader``.
+
+    Args:
+        model: an :class:`ImageLevelCounter` (or a DistributedDataParallel around one).
+        data_loader: batches of test-time LC inputs (full images) with exact "counts" (C,),
+            e.g. from :func:`build_lc_calibration_loader`. In distributed runs each process sees
+            its shard; the statistics are gathered.
+        lower_count: t̃ of the training supervision: counts >= t̃ are only used as lower bounds
+            (as the training mapper censors them); None: all counts are exact.
+
+    Returns:
+        {"gain": [α_c], "images": N, "mae_before", "mae_after"} (count MAE over the present
+        classes with exact counts, on these images).
+    """
+    from ..data.mappers.lc_mapper import image_level_targets
+
+    net = _lc_model(model)
+    was_training = net.training
+    net.eval()
+    pred, counts, count_ge = [], [], []
+    try:
+        for batch in data_loader:
+            for inp in batch:
+                if "counts" not in inp:
+                    raise ValueError(
+                        f"count calibration: input {inp.get('file_name', '?')} has no 'counts' "
+                        "(use LCDatasetMapper on a dataset with counts)"
+                    )
+                _, t, ge = image_level_targets(inp["counts"].numpy(), lower_count)
+                pred.append(net.raw_counts(inp).double().cpu())
+                counts.append(t)
+                count_ge.append(ge)
+    finally:
+        net.train(was_training)
+    stats = [(pred, counts, count_ge)]
+    if comm.get_world_size() > 1:
+        stats = comm.all_gather(stats[0])
+    pred = [p for s in stats for p in s[0]]
+    counts = [t for s in stats for t in s[1]]
+    count_ge = [g for s in stats for g in s[2]]
+    if not pred:
+        raise ValueError("count calibration: the calibration datasets have no images")
+    p, t, ge = torch.stack(pred), torch.stack(counts).double(), torch.stack(count_ge)
+    gain = fit_lower_count_gain(p, t, ge)
+    net.set_count_gain(gain)
+    exact = (t >= 1) & ~ge
+    before = (p.clamp_min(0) - t).abs()[exact]
+    after = (p.clamp_min(0) * gain - t).abs()[exact]
+    result = {
+        "gain": gain.tolist(),
+        "images": len(pred),
+        "mae_before": float(before.mean()) if before.numel() else float("nan"),
+        "mae_after": float(after.mean()) if after.numel() else float("nan"),
+    }
+    logger.info(
+        "LC count calibration on %d images (t̃=%s): gain %s; count MAE of the exact present "
+        "counts %.3f -> %.3f",
+        len(pred),
+        lower_count,
+        np.round(result["gain"], 4).tolist(),
+        result["mae_before"],
+        result["mae_after"],
+    )
+    return result
+
+
+def build_lc_calibration_loader(cfg):
+    """
+    Test-time loader of full images with their exact counts over ``MODEL.LC.CALIBRATION.DATASETS``
+    (default: ``DATASETS.TRAIN``), ``MAX_IMAGES`` of them evenly spaced (0: all). Annotations are
+    reduced to per-class counts (no masks are decoded).
+    """
+    from detectron2.data import DatasetCatalog
+
+    from ..data.mappers.lc_mapper import LCDatasetMapper, class_counts_of
+
+    calib = cfg.MODEL.LC.CALIBRATION
+    names = tuple(calib.DATASETS) or tuple(cfg.DATASETS.TRAIN)
+    if not names:
+        raise ValueError("MODEL.LC.CALIBRATION.DATASETS and DATASETS.TRAIN are both empty")
+    if cfg.MODEL.LC.IMAGE_LABELS_ONLY:
+        raise ValueError(
+            "MODEL.LC.CALIBRATION needs counts, and MODEL.LC.IMAGE_LABELS_ONLY trains from "
+            "image-level labels alone: set MODEL.LC.CALIBRATION.MODE 'none'"
+        )
+    num_classes = cfg.MODEL.LC.NUM_CLASSES
+    dicts = [d for name in names for d in DatasetCatalog.get(name)]
+    if calib.MAX_IMAGES < 0:
+        raise ValueError(f"MODEL.LC.CALIBRATION.MAX_IMAGES must be >= 0, got {calib.MAX_IMAGES}")
+    if 0 < calib.MAX_IMAGES < len(dicts):
+        keep = np.unique(np.linspace(0, len(dicts) - 1, calib.MAX_IMAGES).round().astype(int))
+        dicts = [dicts[i] for i in keep]
+    slim = []
+    for d in dicts:
+        item = {k: v for k, v in d.items() if k not in ("annotations", "image_labels")}
+        item["class_counts"] = class_counts_of(d, num_classes)
+        slim.append(item)
+    mapper = LCDatasetMapper(cfg, is_train=False)
+    return build_detection_test_loader(slim, mapper=mapper)
+
+
+class LCCountCalibration(HookBase):
+    """
+    Fits the LC count gain (``MODEL.LC.CALIBRATION``) after the last training iteration, before
+    the final checkpoint (register it before detectron2's ``PeriodicCheckpointer``) and the final
+    evaluation.
+    """
+
+    def __init__(self, cfg):
+        self._cfg = cfg.clone()
+        check_lc_calibration_mode(cfg.MODEL.LC.CALIBRATION.MODE)
+        lc = cfg.MODEL.LC
+        if lc.IMAGE_LABELS_ONLY:
+            raise ValueError(
+                "MODEL.LC.CALIBRATION needs counts, and MODEL.LC.IMAGE_LABELS_ONLY trains from "
+                "image-level labels alone: set MODEL.LC.CALIBRATION.MODE 'none'"
+            )
+        self._lower_count = lc.LOWER_COUNT if lc.LOWER_COUNT_SUPERVISION else None
+
+    def before_train(self):
+        _lc_model(self.trainer.model)  # not after the whole training run
+
+    def after_step(self):
+        if self.trainer.iter + 1 < self.trainer.max_iter:
+            return
+        result = calibrate_lc_counts(
+            self.trainer.model, build_lc_calibration_loader(self._cfg), self._lower_count
+        )
+        if comm.is_main_process():
+            for c, g in enumerate(result["gain"]):
+                self.trainer.storage.put_scalar(f"lc/calibration_gain_{c}", g)

@@ -14,7 +14,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..solver import build_optimizer
-from .calibration import DensityCountCalibration
+from .calibration import DensityCountCalibration, LCCountCalibration, check_lc_calibration_mode
 from .train_loop import build_train_loop
 
 __all__ = ["WSISTrainer"]
@@ -25,8 +25,8 @@ class WSISTrainer(DefaultTrainer):
     DefaultTrainer whose optimizer is :func:`wsis_d2.solver.build_optimizer` (SGD or AdamW) and
     whose loop is :func:`wsis_d2.engine.build_train_loop`: with ``SOLVER.AMP.ENABLED`` and
     ``SOLVER.AMP.DTYPE`` "bfloat16" it runs autocast also on CPU (detectron2's own AMPTrainer is
-    CUDA float16 only). Density models get their count calibration fitted after the last
-    iteration (``MODEL.DENSITY.CALIBRATION``). Several processes (:func:`wsis_d2.engine.launch`)
+    CUDA float16 only). Density and LC models get their count calibration fitted after the
+    last iteration (``MODEL.DENSITY.CALIBRATION``, ``MODEL.LC.CALIBRATION``). Several processes (:func:`wsis_d2.engine.launch`)
     train with DistributedDataParallel on CUDA and on CPU (gloo).
     """
 
@@ -57,17 +57,22 @@ class WSISTrainer(DefaultTrainer):
 
     def build_hooks(self):
         """
-        detectron2's hooks, plus :class:`DensityCountCalibration` before the checkpointer when
-        ``MODEL.DENSITY.CALIBRATION.MODE`` is not "none" (so that ``model_final.pth`` and the
-        final evaluation have the calibration).
+        detectron2's hooks, plus :class:`DensityCountCalibration` (``MODEL.DENSITY.CALIBRATION``)
+        or :class:`LCCountCalibration` (``MODEL.LC.CALIBRATION``) before the checkpointer when
+        their MODE is not "none" (so that ``model_final.pth`` and the final evaluation have the
+        calibration).
         """
         hook_list = super().build_hooks()
+        calibrations = []
         if self.cfg.MODEL.DENSITY.CALIBRATION.MODE != "none":
-            at = next(
-                (i for i, h in enumerate(hook_list) if isinstance(h, hooks.PeriodicCheckpointer)),
-                len(hook_list),
-            )
-            hook_list.insert(at, DensityCountCalibration(self.cfg))
+            calibrations.append(DensityCountCalibration(self.cfg))
+        if check_lc_calibration_mode(self.cfg.MODEL.LC.CALIBRATION.MODE) != "none":
+            calibrations.append(LCCountCalibration(self.cfg))
+        at = next(
+            (i for i, h in enumerate(hook_list) if isinstance(h, hooks.PeriodicCheckpointer)),
+            len(hook_list),
+        )
+        hook_list[at:at] = calibrations
         return hook_list
 
     @classmethod

@@ -354,6 +354,31 @@ refine_boxes = refine_context_gap
 # 4. pseudo masks
 
 
+def region_mean_scores(score_maps: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """
+    Class scores averaged over image regions: S̄_c(p) = mean of S_c over the region of pixel p.
+
+    Args:
+        score_maps: (C, H, W) scores S.
+        regions: (H, W) int64 region labels 0..R−1 (e.g. :func:`wsis_d2.layers.graph_segment`
+            of the image, resized to H x W by nearest neighbour).
+
+    Returns:
+        (C, H, W) S̄, same dtype and device as ``score_maps``.
+    """
+    if regions.shape != score_maps.shape[1:]:
+        raise ValueError(
+            f"region_mean_scores: regions {tuple(regions.shape)} and score maps "
+            f"{tuple(score_maps.shape)} differ in size"
+        )
+    flat = regions.reshape(-1).to(score_maps.device, torch.long)
+    num = int(flat.max()) + 1 if flat.numel() else 0
+    area = torch.bincount(flat, minlength=num).clamp_min(1).to(score_maps.dtype)
+    sums = torch.zeros(score_maps.shape[0], num, dtype=score_maps.dtype, device=score_maps.device)
+    sums.index_add_(1, flat, score_maps.reshape(score_maps.shape[0], -1))
+    return (sums / area)[:, flat].reshape(score_maps.shape)
+
+
 def pseudo_instances(
     score_maps: torch.Tensor,
     boxes: torch.Tensor,

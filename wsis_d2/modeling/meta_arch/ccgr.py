@@ -14,7 +14,7 @@ labels (it is a separate detectron2 model).
 """
 
 import logging
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from detectron2.modeling import (
 from detectron2.structures import Boxes, ImageList
 from detectron2.utils.events import get_event_storage
 
+from ... import layers as wsis_layers
 from ...layers import IntegralImage
 from ..ccgr import (
     IGNORE,
@@ -39,6 +40,7 @@ from ..ccgr import (
     component_instances,
     pseudo_instances,
     refine_boxes,
+    region_mean_scores,
 )
 
 __all__ = ["CCGRNet"]
@@ -87,6 +89,10 @@ class CCGRNet(nn.Module):
         min_box_size: float = 4.0,
         mask_threshold: float = 0.5,
         nms_threshold: float = 0.5,
+        score_mode: str = "regions",
+        segment_scale: float = 300.0,
+        segment_sigma: float = 0.8,
+        segment_min_size: int = 20,
     ):
         """
         Args:
@@ -97,6 +103,11 @@ class CCGRNet(nn.Module):
             bag_size, bag_seg_weight: K and γ of the bags (Eq. 4).
             refine_steps, refine_lr, context_scale, min_box_size: the refinement (Eq. 2–3).
             mask_threshold, nms_threshold: the pseudo masks.
+            score_mode: what the refinement and the pseudo masks read: "pixels" (S per pixel, as
+                the paper) or "regions" (S averaged over the graph-based regions of the image,
+                :func:`region_mean_scores`, so that boxes and masks follow image edges).
+            segment_scale, segment_sigma, segment_min_size: those regions (k, σ, minimum size
+                in input pixels; ``MODEL.CCGR.SEGMENT_*``, shared with the round-1 cues).
         """
         super().__init__()
         self.backbone = backbone
@@ -114,6 +125,12 @@ class CCGRNet(nn.Module):
         self.min_box_size = float(min_box_size)
         self.mask_threshold = float(mask_threshold)
         self.nms_threshold = float(nms_threshold)
+        if score_mode not in ("pixels", "regions"):
+            raise ValueError(
+                f"MODEL.CCGR.SCORE_MODE must be 'pixels' or 'regions', got {score_mode!r}"
+            )
+        self.score_mode = score_mode
+        self.segment_params = (float(segment_scale), float(segment_sigma), int(segment_min_size))
         # refinement steps at which inference also reports the boxes (benchmarks)
         self.refine_snapshots: Sequence[int] = ()
         # training images that gave no bag (no peak of a present class, or no proposal for it)
@@ -148,6 +165,10 @@ class CCGRNet(nn.Module):
             "min_box_size": c.MIN_BOX_SIZE,
             "mask_threshold": c.MASK_THRESHOLD,
             "nms_threshold": c.NMS_THRESHOLD,
+            "score_mode": c.SCORE_MODE,
+            "segment_scale": c.SEGMENT_SCALE,
+            "segment_sigma": c.SEGMENT_SIGMA,
+            "segment_min_size": c.SEGMENT_MIN_SIZE,
         }
 
     @property
@@ -304,13 +325,17 @@ class CCGRNet(nn.Module):
         peaks_out = peaks.clone()
         peaks_out[:, 1] *= out_w / w
         peaks_out[:, 2] *= out_h / h
+        regions = self._regions(x, (out_h, out_w))
         if bags.shape[0] == 0:
             refined = mil_boxes
             snapshots = {int(t): mil_boxes for t in self.refine_snapshots}
         else:
-            refined, snapshots = self._refine(scores_out, mil_boxes, bag_labels, peaks_out, bag_peaks)
+            refined, snapshots = self._refine(
+                self._region_scores(scores_out, regions), mil_boxes, bag_labels, peaks_out,
+                bag_peaks,
+            )
         result["instances"] = pseudo_instances(
-            scores_out[: self.num_classes],
+            self._region_scores(scores_out[: self.num_classes], regions),
             refined,
             bag_labels,
             mil_scores.detach(),
@@ -326,6 +351,25 @@ class CCGRNet(nn.Module):
             "snapshots": snapshots,
         }
         return result
+
+    def _regions(self, x: Dict, size) -> Optional[torch.Tensor]:
+        """
+        (out_h, out_w) long labels of the graph-based regions of the input image (resized by
+        nearest neighbour) for ``score_mode`` "regions"; None for "pixels".
+        """
+        if self.score_mode == "pixels":
+            return None
+        regions = wsis_layers.graph_segment(
+            x["image"].detach().float().clamp(0, 255).cpu(), *self.segment_params
+        )
+        regions = F.interpolate(regions[None, None].float(), size=tuple(size), mode="nearest")
+        return regions[0, 0].long().to(self.device)
+
+    @staticmethod
+    def _region_scores(scores: torch.Tensor, regions: Optional[torch.Tensor]) -> torch.Tensor:
+        """The scores the refinement and the pseudo masks read: ``scores`` (K, H, W) itself, or
+        their means over ``regions`` (:func:`region_mean_scores`)."""
+        return scores if regions is None else region_mean_scores(scores, regions)
 
     def _refine(self, scores_out, boxes, classes, peaks, own):
         """CCGR refinement of one image's MIL boxes on its output-size class scores."""
@@ -353,11 +397,24 @@ class CCGRNet(nn.Module):
         return refined, snapshots
 
     def pseudo_instances_from_boxes(
-        self, sem_seg: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor, scores
+        self,
+        sem_seg: torch.Tensor,
+        boxes: torch.Tensor,
+        classes: torch.Tensor,
+        scores,
+        inp: Optional[Dict] = None,
     ):
-        """:func:`pseudo_instances` with this model's mask settings (for the ablations)."""
+        """
+        :func:`pseudo_instances` with this model's mask settings (for the ablations); ``inp``,
+        the model input of the image, is needed by ``score_mode`` "regions".
+        """
+        if self.score_mode == "regions" and inp is None:
+            raise ValueError("pseudo_instances_from_boxes: SCORE_MODE 'regions' needs the input")
         return pseudo_instances(
-            sem_seg[: self.num_classes],
+            self._region_scores(
+                sem_seg[: self.num_classes],
+                None if inp is None else self._regions(inp, sem_seg.shape[1:]),
+            ),
             boxes,
             classes,
             scores,

@@ -50,9 +50,74 @@ from ..prm import (
     split_group_maps,
 )
 
-__all__ = ["ImageLevelCounter"]
+__all__ = ["ImageLevelCounter", "fit_lower_count_gain"]
 
 logger = logging.getLogger(__name__)
+
+
+def fit_lower_count_gain(
+    pred_counts: torch.Tensor, counts: torch.Tensor, count_ge: torch.Tensor
+) -> torch.Tensor:
+    """
+    Per-class gain α_c of the counts of a trained LC / ILC model, fitted on images with the
+    training supervision (exact counts t_ic in S, lower bounds "t_ic >= t̃" in S̃):
+
+        α_c = argmin_α  Σ_{i ∈ S_c} (α·t̂_ic − t_ic)²  +  Σ_{i ∈ S̃_c} max(0, t_ic − α·t̂_ic)²,
+
+    over the images where class c is present (t_ic >= 1; at inference absent classes count 0
+    whatever t̂). The second sum is the squared form of ILC's ranking hinge, so a lower bound only
+    pulls α up while α·t̂ stays below it. The objective is convex and piecewise quadratic in α;
+    it is minimised exactly: on each interval between the hinges' break points α = t/t̂ the
+    minimiser of the quadratic is B/A, and the interval that contains its own B/A holds the
+    minimum. Predicted counts below 0 are taken as 0.
+
+    Not in the paper: the calibrated density α_c·D^c corrects a model whose per-object mass is
+    off by a common factor on its own training images (e.g. a short schedule; see
+    ``MODEL.LC.CALIBRATION``).
+
+    Args:
+        pred_counts: (N, C) uncalibrated t̂_ic.
+        counts: (N, C) t_ic (t̃ where only a lower bound is known), >= 0.
+        count_ge: (N, C) bool, True where t_ic is a lower bound.
+
+    Returns:
+        (C,) float64 α_c; 1 for a class without a present image of positive t̂.
+    """
+    p = torch.as_tensor(pred_counts, dtype=torch.float64).clamp_min(0.0)
+    t = torch.as_tensor(counts, dtype=torch.float64)
+    ge = torch.as_tensor(count_ge, dtype=torch.bool)
+    if p.dim() != 2 or p.shape != t.shape or ge.shape != p.shape:
+        raise ValueError(
+            "count calibration needs pred (N, C), counts (N, C) and count_ge (N, C); got "
+            f"{tuple(p.shape)}, {tuple(t.shape)} and {tuple(ge.shape)}"
+        )
+    gain = torch.ones(p.shape[1], dtype=torch.float64)
+    for c in range(p.shape[1]):
+        present = t[:, c] >= 1
+        exact = present & ~ge[:, c]
+        bound = present & ge[:, c] & (p[:, c] > 0)
+        pe, te = p[exact, c], t[exact, c]
+        pb, tb = p[bound, c], t[bound, c]
+        a_exact, b_exact = float((pe * pe).sum()), float((pe * te).sum())
+        if a_exact <= 0 and pb.numel() == 0:
+            continue
+        # break points α_j = t_j / t̂_j: hinge j is active for α < α_j
+        breaks, order = torch.sort(tb / pb)
+        pb2, pbt = (pb * pb)[order], (pb * tb)[order]
+        # interval k = (breaks[k-1], breaks[k]]: hinges k.. active
+        a_act = torch.cat([pb2.flip(0).cumsum(0).flip(0), pb2.new_zeros(1)])
+        b_act = torch.cat([pbt.flip(0).cumsum(0).flip(0), pbt.new_zeros(1)])
+        for k in range(breaks.numel() + 1):
+            lo = float(breaks[k - 1]) if k > 0 else -math.inf
+            hi = float(breaks[k]) if k < breaks.numel() else math.inf
+            a, b = a_exact + float(a_act[k]), b_exact + float(b_act[k])
+            if a <= 0:  # no exact image and every hinge met: the smallest α meeting them all
+                gain[c] = lo
+                break
+            if b / a <= hi:
+                gain[c] = max(b / a, lo)
+                break
+    return gain
 
 
 def _peak_threshold(kind: str, value: float):
@@ -83,7 +148,9 @@ class ImageLevelCounter(nn.Module):
     Output per image at inference: {"instances": Instances(pred_boxes, pred_masks, scores,
     pred_classes) at (height, width), "counts": (C,) float, "density": (C, h, w) the density maps
     D^c over the image (map resolution; Σ D^c = t̂_c with COUNT_MODE "paper"), "peaks": (P, 3)
-    rows (class, y, x) of the retained peaks (counts[c] per class) in output pixels}.
+    rows (class, y, x) of the retained peaks (counts[c] per class) in output pixels}. Inference
+    reads the density as α_c·D^c, with the count calibration α (buffer ``count_gain``, 1 unless
+    fitted after training: ``MODEL.LC.CALIBRATION``, :func:`fit_lower_count_gain`).
     """
 
     @configurable
@@ -231,6 +298,38 @@ class ImageLevelCounter(nn.Module):
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
         self.image_labels_only = bool(image_labels_only)
+        # count calibration α_c (MODEL.LC.CALIBRATION): inference uses D' = α_c·D^c; saved in
+        # checkpoints, identity until set_count_gain (checkpoints from before it load as 1)
+        self.register_buffer("count_gain", torch.ones(self.num_classes))
+        self._register_load_state_dict_pre_hook(self._fill_missing_count_gain)
+
+    def _fill_missing_count_gain(self, state_dict, prefix, *args):
+        """Checkpoints written before the count calibration existed load with α = 1."""
+        state_dict.setdefault(prefix + "count_gain", torch.ones_like(self.count_gain))
+
+    def set_count_gain(self, gain) -> None:
+        """
+        Set the count calibration α (float or (C,)) of inference (``fit_lower_count_gain``).
+        """
+        gain = torch.as_tensor(gain, dtype=self.count_gain.dtype).to(self.count_gain.device)
+        gain = gain.expand_as(self.count_gain)
+        if not bool(torch.isfinite(gain).all()) or bool((gain <= 0).any()):
+            raise ValueError(f"count calibration gains must be finite and > 0, got {gain.tolist()}")
+        self.count_gain.copy_(gain)
+
+    @torch.no_grad()
+    def raw_counts(self, inp: Dict) -> torch.Tensor:
+        """
+        Uncalibrated t̂ (C,) of one model input (the density branch alone: no peaks, no PRMs), as
+        :meth:`inference_single` computes it before α is applied.
+        """
+        images = self.preprocess_image([inp])
+        _, density_maps = self.predict_maps(images.tensor)
+        map_size = self.map_sizes(
+            images.image_sizes, images.tensor.shape[-2:], density_maps.shape[-2:]
+        )
+        valid = self.valid_mask(map_size, density_maps.shape[-2:], density_maps.device)
+        return estimate_counts(density_maps, valid, self.count_mode)[0]
 
     @classmethod
     def from_config(cls, cfg):
@@ -556,6 +655,7 @@ class ImageLevelCounter(nn.Module):
         with torch.enable_grad():
             x = x.detach().requires_grad_(self.prm_enabled)
             class_maps, density_maps = self.predict_maps(x)
+            density_maps = density_maps * self.count_gain[None, :, None, None]
             map_size = self.map_sizes([(in_h, in_w)], x.shape[-2:], class_maps.shape[-2:])
             mh, mw = map_size[0]
             valid = self.valid_mask(map_size, class_maps.shape[-2:], class_maps.device)
