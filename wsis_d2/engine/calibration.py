@@ -35,6 +35,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+def _gathered(*columns: List) -> tuple:
+    """Per-image lists of every process (each process calibrates on its shard), concatenated in
+    rank order; the lists themselves in a single process."""
+    stats = [columns]
+    if comm.get_world_size() > 1:
+        stats = comm.all_gather(columns)
+    return tuple([item for s in stats for item in s[k]] for k in range(len(columns)))
+
+
 def _density_model(model, mode: str):
     """The DensityCounter inside ``model`` (DistributedDataParallel unwrapped), or a ValueError."""
     net = model.module if hasattr(model, "module") else model
@@ -97,12 +106,7 @@ def calibrate_density_counts(model, data_loader: Iterable[List[Dict]], mode: str
         raise
     finally:
         net.train(was_training)
-    stats = [(pred, areas, true)]
-    if comm.get_world_size() > 1:
-        stats = comm.all_gather(stats[0])
-    pred = [p for s in stats for p in s[0]]
-    areas = [a for s in stats for a in s[1]]
-    true = [t for s in stats for t in s[2]]
+    pred, areas, true = _gathered(pred, areas, true)
     if not pred:
         net.set_count_calibration(*saved)
         raise ValueError("count calibration: the calibration datasets have no images")
@@ -238,12 +242,7 @@ def calibrate_lc_counts(model, data_loader: Iterable[List[Dict]], lower_count=No
                 count_ge.append(ge)
     finally:
         net.train(was_training)
-    stats = [(pred, counts, count_ge)]
-    if comm.get_world_size() > 1:
-        stats = comm.all_gather(stats[0])
-    pred = [p for s in stats for p in s[0]]
-    counts = [t for s in stats for t in s[1]]
-    count_ge = [g for s in stats for g in s[2]]
+    pred, counts, count_ge = _gathered(pred, counts, count_ge)
     if not pred:
         raise ValueError("count calibration: the calibration datasets have no images")
     p, t, ge = torch.stack(pred), torch.stack(counts).double(), torch.stack(count_ge)
