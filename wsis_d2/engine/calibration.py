@@ -44,15 +44,21 @@ def _gathered(*columns: List) -> tuple:
     return tuple([item for s in stats for item in s[k]] for k in range(len(columns)))
 
 
+def _calibrated_model(model, methods, setting: str, needed: str):
+    """``model`` with DistributedDataParallel unwrapped, or a ValueError ("``setting`` needs
+    ``needed``") when it lacks one of ``methods``."""
+    net = model.module if hasattr(model, "module") else model
+    if not all(hasattr(net, m) for m in methods):
+        raise ValueError(f"{setting} needs {needed}, got {type(net).__name__}")
+    return net
+
+
 def _density_model(model, mode: str):
     """The DensityCounter inside ``model`` (DistributedDataParallel unwrapped), or a ValueError."""
-    net = model.module if hasattr(model, "module") else model
-    if not hasattr(net, "set_count_calibration"):
-        raise ValueError(
-            f"MODEL.DENSITY.CALIBRATION.MODE={mode!r} needs a density model (DensityCounter), "
-            f"got {type(net).__name__}"
-        )
-    return net
+    return _calibrated_model(
+        model, ("set_count_calibration",), f"MODEL.DENSITY.CALIBRATION.MODE={mode!r}",
+        "a density model (DensityCounter)",
+    )
 
 
 def calibrate_density_counts(model, data_loader: Iterable[List[Dict]], mode: str) -> Dict:
@@ -193,16 +199,22 @@ def check_lc_calibration_mode(mode: str) -> str:
     return mode
 
 
+def _check_counts_supervised(cfg) -> None:
+    """The LC calibration fits counts: a ValueError for a model trained on image labels alone."""
+    if cfg.MODEL.LC.IMAGE_LABELS_ONLY:
+        raise ValueError(
+            "MODEL.LC.CALIBRATION needs counts, and MODEL.LC.IMAGE_LABELS_ONLY trains from "
+            "image-level labels alone: set MODEL.LC.CALIBRATION.MODE 'none'"
+        )
+
+
 def _lc_model(model):
     """The ImageLevelCounter inside ``model`` (DistributedDataParallel unwrapped), or a
     ValueError."""
-    net = model.module if hasattr(model, "module") else model
-    if not (hasattr(net, "set_count_gain") and hasattr(net, "raw_counts")):
-        raise ValueError(
-            "MODEL.LC.CALIBRATION.MODE 'gain' needs an LC model (ImageLevelCounter), got "
-            f"{type(net).__name__}"
-        )
-    return net
+    return _calibrated_model(
+        model, ("set_count_gain", "raw_counts"), "MODEL.LC.CALIBRATION.MODE 'gain'",
+        "an LC model (ImageLevelCounter)",
+    )
 
 
 def calibrate_lc_counts(model, data_loader: Iterable[List[Dict]], lower_count=None) -> Dict:
@@ -283,11 +295,7 @@ def build_lc_calibration_loader(cfg):
     names = tuple(calib.DATASETS) or tuple(cfg.DATASETS.TRAIN)
     if not names:
         raise ValueError("MODEL.LC.CALIBRATION.DATASETS and DATASETS.TRAIN are both empty")
-    if cfg.MODEL.LC.IMAGE_LABELS_ONLY:
-        raise ValueError(
-            "MODEL.LC.CALIBRATION needs counts, and MODEL.LC.IMAGE_LABELS_ONLY trains from "
-            "image-level labels alone: set MODEL.LC.CALIBRATION.MODE 'none'"
-        )
+    _check_counts_supervised(cfg)
     num_classes = cfg.MODEL.LC.NUM_CLASSES
     dicts = [d for name in names for d in DatasetCatalog.get(name)]
     if calib.MAX_IMAGES < 0:
@@ -314,12 +322,8 @@ class LCCountCalibration(HookBase):
     def __init__(self, cfg):
         self._cfg = cfg.clone()
         check_lc_calibration_mode(cfg.MODEL.LC.CALIBRATION.MODE)
+        _check_counts_supervised(cfg)
         lc = cfg.MODEL.LC
-        if lc.IMAGE_LABELS_ONLY:
-            raise ValueError(
-                "MODEL.LC.CALIBRATION needs counts, and MODEL.LC.IMAGE_LABELS_ONLY trains from "
-                "image-level labels alone: set MODEL.LC.CALIBRATION.MODE 'none'"
-            )
         self._lower_count = lc.LOWER_COUNT if lc.LOWER_COUNT_SUPERVISION else None
 
     def before_train(self):
