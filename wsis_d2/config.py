@@ -324,6 +324,12 @@ def add_ccgr_config(cfg):
     # the paper) or "regions" (averaged over graph-based image regions, SEGMENT_SCALE / SIGMA /
     # MIN_SIZE as the round-1 cues, so that boxes and masks follow image edges)
     _C.MODEL.CCGR.SCORE_MODE = "regions"
+    # then re-label each mask by GrabCut on the image colours, the mask probable foreground and the
+    # box's context ring (CONTEXT_SCALE) background ("grabcut"; not in the paper, see
+    # wsis_d2.modeling.ccgr.grabcut_masks), or keep the thresholded scores ("none", the paper)
+    _C.MODEL.CCGR.MASK_REFINE = "grabcut"
+    # GrabCut iterations of MASK_REFINE "grabcut"
+    _C.MODEL.CCGR.GRABCUT_ITERS = 3
     # pseudo instances of one class overlapping a better-scored one at box IoU > this are dropped
     # (1.0: keep all)
     _C.MODEL.CCGR.NMS_THRESHOLD = 0.5

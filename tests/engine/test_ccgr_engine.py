@@ -36,7 +36,7 @@ from wsis_d2.data.proposals import SelectiveSearchProposals, load_proposal_file,
 from wsis_d2.engine.ccgr import compute_cues, cue_parameters, make_proposal_file, run_ccgr_inference
 from wsis_d2.evaluation import InstanceAPEvaluator
 from wsis_d2.layers import graph_segment
-from wsis_d2.modeling.ccgr import pseudo_instances
+from wsis_d2.modeling.ccgr import assign_pixels, grabcut_masks, pseudo_instances
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DS = "wsis_synth_mini_train"
@@ -171,7 +171,7 @@ class TestCCGRPart1(unittest.TestCase):
                 with torch.no_grad():
                     res = model([inp])[0]
                 if mode == "regions":
-                    with self.assertRaisesRegex(ValueError, "needs the input"):
+                    with self.assertRaisesRegex(ValueError, "need the input"):
                         model.pseudo_instances_from_boxes(
                             res["sem_seg"], res["ccgr"]["mil_boxes"], res["ccgr"]["classes"],
                             res["ccgr"]["mil_scores"])
@@ -187,9 +187,32 @@ class TestCCGRPart1(unittest.TestCase):
                                         info["classes"], info["mil_scores"],
                                         mask_threshold=model.mask_threshold,
                                         nms_threshold=model.nms_threshold)
+            # MASK_REFINE "grabcut" (the default): then GrabCut on the image at the output size
+            self.assertEqual(model.mask_refine, "grabcut")
+            image = torch.nn.functional.interpolate(
+                inp["image"][None].float(), size=(inp["height"], inp["width"]), mode="bilinear",
+                align_corners=False)[0]
+            expected.pred_masks = grabcut_masks(image, expected.pred_boxes.tensor,
+                                                expected.pred_masks, iterations=model.grabcut_iters,
+                                                context_scale=model.context_scale)
+            expected = assign_pixels(expected)
+            self.assertGreater(len(expected), 0)
             self.assertEqual(len(res["instances"]), len(expected))
             self.assertTrue(torch.equal(res["instances"].pred_masks.cpu(), expected.pred_masks))
         self.assertFalse(torch.equal(refined["pixels"], refined["regions"]))  # refinement reads it
+        # MASK_REFINE "none": the thresholded region scores themselves
+        model.mask_refine = "none"
+        try:
+            with torch.no_grad():
+                res = model([inp])[0]
+        finally:
+            model.mask_refine = "grabcut"
+        info = {k: v.cpu() for k, v in res["ccgr"].items() if k != "snapshots"}
+        plain = pseudo_instances(torch.tensor(s, dtype=torch.float32), info["refined_boxes"],
+                                 info["classes"], info["mil_scores"],
+                                 mask_threshold=model.mask_threshold,
+                                 nms_threshold=model.nms_threshold)
+        self.assertTrue(torch.equal(res["instances"].pred_masks.cpu(), plain.pred_masks))
         # DefaultPredictor-style input without cues: connected components, no crash
         image = torch.randint(0, 255, (3, 97, 131), dtype=torch.uint8)
         with torch.no_grad():

@@ -15,6 +15,7 @@ from wsis_d2.modeling.ccgr import (
     class_map_cues,
     merge_plateau_peaks,
     component_instances,
+    grabcut_masks,
     pseudo_instances,
     region_mean_scores,
 )
@@ -210,6 +211,81 @@ class TestClassMapCues(unittest.TestCase):
     def test_image_without_objects_is_background(self):
         _, sem = class_map_cues(torch.rand(2, 5, 5), torch.zeros(2), None, (5, 5), mode="pixels")
         self.assertTrue(bool((sem == 2).all()))
+
+
+def _ring_image(noise_seed=0):
+    """(3, 64, 64) image: a red ring (radii 8 and 16, centre 32, 32) on a grey-green noisy
+    background, its (64, 64) bool mask, and the box of the ring."""
+    rng = np.random.default_rng(noise_seed)
+    yy, xx = np.mgrid[0:64, 0:64] + 0.5
+    r = np.hypot(xx - 32, yy - 32)
+    ring = (r <= 16) & (r >= 8)
+    img = np.empty((64, 64, 3))
+    img[...] = (90.0, 120.0, 100.0)
+    img[ring] = (40.0, 40.0, 210.0)
+    img += rng.normal(0, 6, img.shape)
+    return torch.tensor(img).permute(2, 0, 1).float(), torch.tensor(ring), torch.tensor([[16.0, 16.0, 48.0, 48.0]])
+
+
+def _iou(a, b):
+    return float((a & b).sum()) / float((a | b).sum())
+
+
+class TestGrabCutMasks(unittest.TestCase):
+    def test_recovers_hole_and_outline_from_a_blob(self):
+        image, ring, box = _ring_image()
+        # a score-map-like blob: the filled disc of radius 18 inside the box (hole and bleed)
+        yy, xx = np.mgrid[0:64, 0:64] + 0.5
+        blob = torch.tensor(np.hypot(xx - 32, yy - 32) <= 18) & _box_mask(box[0], 64, 64)
+        self.assertLess(_iou(blob, ring), 0.75)
+        out = grabcut_masks(image, box, blob[None], iterations=3)
+        self.assertEqual(out.shape, (1, 64, 64))
+        self.assertEqual(out.dtype, torch.bool)
+        self.assertGreater(_iou(out[0], ring), 0.9)
+        self.assertFalse(bool(out[0, 32, 32]))  # the hole is background again
+        self.assertFalse(bool((out[0] & ~_box_mask(box[0], 64, 64)).any()))  # inside the box
+
+    def test_channel_order_does_not_matter_and_input_is_kept(self):
+        image, ring, box = _ring_image(1)
+        blob = _box_mask(torch.tensor([20.0, 20.0, 44.0, 44.0]), 64, 64)
+        before = blob.clone()
+        a = grabcut_masks(image, box, blob[None])
+        b = grabcut_masks(image.flip(0), box, blob[None])
+        self.assertTrue(torch.equal(blob, before))
+        self.assertGreater(_iou(a[0], b[0]), 0.95)
+        # deterministic: OpenCV's global RNG does not leak in
+        import cv2
+
+        cv2.setRNGSeed(12345)
+        cv2.randu(np.zeros((8, 8)), 0, 1)
+        self.assertTrue(torch.equal(grabcut_masks(image, box, blob[None]), a))
+
+    def test_degenerate_boxes_keep_their_masks(self):
+        image, _, _ = _ring_image()
+        masks = torch.zeros(3, 64, 64, dtype=torch.bool)
+        masks[0, 10, 10] = True  # one pixel: too few to model the foreground
+        masks[1, 60:64, 60:64] = True  # box covering the whole image: no background ring
+        boxes = torch.tensor([[9.0, 9.0, 12.0, 12.0], [0.0, 0.0, 64.0, 64.0], [70.0, 70.0, 80.0, 80.0]])
+        out = grabcut_masks(image, boxes, masks)
+        self.assertTrue(torch.equal(out, masks))
+        none = grabcut_masks(image, torch.zeros(0, 4), torch.zeros(0, 64, 64, dtype=torch.bool))
+        self.assertEqual(none.shape, (0, 64, 64))
+
+    def test_bad_shapes(self):
+        image, ring, box = _ring_image()
+        with self.assertRaisesRegex(ValueError, "image must be"):
+            grabcut_masks(image[:2], box, ring[None])
+        with self.assertRaisesRegex(ValueError, "do not match"):
+            grabcut_masks(image, box, ring[None, :32])
+        with self.assertRaisesRegex(ValueError, "iterations"):
+            grabcut_masks(image, box, ring[None], iterations=0)
+
+
+def _box_mask(box, height, width):
+    ys = torch.arange(height)[:, None] + 0.5
+    xs = torch.arange(width)[None, :] + 0.5
+    x1, y1, x2, y2 = box.tolist()
+    return (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)
 
 
 class TestPseudoInstances(unittest.TestCase):

@@ -37,7 +37,9 @@ from ..ccgr import (
     IGNORE,
     bags_from_boxes,
     build_bags,
+    assign_pixels,
     component_instances,
+    grabcut_masks,
     pseudo_instances,
     refine_boxes,
     region_mean_scores,
@@ -93,6 +95,8 @@ class CCGRNet(nn.Module):
         segment_scale: float = 300.0,
         segment_sigma: float = 0.8,
         segment_min_size: int = 20,
+        mask_refine: str = "grabcut",
+        grabcut_iters: int = 3,
     ):
         """
         Args:
@@ -108,6 +112,8 @@ class CCGRNet(nn.Module):
                 :func:`region_mean_scores`, so that boxes and masks follow image edges).
             segment_scale, segment_sigma, segment_min_size: those regions (k, σ, minimum size
                 in input pixels; ``MODEL.CCGR.SEGMENT_*``, shared with the round-1 cues).
+            mask_refine: "grabcut" (each pseudo mask re-labelled on the image colours by
+                :func:`grabcut_masks`, ``grabcut_iters`` iterations) or "none" (the paper).
         """
         super().__init__()
         self.backbone = backbone
@@ -131,6 +137,12 @@ class CCGRNet(nn.Module):
             )
         self.score_mode = score_mode
         self.segment_params = (float(segment_scale), float(segment_sigma), int(segment_min_size))
+        if mask_refine not in ("none", "grabcut"):
+            raise ValueError(
+                f"MODEL.CCGR.MASK_REFINE must be 'none' or 'grabcut', got {mask_refine!r}"
+            )
+        self.mask_refine = mask_refine
+        self.grabcut_iters = int(grabcut_iters)
         # refinement steps at which inference also reports the boxes (benchmarks)
         self.refine_snapshots: Sequence[int] = ()
         # training images that gave no bag (no peak of a present class, or no proposal for it)
@@ -169,6 +181,8 @@ class CCGRNet(nn.Module):
             "segment_scale": c.SEGMENT_SCALE,
             "segment_sigma": c.SEGMENT_SIGMA,
             "segment_min_size": c.SEGMENT_MIN_SIZE,
+            "mask_refine": c.MASK_REFINE,
+            "grabcut_iters": c.GRABCUT_ITERS,
         }
 
     @property
@@ -334,13 +348,12 @@ class CCGRNet(nn.Module):
                 self._region_scores(scores_out, regions), mil_boxes, bag_labels, peaks_out,
                 bag_peaks,
             )
-        result["instances"] = pseudo_instances(
+        result["instances"] = self._pseudo_instances(
             self._region_scores(scores_out[: self.num_classes], regions),
             refined,
             bag_labels,
             mil_scores.detach(),
-            mask_threshold=self.mask_threshold,
-            nms_threshold=self.nms_threshold,
+            x,
         )
         result["ccgr"] = {
             "classes": bag_labels,
@@ -406,11 +419,15 @@ class CCGRNet(nn.Module):
     ):
         """
         :func:`pseudo_instances` with this model's mask settings (for the ablations); ``inp``,
-        the model input of the image, is needed by ``score_mode`` "regions".
+        the model input of the image, is needed by ``score_mode`` "regions" and ``mask_refine``
+        "grabcut".
         """
-        if self.score_mode == "regions" and inp is None:
-            raise ValueError("pseudo_instances_from_boxes: SCORE_MODE 'regions' needs the input")
-        return pseudo_instances(
+        if inp is None and (self.score_mode == "regions" or self.mask_refine == "grabcut"):
+            raise ValueError(
+                "pseudo_instances_from_boxes: SCORE_MODE 'regions' and MASK_REFINE 'grabcut' "
+                "need the input"
+            )
+        return self._pseudo_instances(
             self._region_scores(
                 sem_seg[: self.num_classes],
                 None if inp is None else self._regions(inp, sem_seg.shape[1:]),
@@ -418,6 +435,32 @@ class CCGRNet(nn.Module):
             boxes,
             classes,
             scores,
+            inp,
+        )
+
+    def _pseudo_instances(self, scores, boxes, classes, mil_scores, inp: Optional[Dict]):
+        """:func:`pseudo_instances` on ``scores`` (K, height, width), then, for ``mask_refine``
+        "grabcut", :func:`grabcut_masks` on the input image resized to that size."""
+        inst = pseudo_instances(
+            scores,
+            boxes,
+            classes,
+            mil_scores,
             mask_threshold=self.mask_threshold,
             nms_threshold=self.nms_threshold,
         )
+        if self.mask_refine == "none" or len(inst) == 0:
+            return inst
+        image = inp["image"].detach().float()
+        if tuple(image.shape[1:]) != tuple(scores.shape[1:]):
+            image = F.interpolate(
+                image[None], size=tuple(scores.shape[1:]), mode="bilinear", align_corners=False
+            )[0]
+        inst.pred_masks = grabcut_masks(
+            image,
+            inst.pred_boxes.tensor,
+            inst.pred_masks,
+            iterations=self.grabcut_iters,
+            context_scale=self.context_scale,
+        )
+        return assign_pixels(inst)
