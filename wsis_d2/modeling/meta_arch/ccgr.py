@@ -35,9 +35,9 @@ from ... import layers as wsis_layers
 from ...layers import IntegralImage
 from ..ccgr import (
     IGNORE,
+    assign_pixels,
     bags_from_boxes,
     build_bags,
-    assign_pixels,
     component_instances,
     grabcut_masks,
     pseudo_instances,
@@ -66,7 +66,8 @@ class CCGRNet(nn.Module):
       input with image-level labels (the training images whose pseudo labels are being made),
       over its present classes and the background only (absent classes score 0), as
       image-label-supervised methods use the labels they are given;
-    - "instances": the pseudo instances (:func:`pseudo_instances` of the refined MIL boxes), or,
+    - "instances": the pseudo instances (:func:`pseudo_instances` of the refined MIL boxes, their
+      masks re-labelled by :func:`grabcut_masks` under ``MODEL.CCGR.MASK_REFINE`` "grabcut"), or,
       for an input without peaks or labels, the connected components of the segmentation;
     - "ccgr": {"classes", "peaks" (rows of the output-size peaks), "mil_boxes", "mil_scores",
       "refined_boxes", "snapshots" {step: boxes}} at the output size, for the ablations.
