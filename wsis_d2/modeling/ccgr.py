@@ -43,7 +43,7 @@ from detectron2.layers import batched_nms
 from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
 
 from .. import layers as wsis_layers
-from ..layers import IntegralImage, refine_context_gap
+from ..layers import IntegralImage, context_boxes, refine_context_gap
 
 __all__ = [
     "class_map_cues",
@@ -504,22 +504,23 @@ def grabcut_masks(
         image.detach().float().clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     )
     out = masks.detach().bool().cpu().numpy().copy()
-    for k, (x1, y1, x2, y2) in enumerate(boxes.detach().float().cpu().tolist()):
-        cx, cy = 0.5 * (x1 + x2), 0.5 * (y1 + y2)
-        half_w, half_h = 0.5 * context_scale * (x2 - x1), 0.5 * context_scale * (y2 - y1)
-        X1, Y1 = max(0, int(np.floor(cx - half_w))), max(0, int(np.floor(cy - half_h)))
-        X2, Y2 = min(width, int(np.ceil(cx + half_w))), min(height, int(np.ceil(cy + half_h)))
+    # (K, 4) boxes and their context boxes C, in float64
+    b = torch.cat([boxes.new_zeros(len(boxes), 1), boxes], dim=1).detach().cpu().double()
+    pairs = zip(b[:, 1:].tolist(), context_boxes(b, context_scale)[:, 1:].tolist())
+    for k, ((x1, y1, x2, y2), (c1, d1, c2, d2)) in enumerate(pairs):
+        X1, Y1 = max(0, int(np.floor(c1))), max(0, int(np.floor(d1)))
+        X2, Y2 = min(width, int(np.ceil(c2))), min(height, int(np.ceil(d2)))
         if X2 - X1 < 2 or Y2 - Y1 < 2:
             continue
         ys = np.arange(Y1, Y2, dtype=np.float64)[:, None] + 0.5
         xs = np.arange(X1, X2, dtype=np.float64)[None, :] + 0.5
         inside = (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)
         fg = inside & out[k, Y1:Y2, X1:X2]
+        if min(fg.sum(), (~inside).sum()) < min_pixels:
+            continue
         labels = np.full(inside.shape, cv2.GC_BGD, dtype=np.uint8)
         labels[inside] = cv2.GC_PR_BGD
         labels[fg] = cv2.GC_PR_FGD
-        if min(fg.sum(), (~inside).sum()) < min_pixels:
-            continue
         bgd_model, fgd_model = np.zeros((1, 65)), np.zeros((1, 65))
         # GrabCut's GMMs start from k-means on OpenCV's global RNG: seeded per box, so that the
         # masks of an image do not depend on what ran before (resumed rounds write the same)
