@@ -317,6 +317,11 @@ def add_ccgr_config(cfg):
     _C.MODEL.CCGR.CONTEXT_SCALE = 1.5
     # boxes keep at least this width and height (pixels)
     _C.MODEL.CCGR.MIN_BOX_SIZE = 4.0
+    # projected descent: each refined box keeps containing its MIL box, so the refinement only
+    # enlarges part boxes, as the paper intends (True); False: the paper's unconstrained descent,
+    # which also cuts the pointed or thin parts off objects that fill their box only partly
+    # (wsis_d2.layers.refine_context_gap; measured in README "CCGR")
+    _C.MODEL.CCGR.REFINE_GROW_ONLY = True
     # --- pseudo instance masks ---
     # mask = pixels of the refined box whose class score S_c is >= this
     _C.MODEL.CCGR.MASK_THRESHOLD = 0.5

@@ -137,6 +137,14 @@ class TestCCGRPart1(unittest.TestCase):
             info = res["ccgr"]
             self.assertEqual(sorted(info["snapshots"]), [0, 3, 6])
             self.assertTrue(bool(torch.isfinite(info["refined_boxes"]).all()))
+            # MODEL.CCGR.REFINE_GROW_ONLY (the default): each refined box holds its MIL box
+            self.assertTrue(model.refine_grow_only)
+            mil = info["mil_boxes"].clone()
+            mil[:, 0::2] = mil[:, 0::2].clamp(0, w)
+            mil[:, 1::2] = mil[:, 1::2].clamp(0, h)
+            refined_boxes = info["refined_boxes"]
+            self.assertTrue(bool((refined_boxes[:, :2] <= mil[:, :2] + 1e-4).all()))
+            self.assertTrue(bool((refined_boxes[:, 2:] >= mil[:, 2:] - 1e-4).all()))
             evaluator.process([inp], [res])
             pseudo[inp["image_id"]] = inst
         results = evaluator.evaluate()["wsis_instance"]

@@ -18,6 +18,21 @@ def _scene(dtype=torch.float64, device="cpu"):
 
 
 RECT = [30.0, 20.0, 55.0, 40.0]
+
+
+def _triangle(device="cpu"):
+    """Class 0: score 1 in a solid triangle (apex (50, 15), base y = 55 from x = 25 to 75), else 0."""
+    ys = torch.arange(80, dtype=torch.float64)[:, None] + 0.5
+    xs = torch.arange(100, dtype=torch.float64)[None, :] + 0.5
+    inside = (ys >= 15) & (ys <= 55) & ((xs - 50).abs() <= (ys - 15) * 25 / 40)
+    return IntegralImage(inside.double()[None, None].to(device))
+
+
+def _box_iou(a, b):
+    w = (min(a[2], b[2]) - max(a[0], b[0])).clamp(min=0)
+    h = (min(a[3], b[3]) - max(a[1], b[1])).clamp(min=0)
+    inter = w * h
+    return float(inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter))
 PEAKS = torch.tensor([[0, 42.0, 30.0], [0, 72.0, 24.0]], dtype=torch.float64)
 
 
@@ -58,6 +73,29 @@ class TestRefineContextGap(unittest.TestCase):
         _, _, stopped = self._refine([[48.0, 18.0, 71.0, 42.0]], peaks=other)
         self.assertFalse(bool(stopped[0]))
 
+    def test_grow_only_keeps_the_start_box(self):
+        # the unconstrained gap cuts a triangle's tight box down to a strip along its base
+        # (Φ(B) of the strip is higher); projected onto boxes that contain the start box, the
+        # tight box stays and a part box grows over the object
+        tight = [25.0, 15.0, 75.0, 55.0]
+        part = [38.0, 38.0, 62.0, 55.0]
+        ii = _triangle(self.device)
+        args = (torch.zeros(2, dtype=torch.long, device=self.device),)
+        boxes = torch.tensor([tight, part], dtype=torch.float64, device=self.device)
+        free, _, _ = refine_context_gap(ii, boxes, *args)
+        grown, snaps, _ = refine_context_gap(ii, boxes, *args, grow_only=True, snapshots=(1, 50))
+        self.assertLess(_box_iou(free[0].cpu(), torch.tensor(tight)), 0.5)
+        self.assertEqual(grown[0].tolist(), tight)
+        for b in [grown] + list(snaps.values()):
+            self.assertTrue(bool((b[:, :2] <= boxes[:, :2]).all()))
+            self.assertTrue(bool((b[:, 2:] >= boxes[:, 2:]).all()))
+        self.assertGreater(float(grown[1, 2] - grown[1, 0]), 36.0)  # from 24 px wide
+        # from inside the rectangle, growing alone reaches it as the free descent does
+        out, _, _ = self._refine([[35.0, 25.0, 45.0, 33.0]], grow_only=True)
+        torch.testing.assert_close(
+            out[0].cpu(), torch.tensor(RECT, dtype=torch.float64), atol=1.0, rtol=0
+        )
+
     def test_degenerate_boxes_are_clamped_not_nan(self):
         boxes = [[40.0, 30.0, 40.0, 30.0], [-20.0, -5.0, 200.0, 300.0], [79.5, 59.5, 80.0, 60.0]]
         out, _, _ = self._refine(boxes, min_size=4.0, peaks=PEAKS[:1])
@@ -80,12 +118,14 @@ class TestRefineContextGap(unittest.TestCase):
     def test_op_equals_reference(self):
         boxes = [[35.0, 25.0, 45.0, 33.0], [20.0, 12.0, 62.0, 48.0], [48.0, 18.0, 71.0, 42.0],
                  [30.0, 20.0, 30.0, 44.0]]
-        out, snaps, stopped = self._refine(boxes, snapshots=(0, 50, 200))
-        ref, ref_snaps, ref_stopped = self._refine(boxes, snapshots=(0, 50, 200), use_reference=True)
-        torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)
-        for s in (0, 50, 200):
-            torch.testing.assert_close(snaps[s], ref_snaps[s], rtol=0, atol=1e-9)
-        self.assertEqual(stopped.tolist(), ref_stopped.tolist())
+        for grow_only in (False, True):
+            kw = {"snapshots": (0, 50, 200), "grow_only": grow_only}
+            out, snaps, stopped = self._refine(boxes, **kw)
+            ref, ref_snaps, ref_stopped = self._refine(boxes, use_reference=True, **kw)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)
+            for s in (0, 50, 200):
+                torch.testing.assert_close(snaps[s], ref_snaps[s], rtol=0, atol=1e-9)
+            self.assertEqual(stopped.tolist(), ref_stopped.tolist())
 
     def test_float32_boxes_keep_their_dtype_and_errors(self):
         ii = _scene(device=self.device)

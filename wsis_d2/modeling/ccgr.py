@@ -20,7 +20,11 @@ for Weakly Supervised Instance Segmentation", AAAI 2020), as functions of tensor
    L = Φ(C) − Φ(B), the mean class score S_c in the context ring C (B scaled 1.5x about its
    centre, minus B) minus the mean inside B, both from integral images
    (:class:`wsis_d2.layers.IntegralImage`, built once per image). A box stops when a step would
-   make it contain a second peak of its class (the paper's guard).
+   make it contain a second peak of its class (the paper's guard). By default
+   (``MODEL.CCGR.REFINE_GROW_ONLY``; not in the paper) the descent is projected onto the boxes
+   that contain the MIL box: the paper refines part boxes into whole objects, and unconstrained
+   the mean-based gap also shrinks good boxes of objects that fill them only partly (triangles,
+   stars, crescents lose their tips).
 4. **Pseudo masks** (:func:`pseudo_instances`): S_c inside the refined box thresholded; duplicate
    boxes of one class removed by NMS; pixels claimed by several masks go to the best-scored one.
    Optionally (not in the paper) each mask is then re-labelled by GrabCut on the image colours

@@ -90,6 +90,7 @@ class CCGRNet(nn.Module):
         refine_lr: float = 0.5,
         context_scale: float = 1.5,
         min_box_size: float = 4.0,
+        refine_grow_only: bool = True,
         mask_threshold: float = 0.5,
         nms_threshold: float = 0.5,
         score_mode: str = "regions",
@@ -107,6 +108,9 @@ class CCGRNet(nn.Module):
             ignore_value: the ignore label of the pseudo semantic labels.
             bag_size, bag_seg_weight: K and γ of the bags (Eq. 4).
             refine_steps, refine_lr, context_scale, min_box_size: the refinement (Eq. 2–3).
+            refine_grow_only: keep each refined box containing its MIL box (projected descent,
+                ``grow_only`` of :func:`wsis_d2.layers.refine_context_gap`); False: the paper's
+                unconstrained descent.
             mask_threshold, nms_threshold: the pseudo masks.
             score_mode: what the refinement and the pseudo masks read: "pixels" (S per pixel, as
                 the paper) or "regions" (S averaged over the graph-based regions of the image,
@@ -130,6 +134,7 @@ class CCGRNet(nn.Module):
         self.refine_lr = float(refine_lr)
         self.context_scale = float(context_scale)
         self.min_box_size = float(min_box_size)
+        self.refine_grow_only = bool(refine_grow_only)
         self.mask_threshold = float(mask_threshold)
         self.nms_threshold = float(nms_threshold)
         if score_mode not in ("pixels", "regions"):
@@ -175,6 +180,7 @@ class CCGRNet(nn.Module):
             "refine_steps": c.REFINE_STEPS,
             "refine_lr": c.REFINE_LR,
             "context_scale": c.CONTEXT_SCALE,
+            "refine_grow_only": c.REFINE_GROW_ONLY,
             "min_box_size": c.MIN_BOX_SIZE,
             "mask_threshold": c.MASK_THRESHOLD,
             "nms_threshold": c.NMS_THRESHOLD,
@@ -407,6 +413,7 @@ class CCGRNet(nn.Module):
             context_scale=self.context_scale,
             min_size=self.min_box_size,
             snapshots=self.refine_snapshots,
+            grow_only=self.refine_grow_only,
         )
         return refined, snapshots
 

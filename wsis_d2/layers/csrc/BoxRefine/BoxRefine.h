@@ -6,8 +6,10 @@
 // zero gradient at the image bounds as the box-scoring op, exactly what autograd gives through
 // box_context_gap). Each step is Adam (β1 = 0.9, β2 = 0.999, ε = 1e-8, step `lr` pixels), then
 // the box is clamped into the image and to at least `min_size` (min(min_size, W or H)) wide and
-// high. A box whose step would make it contain a peak of its class other than its own stops for
-// good at its previous coordinates. All arithmetic in float64.
+// high; with `grow_only`, the box is then projected onto the boxes that contain its start box
+// (x1 = min(x1, x1⁰), y1 = min(y1, y1⁰), x2 = max(x2, x2⁰), y2 = max(y2, y2⁰)): projected
+// gradient descent that can only enlarge it. A box whose step would make it contain a peak of its
+// class other than its own stops for good at its previous coordinates. All arithmetic in float64.
 //
 // Python: wsis_d2.layers.refine_context_gap (and its pure-PyTorch reference, the same loop of
 // autograd steps).
@@ -21,18 +23,18 @@ namespace wsis_d2 {
 
 // S (1, C, H+1, W+1) float64 integral images; boxes (K, 4) float64 x1, y1, x2, y2; classes (K,)
 // long; peaks (P, 3) float64 rows (class, x, y); own (K,) long row of each box's own peak or −1;
-// snapshot_steps (T,) long step counts in [0, steps]. Returns (boxes (K, 4), snapshots (T, K, 4),
-// stopped (K,) bool).
+// snapshot_steps (T,) long step counts in [0, steps]; grow_only: keep each box containing its
+// (clamped) start box. Returns (boxes (K, 4), snapshots (T, K, 4), stopped (K,) bool).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> refine_context_gap_cpu(
     const at::Tensor& S, const at::Tensor& boxes, const at::Tensor& classes,
     const at::Tensor& peaks, const at::Tensor& own, int64_t steps, double lr,
-    double context_scale, double min_size, const at::Tensor& snapshot_steps);
+    double context_scale, double min_size, const at::Tensor& snapshot_steps, bool grow_only);
 
 #ifdef WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> refine_context_gap_cuda(
     const at::Tensor& S, const at::Tensor& boxes, const at::Tensor& classes,
     const at::Tensor& peaks, const at::Tensor& own, int64_t steps, double lr,
-    double context_scale, double min_size, const at::Tensor& snapshot_steps);
+    double context_scale, double min_size, const at::Tensor& snapshot_steps, bool grow_only);
 #endif
 
 // ---- the per-box loop, shared by the CPU and CUDA kernels ----
@@ -86,9 +88,11 @@ WSIS_HOST_DEVICE inline void clamp_refined(double* b, int64_t H, int64_t W, doub
 WSIS_HOST_DEVICE inline bool refine_one_box(const double* s, int64_t H, int64_t W, double* x,
                                             int64_t cls, const double* peaks, int64_t P,
                                             int64_t own, int64_t steps, double lr, double scale,
-                                            double min_size, const int64_t* snap_steps, int64_t T,
+                                            double min_size, bool grow_only,
+                                            const int64_t* snap_steps, int64_t T,
                                             double* snap_out, int64_t snap_stride) {
   clamp_refined(x, H, W, min_size);
+  const double x0[4] = {x[0], x[1], x[2], x[3]};  // the start box (grow_only keeps it inside)
   for (int64_t t = 0; t < T; ++t) {
     if (snap_steps[t] == 0) {
       for (int q = 0; q < 4; ++q) snap_out[t * snap_stride + q] = x[q];
@@ -113,6 +117,12 @@ WSIS_HOST_DEVICE inline bool refine_one_box(const double* s, int64_t H, int64_t 
         nx[q] = x[q] - lr * mhat / (sqrt(vhat) + 1e-8);
       }
       clamp_refined(nx, H, W, min_size);
+      if (grow_only) {  // x0 is inside the image and large enough: the clamp still holds
+        nx[0] = fmin(nx[0], x0[0]);
+        nx[1] = fmin(nx[1], x0[1]);
+        nx[2] = fmax(nx[2], x0[2]);
+        nx[3] = fmax(nx[3], x0[3]);
+      }
       for (int64_t p = 0; p < P && !stopped; ++p) {
         if (p == own || static_cast<int64_t>(peaks[3 * p]) != cls) continue;
         const double px = peaks[3 * p + 1], py = peaks[3 * p + 2];
