@@ -3,6 +3,7 @@
 import unittest
 
 import torch
+from torchvision.ops import box_iou
 
 from wsis_d2.layers import IntegralImage, compiled_ops_available, refine_context_gap
 
@@ -27,12 +28,6 @@ def _triangle(device="cpu"):
     inside = (ys >= 15) & (ys <= 55) & ((xs - 50).abs() <= (ys - 15) * 25 / 40)
     return IntegralImage(inside.double()[None, None].to(device))
 
-
-def _box_iou(a, b):
-    w = (min(a[2], b[2]) - max(a[0], b[0])).clamp(min=0)
-    h = (min(a[3], b[3]) - max(a[1], b[1])).clamp(min=0)
-    inter = w * h
-    return float(inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter))
 PEAKS = torch.tensor([[0, 42.0, 30.0], [0, 72.0, 24.0]], dtype=torch.float64)
 
 
@@ -84,7 +79,7 @@ class TestRefineContextGap(unittest.TestCase):
         boxes = torch.tensor([tight, part], dtype=torch.float64, device=self.device)
         free, _, _ = refine_context_gap(ii, boxes, *args)
         grown, snaps, _ = refine_context_gap(ii, boxes, *args, grow_only=True, snapshots=(1, 50))
-        self.assertLess(_box_iou(free[0].cpu(), torch.tensor(tight)), 0.5)
+        self.assertLess(float(box_iou(free[:1].cpu(), torch.tensor([tight]).double())), 0.5)
         self.assertEqual(grown[0].tolist(), tight)
         for b in [grown] + list(snaps.values()):
             self.assertTrue(bool((b[:, :2] <= boxes[:, :2]).all()))
