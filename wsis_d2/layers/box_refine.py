@@ -79,8 +79,9 @@ def refine_context_gap(
     image). The paper's premise is that a MIL box covers the most discriminative part of its
     object and CCGR recovers the rest; unconstrained, minimising the mean-based gap also cuts off
     thin or pointed parts of an object that fills its box only partly: for a solid triangle of
-    score 1, its tight box has L = 0 − 1/2, while the box of its lower half has
-    L ≈ 0.09 − 3/4 (the 1.5× ring holds a little of the apex), so the descent drops the apex.
+    score 1, its tight box has L = 0 − 1/2, the box of its lower half L ≈ 0.09 − 3/4 (the 1.5×
+    ring holds a little of the apex), and the descent from the tight box ends on a strip along
+    the base (L ≈ −0.78).
 
     Args:
         integral: ``IntegralImage`` of the (1, C, H, W) class score maps S of the image.
