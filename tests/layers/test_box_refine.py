@@ -28,6 +28,7 @@ def _triangle(device="cpu"):
     inside = (ys >= 15) & (ys <= 55) & ((xs - 50).abs() <= (ys - 15) * 25 / 40)
     return IntegralImage(inside.double()[None, None].to(device))
 
+
 PEAKS = torch.tensor([[0, 42.0, 30.0], [0, 72.0, 24.0]], dtype=torch.float64)
 
 
