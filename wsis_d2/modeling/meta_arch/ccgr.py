@@ -86,6 +86,7 @@ class CCGRNet(nn.Module):
         ignore_value: int = IGNORE,
         bag_size: int = 10,
         bag_seg_weight: float = 0.1,
+        seed_in_bag: bool = True,
         refine_steps: int = 200,
         refine_lr: float = 0.5,
         context_scale: float = 1.5,
@@ -107,6 +108,8 @@ class CCGRNet(nn.Module):
             pixel_mean, pixel_std: input normalisation.
             ignore_value: the ignore label of the pseudo semantic labels.
             bag_size, bag_seg_weight: K and γ of the bags (Eq. 4).
+            seed_in_bag: rounds k >= 2: each seed box (the IS branch's box) is an instance of its
+                own bag, beside its K - 1 proposals of highest IoU (False: K proposals only).
             refine_steps, refine_lr, context_scale, min_box_size: the refinement (Eq. 2–3).
             refine_grow_only: keep each refined box containing its MIL box (projected descent,
                 ``grow_only`` of :func:`wsis_d2.layers.refine_context_gap`); False: the paper's
@@ -130,6 +133,7 @@ class CCGRNet(nn.Module):
         if self.bag_size < 1:
             raise ValueError(f"MODEL.CCGR.BAG_SIZE must be >= 1, got {bag_size}")
         self.bag_seg_weight = float(bag_seg_weight)
+        self.seed_in_bag = bool(seed_in_bag)
         self.refine_steps = int(refine_steps)
         self.refine_lr = float(refine_lr)
         self.context_scale = float(context_scale)
@@ -177,6 +181,7 @@ class CCGRNet(nn.Module):
             "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             "bag_size": c.BAG_SIZE,
             "bag_seg_weight": c.BAG_SEG_WEIGHT,
+            "seed_in_bag": c.SEED_IN_BAG,
             "refine_steps": c.REFINE_STEPS,
             "refine_lr": c.REFINE_LR,
             "context_scale": c.CONTEXT_SCALE,
@@ -222,11 +227,14 @@ class CCGRNet(nn.Module):
     def _bags(self, x: Dict, i: int, boxes: Boxes, objectness, peaks, seg_scores):
         """
         Bags of one input: from its "seed_boxes" (rounds k >= 2: the IS branch's boxes, each with
-        its K proposals of highest IoU) when present, else from its peaks (Eq. 4). Peaks (and
-        seed boxes) of classes the image-level labels call absent are dropped first.
+        its K proposals of highest IoU; with ``seed_in_bag`` the seed boxes join the proposals
+        first, so that each bag holds its own seed box and its K - 1 nearest boxes) when
+        present, else from its peaks (Eq. 4). Peaks (and seed boxes) of classes the image-level
+        labels call absent are dropped first.
 
         Returns:
-            bags (B, K), bag_labels (B,), bag_peaks (B,) rows of the returned peaks, peaks (P, 4).
+            bags (B, K), bag_labels (B,), bag_peaks (B,) rows of the returned peaks, peaks (P, 4),
+            boxes: the Boxes the bags index (``boxes``, or ``boxes`` followed by the seed boxes).
         """
         keep = self._present(peaks, x)
         peaks = peaks[keep]
@@ -235,7 +243,7 @@ class CCGRNet(nn.Module):
             bags, labels, rows = build_bags(
                 boxes.tensor, objectness, peaks, seg_scores, self.bag_size, self.bag_seg_weight
             )
-            return bags, labels, rows, peaks
+            return bags, labels, rows, peaks, boxes
         seeds = torch.as_tensor(seeds, dtype=torch.float32, device=self.device).reshape(-1, 6)
         if seeds.shape[0] != keep.shape[0]:
             raise ValueError(
@@ -243,10 +251,12 @@ class CCGRNet(nn.Module):
                 f"{keep.shape[0]} peaks (one per box)"
             )
         seeds = seeds[keep]
+        if self.seed_in_bag and seeds.shape[0] > 0:
+            boxes = Boxes(torch.cat([boxes.tensor, seeds[:, 1:5].to(boxes.tensor.dtype)]))
         bags, labels, rows = bags_from_boxes(
             boxes.tensor, seeds[:, 1:5], seeds[:, 0].long(), self.bag_size
         )
-        return bags, labels, rows, peaks
+        return bags, labels, rows, peaks, boxes
 
     def _seg_scores_from_labels(self, sem_seg: torch.Tensor) -> torch.Tensor:
         """(C, H, W) O from pseudo labels: 1 for the class, 0 elsewhere, 0.5 where ignored."""
@@ -275,7 +285,7 @@ class CCGRNet(nn.Module):
         for i, x in enumerate(batched_inputs):
             b, s, peaks = self._fields(x, i)
             o = self._seg_scores_from_labels(x["sem_seg"].to(self.device))
-            bag, label, _, _ = self._bags(x, i, b, s, peaks, o)
+            bag, label, _, _, b = self._bags(x, i, b, s, peaks, o)
             boxes.append(b)
             bags.append(bag)
             bag_labels.append(label)
@@ -332,7 +342,7 @@ class CCGRNet(nn.Module):
             result["instances"] = component_instances(scores_out, labels)
             return result
         boxes, objectness, peaks = self._fields(x, i)
-        bags, bag_labels, bag_peaks, peaks = self._bags(
+        bags, bag_labels, bag_peaks, peaks, boxes = self._bags(
             x, i, boxes, objectness, peaks, scores_in[0, : self.num_classes]
         )
         feats = {k: v[i : i + 1] for k, v in features.items()}
