@@ -289,8 +289,9 @@ def add_ccgr_config(cfg):
     _C.MODEL.CCGR.BAG_SIZE = 10
     # γ of Eq. 4 (0.1 in the paper)
     _C.MODEL.CCGR.BAG_SEG_WEIGHT = 0.1
-    # rounds k >= 2: each IS box that seeds a bag is itself an instance of that bag, beside its
-    # BAG_SIZE - 1 proposals of highest IoU (False: the BAG_SIZE proposals of highest IoU only)
+    # rounds k >= 2: each IS box that seeds a bag is itself an instance of that bag, beside the
+    # BAG_SIZE - 1 boxes of highest IoU among the proposals and the other seed boxes (False: the
+    # BAG_SIZE proposals of highest IoU only)
     _C.MODEL.CCGR.SEED_IN_BAG = True
     # --- round-1 cues from the image-level classifier (wsis_d2/modeling/ccgr.py) ---
     # a local maximum (radius MODEL.LC.PEAK_RADIUS) of a present class's map is a peak (a bag)

@@ -109,7 +109,8 @@ class CCGRNet(nn.Module):
             ignore_value: the ignore label of the pseudo semantic labels.
             bag_size, bag_seg_weight: K and γ of the bags (Eq. 4).
             seed_in_bag: rounds k >= 2: each seed box (the IS branch's box) is an instance of its
-                own bag, beside its K - 1 proposals of highest IoU (False: K proposals only).
+                own bag, beside the K - 1 boxes of highest IoU among the proposals and the other
+                seed boxes (False: its K proposals of highest IoU only).
             refine_steps, refine_lr, context_scale, min_box_size: the refinement (Eq. 2–3).
             refine_grow_only: keep each refined box containing its MIL box (projected descent,
                 ``grow_only`` of :func:`wsis_d2.layers.refine_context_gap`); False: the paper's
