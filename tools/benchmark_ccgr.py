@@ -15,7 +15,9 @@ Benchmark of CCGR end to end (CCGR part 2) on the embedded synthetic scenes, on 
 
 Schedules are shortened to fit 90 minutes (``--cls-iters``, ``--mil-ss-iters``, ``--is-iters``:
 each config's schedule rescaled, steps at the same fractions); rounds after the first fine-tune the
-MIL + SS model for ``CCGR.FINETUNE_FRACTION`` of its schedule, as ``train_ccgr.py`` does. The last
+MIL + SS model for ``CCGR.FINETUNE_FRACTION`` of its schedule and start the IS branch from the
+previous round's (``CCGR.IS_FINETUNE``; the supervised bound trains once, as round 1's IS branch),
+as ``train_ccgr.py`` does. The last
 line printed is one JSON object: per round ``mAP_r25``, ``mAP_r50``, ``mAP_r75``, ``mAP_b50`` on
 the test set and the pseudo labels' ``pseudo_mAP_r25/r50/b50`` on the training set,
 ``supervised_*``, ``lc_*``, the target ratios and the time of every stage. Also written to
@@ -105,6 +107,7 @@ def run_ccgr(args):
         "CCGR.CLASSIFIER_OPTS", cls_opts,
         "CCGR.IS_OPTS", is_opts,
         "CCGR.FINETUNE", str(args.finetune),
+        "CCGR.IS_FINETUNE", str(args.is_finetune),
     ] + list(args.opts)  # fmt: skip
     cfg = get_wsis_cfg(CCGR_CONFIG, opts)
     cfg.MODEL.DEVICE = "cpu"
@@ -167,6 +170,8 @@ def main(argv=None):
                         help="IS branch of every round and the supervised bound")
     parser.add_argument("--no-finetune", dest="finetune", action="store_false",
                         help="retrain the MIL + SS model from ImageNet weights in every round")
+    parser.add_argument("--no-is-finetune", dest="is_finetune", action="store_false",
+                        help="train the IS branch from ImageNet weights in every round")
     parser.add_argument("--lc-config", default=LC_CONFIG)
     parser.add_argument("--lc-iters", type=int, default=0, help="LC iterations (0: the config's)")
     parser.add_argument("--lc-train-set", default="", help="LC's training set ('': the config's)")
@@ -210,6 +215,7 @@ def main(argv=None):
         "train_set": args.train_set, "test_set": args.test_set, "rounds_n": args.rounds,
         "cls_iters": args.cls_iters, "mil_ss_iters": args.mil_ss_iters,
         "is_iters": args.is_iters, "finetune": args.finetune,
+        "is_finetune": args.is_finetune,
         "times_s": times, "total_s": round(time.perf_counter() - start, 1),
     })  # fmt: skip
     if args.resume:

@@ -134,6 +134,11 @@ class TestCCGRRounds(unittest.TestCase):
         # round 2's MIL + SS model started from round 1's (fine-tuning)
         with open(os.path.join(out, "round2", "mil_ss", "config.yaml")) as f:
             self.assertIn(os.path.join(out, "round1", "mil_ss", "model_final.pth"), f.read())
+        # and round 2's IS branch from round 1's (CCGR.IS_FINETUNE), not from MODEL.WEIGHTS ""
+        with open(os.path.join(out, "round2", "is", "config.yaml")) as f:
+            self.assertIn(os.path.join(out, "round1", "is", "model_final.pth"), f.read())
+        with open(os.path.join(out, "round1", "is", "config.yaml")) as f:
+            self.assertNotIn("model_final.pth", f.read())
 
         # the final model is a stock Mask R-CNN for DefaultPredictor
         is_cfg = CCGRRounds(cfg)._is_cfg(2)

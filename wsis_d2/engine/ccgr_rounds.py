@@ -326,6 +326,8 @@ class CCGRRounds:
 
     def _is_branch(self, k: int, folder: str) -> Dict:
         cfg = self._is_cfg(k)  # registers (and checks) the pseudo labels once
+        if k > 1 and self.cfg.CCGR.IS_FINETUNE:
+            cfg.MODEL.WEIGHTS = self._dir(f"round{k - 1}", "is", "model_final.pth")
         model = self._train(cfg)  # frozen from here
         metrics = {}
         tests = tuple(cfg.DATASETS.TEST)
