@@ -7,8 +7,9 @@ under ``OUTPUT_DIR``:
     round1/cues/                  its peaks and pseudo semantic labels (cues.pkl)
     round<k>/mil_ss/              CCGRNet (WSDDN MIL branch + PSP SS branch) on the round's cues
     round<k>/pseudo_labels/       its pseudo instances after CCGR refinement (pseudo_labels.json)
-    round<k>/is/                  the IS branch (stock Mask R-CNN) trained on them, evaluated on
-                                  the DATASETS.TEST of its config
+    round<k>/is/                  the IS branch (stock Mask R-CNN) trained on them (k >= 2: from
+                                  round k-1's, CCGR.IS_FINETUNE), evaluated on the DATASETS.TEST
+                                  of its config
     round<k+1>/cues/              bags seeded by the IS branch's boxes, SS labels = union of its masks
 
 A stage that finished writes ``stage.json`` (its metrics and seconds). :meth:`CCGRRounds.run` with
