@@ -164,6 +164,8 @@ def add_density_config(cfg):
     _C.MODEL.DENSITY.COUNT_LOSS_WEIGHT = 0.0
     # side (input pixels) of the count-loss windows
     _C.MODEL.DENSITY.COUNT_LOSS_WINDOW = 16
+    # inference averages the density over the 8 flips and quarter turns of the image (8x the cost)
+    _C.MODEL.DENSITY.TEST_DIHEDRAL = False
     _C.MODEL.DENSITY.CALIBRATION = CN()
     # count calibration fitted on the full training images after training (least squares of the
     # true counts t_i): "none"; "gain": D̂' = α·D̂; "affine": D̂' = α·D̂ + β per pixel, i.e.

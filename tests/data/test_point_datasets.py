@@ -24,6 +24,7 @@ from wsis_d2.data.datasets.point_datasets import (
     load_roi_mask,
     load_ucsd,
     load_vgg_cells,
+    vgg_cells_draw,
     register_all_density,
 )
 from wsis_d2.data.mappers.density_mapper import (
@@ -84,6 +85,20 @@ class TestVGGCells(unittest.TestCase):
             np.testing.assert_allclose(recs[0]["points"], [[4.5, 3.5], [0.5, 10.5]])
             self.assertEqual(recs[1]["points"].shape, (0, 2))
             self.assertEqual(len(load_vgg_cells(d, [2])), 1)
+
+    def test_protocol_draws(self):
+        draws = [vgg_cells_draw(32, d) for d in range(3)]
+        for drawn in draws:
+            self.assertEqual(len(drawn), 32)
+            self.assertEqual(len(set(drawn)), 32)
+            self.assertEqual(drawn, sorted(drawn))
+            self.assertTrue(all(1 <= i <= 100 for i in drawn))  # the pool, never 101-200
+        self.assertEqual(draws[0], vgg_cells_draw(32, 0))  # seeded by the draw's index
+        self.assertNotEqual(draws[0], draws[1])
+        self.assertEqual(vgg_cells_draw(100, 5), list(range(1, 101)))
+        for bad in ((0, 0), (101, 0), (8, -1)):
+            with self.assertRaises(ValueError):
+                vgg_cells_draw(*bad)
 
     def test_errors_name_the_file(self):
         with tempfile.TemporaryDirectory() as d:

@@ -501,6 +501,33 @@ class TestInference(unittest.TestCase):
         self.assertEqual(float(out["density"][0][~roi].abs().sum()), 0.0)
         self.assertAlmostEqual(float(out["counts"][0]), float(out["density"].sum()), places=5)
 
+    def test_dihedral_mean_at_test_time(self):
+        torch.manual_seed(0)
+        cfg = small_cfg()
+        model = build_model(cfg).eval()
+        cfg.MODEL.DENSITY.TEST_DIHEDRAL = True
+        tta = build_model(cfg).eval()
+        tta.load_state_dict(model.state_dict())
+        image = torch.randint(0, 255, (3, 16, 24), dtype=torch.uint8)
+        with torch.no_grad():
+            out = tta([{"image": image}])[0]["density"]
+            # the 8 turned / flipped images, each prediction turned back, averaged
+            expected = torch.zeros_like(out)
+            for k in range(4):
+                for flip in (False, True):
+                    img = torch.rot90(image, k, dims=(1, 2))
+                    img = img.flip(2) if flip else img
+                    d = model([{"image": img.contiguous()}])[0]["density"]
+                    d = d.flip(2) if flip else d
+                    expected += torch.rot90(d, -k, dims=(1, 2)) / 8
+            plain = model([{"image": image}])[0]["density"]
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-6)
+        self.assertFalse(torch.allclose(out, plain))  # a random network is not symmetric
+        tta.train()  # training is unchanged: one forward of the batch as it is
+        with mock.patch.object(tta, "_predict_dihedral") as dihedral:
+            tta.predict_raw(tta.preprocess_image([{"image": image}]))
+        dihedral.assert_not_called()
+
     def test_default_predictor(self):
         cfg = small_cfg()
         predictor = DefaultPredictor(cfg)

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "load_vgg_cells",
+    "vgg_cells_draw",
     "load_ucsd",
     "load_mall",
     "load_point_json",
@@ -262,6 +263,31 @@ def load_vgg_cells(dirname: str, indices: Optional[Sequence[int]] = None) -> Lis
         points = np.stack([cols + 0.5, rows + 0.5], axis=1) if len(rows) else np.zeros((0, 2))
         records.append(_make_record(file_name, stem, points, height, width, source=dots_file))
     return records
+
+
+VGG_CELLS_POOL = range(1, 101)
+VGG_CELLS_TEST = range(101, 201)
+
+
+def vgg_cells_draw(num_train: int, draw: int) -> List[int]:
+    """
+    The VGG-cells protocol's training images of one random draw: ``num_train`` of the pool images
+    1–100 (the test set is 101–200), drawn without replacement by a generator seeded with ``draw``
+    (the same on every machine), sorted.
+
+    Args:
+        num_train: N, 1..100. draw: the draw's index (>= 0), its seed.
+
+    Returns:
+        the N image numbers (NNN of ``NNNcell.png``).
+    """
+    if not 1 <= num_train <= len(VGG_CELLS_POOL):
+        raise ValueError(f"num_train must be in [1, {len(VGG_CELLS_POOL)}], got {num_train}")
+    if draw < 0:
+        raise ValueError(f"draw must be >= 0, got {draw}")
+    rng = np.random.RandomState(draw)
+    chosen = rng.choice(np.asarray(VGG_CELLS_POOL), size=num_train, replace=False)
+    return sorted(int(i) for i in chosen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,8 +627,8 @@ _SYNTHETIC_CELLS = {
 _VGG_CELLS = {
     "vgg_cells_train_32": range(1, 33),
     "vgg_cells_train_64": range(1, 65),
-    "vgg_cells_train_100": range(1, 101),
-    "vgg_cells_test": range(101, 201),
+    "vgg_cells_train_100": VGG_CELLS_POOL,
+    "vgg_cells_test": VGG_CELLS_TEST,
 }
 
 

@@ -291,6 +291,7 @@ class DensityCounter(nn.Module):
         peak_threshold: float = 0.3,
         peak_box_size: float = 12.0,
         channels_last: bool = False,
+        test_dihedral: bool = False,
     ):
         """
         Args:
@@ -309,6 +310,8 @@ class DensityCounter(nn.Module):
             peak_threshold: fraction of an isolated kernel's height 1/(2πσ²) a peak must reach.
             peak_box_size: side of the boxes drawn around peaks (output pixels).
             channels_last: keep weights and inputs in channels-last (NHWC) memory format.
+            test_dihedral: at inference, average the density over the 8 flips and quarter turns
+                of the input (each mapped back), 8x the cost.
         """
         super().__init__()
         self.backbone = backbone
@@ -348,6 +351,7 @@ class DensityCounter(nn.Module):
         # count calibration α, β (identity): set after training, saved with the weights
         self.register_buffer("count_gain", torch.ones(num_classes))
         self.register_buffer("count_offset", torch.zeros(num_classes))
+        self.test_dihedral = bool(test_dihedral)
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
@@ -374,6 +378,7 @@ class DensityCounter(nn.Module):
             "peak_threshold": d.PEAKS.THRESHOLD,
             "peak_box_size": d.PEAKS.BOX_SIZE,
             "channels_last": cfg.MODEL.CHANNELS_LAST,
+            "test_dihedral": d.TEST_DIHEDRAL,
         }
 
     @property
@@ -405,9 +410,28 @@ class DensityCounter(nn.Module):
         """
         (N, C, H_pad, W_pad) scaled density s·D̂ of a padded batch. Under autocast the backbone
         runs in the autocast dtype and the 1x1 head in float32, so that the regressed density (and
-        the count, its integral over ~10^5 pixels) keeps float32 precision.
+        the count, its integral over ~10^5 pixels) keeps float32 precision. At inference with
+        ``test_dihedral``, the mean over the 8 flips / quarter turns of the batch.
         """
-        x = images.tensor
+        if self.test_dihedral and not self.training:
+            return self._predict_dihedral(images.tensor)
+        return self._predict(images.tensor)
+
+    def _predict_dihedral(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of :meth:`_predict` over the 8 flips / quarter turns of ``x`` (N, C, H, W),
+        each prediction turned back: the padded size is a multiple of the backbone's size
+        divisibility in both axes, so every turn is a valid input."""
+        total = None
+        for k in range(4):
+            for flip in (False, True):
+                t = torch.rot90(x, k, dims=(2, 3))
+                t = t.flip(3) if flip else t
+                out = self._predict(t.contiguous())
+                out = torch.rot90(out.flip(3) if flip else out, -k, dims=(2, 3))
+                total = out if total is None else total + out
+        return total / 8
+
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         features = self.backbone(x)[self.in_feature]
