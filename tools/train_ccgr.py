@@ -6,6 +6,8 @@ CCGR from image-level labels to the final IS branch (Mask R-CNN), all rounds, on
     python tools/train_ccgr.py --config-file configs/ccgr_mnv2_synthetic.yaml --resume
         # continue at the first unfinished stage (inside it, from its last checkpoint)
     python tools/train_ccgr.py --config-file configs/ccgr_mnv2_synthetic.yaml CCGR.ROUNDS 5
+    python tools/train_ccgr.py --config-file configs/ccgr_mnv2_synthetic.yaml \
+        --until round1/pseudo_labels      # stop there, e.g. to look at the first pseudo labels
 
 Each stage writes into its own folder under OUTPUT_DIR (see wsis_d2.engine.ccgr_rounds); the
 final model is OUTPUT_DIR/round<ROUNDS>/is/model_final.pth, a stock Mask R-CNN for
@@ -37,10 +39,20 @@ def main(args):
         raise SystemExit("tools/train_ccgr.py runs its stages in one process (no --num-gpus, "
                          "--num-machines or --eval-only)")
     cfg = setup(args)
-    metrics = CCGRRounds(cfg).run(resume=args.resume)
+    metrics = CCGRRounds(cfg).run(resume=args.resume, until=getattr(args, "until", "") or None)
     print(json.dumps({str(k): v for k, v in metrics.items()}))
     return metrics
 
 
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--until", default="", metavar="STAGE",
+        help="stop after this stage, e.g. round1/pseudo_labels (the stages: proposals, "
+        "round1/classifier, round1/cues, round<k>/{cues,mil_ss,pseudo_labels,is})",
+    )
+    return parser
+
+
 if __name__ == "__main__":
-    main(default_argument_parser().parse_args())
+    main(argument_parser().parse_args())

@@ -123,7 +123,13 @@ class TestCCGRRounds(unittest.TestCase):
                 self.assertIn(key, m)
                 self.assertTrue(np.isfinite(m[key]))
             self.assertGreater(m["pseudo_instances"], 0)
+            # the stage diagnostics follow the objects through the round
+            for key in ("diag_bags_per_image", "diag_objects_with_bag", "diag_bag_recall50",
+                        "diag_mil_iou", "diag_refined_iou", "diag_pseudo_mask_iou"):
+                self.assertIn(key, m)
+            self.assertGreater(m["diag_bags_per_image"], 0)
         self.assertGreater(metrics[2]["seed_boxes_per_image"], 0)
+        self.assertGreater(metrics[1]["peaks_per_image"], 0)
         with open(os.path.join(out, "rounds.json")) as f:
             self.assertEqual(sorted(json.load(f)), ["1", "2"])
         # per-round metrics in detectron2's event storage (step = round)
@@ -147,6 +153,18 @@ class TestCCGRRounds(unittest.TestCase):
         image = np.random.default_rng(0).integers(0, 256, (97, 131, 3), dtype=np.uint8)
         inst = DefaultPredictor(is_cfg)(image)["instances"]
         self.assertEqual(inst.image_size, (97, 131))
+
+    def test_until_stops_after_the_stage(self):
+        out = os.path.join(self.tmp.name, "until")
+        cfg = _cfg(out)
+        cfg.freeze()
+        with self.assertRaisesRegex(ValueError, "round1/mil_ss"):
+            CCGRRounds(cfg).run(until="round1/mil")  # not a stage: the stages are listed
+        metrics = CCGRRounds(cfg).run(until="round1/cues")
+        self.assertTrue(os.path.isfile(os.path.join(out, "round1", "cues", STAGE_FILE)))
+        self.assertFalse(os.path.isdir(os.path.join(out, "round1", "mil_ss")))
+        self.assertEqual(list(metrics), [1])  # round 1 as far as it went: its cues
+        self.assertEqual(list(metrics[1]), ["peaks_per_image"])
 
     def test_round_without_pseudo_instances(self):
         out = os.path.join(self.tmp.name, "empty")

@@ -41,7 +41,7 @@ from ..data.ccgr_files import check_pseudo_label_json, write_cues, write_pseudo_
 from ..data.datasets import register_coco_counts_instances
 from ..data.mappers.lc_mapper import image_labels_of
 from ..data.proposals import SelectiveSearchProposals, check_proposals, load_proposal_file
-from ..evaluation import InstanceAPEvaluator
+from ..evaluation import CCGRStageDiagnostics, InstanceAPEvaluator
 from ..modeling.ccgr import semantic_labels_from_instances
 from .ccgr import compute_cues, cue_parameters, make_proposal_file, run_ccgr_inference
 from .defaults import WSISTrainer
@@ -281,9 +281,13 @@ class CCGRRounds:
         )
         evaluator = InstanceAPEvaluator(self.train_set, distributed=False)
         evaluator.reset()
+        diagnostics = CCGRStageDiagnostics()
+        by_id = {d["image_id"]: d for d in self.dicts}
         pseudo = {}
         for inp, out in run_ccgr_inference(model, loader):
             pseudo[inp["image_id"]] = out["instances"]
+            diagnostics.process(by_id[inp["image_id"]] if self.has_gt_masks else {
+                "height": inp["height"], "width": inp["width"]}, out)
             if self.has_gt_masks:
                 evaluator.process([inp], [out])
         ids = self.meta.get("thing_dataset_id_to_contiguous_id", None)
@@ -298,6 +302,11 @@ class CCGRRounds:
             self.meta.thing_classes,
         )
         metrics = {"pseudo_instances": float(n)}
+        diag = diagnostics.summary()
+        gt_free = ("bags_per_image", "pseudo_per_image")
+        metrics.update(
+            {f"diag_{k}": v for k, v in diag.items() if self.has_gt_masks or k in gt_free}
+        )
         if self.has_gt_masks:
             res = evaluator.evaluate()["wsis_instance"]
             metrics.update({f"pseudo_{m}": res[m] for m in ("mAP_r25", "mAP_r50", "mAP_b50")})
@@ -367,14 +376,22 @@ class CCGRRounds:
             names += [f"round{k}/mil_ss", f"round{k}/pseudo_labels", f"round{k}/is"]
         return names
 
-    def run(self, resume: bool = False) -> Dict[int, Dict[str, float]]:
+    def run(self, resume: bool = False, until: Optional[str] = None) -> Dict[int, Dict[str, float]]:
         """
         Run (or, with ``resume``, continue) every stage.
 
+        Args:
+            resume: skip finished stages, continue a training stage from its last checkpoint.
+            until: stop after this stage (one of :meth:`stages`), e.g. "round1/pseudo_labels"
+                to look at the first pseudo labels before training on them.
+
         Returns:
             {round: metrics}: the pseudo labels' quality on the training set (when it has
-            ground-truth masks) and the IS branch's mAP on DATASETS.TEST.
+            ground-truth masks) and the IS branch's mAP on DATASETS.TEST (rounds that finished
+            their IS branch; with ``until``, also the round that stopped, as far as it went).
         """
+        if until is not None and until not in self.stages():
+            raise ValueError(f"until: {until!r} is not a stage; the stages are {self.stages()}")
         self.resume = resume
         os.makedirs(self.output, exist_ok=True)
         writers = [
@@ -384,31 +401,54 @@ class CCGRRounds:
         total = len(self.stages())
         done = 0
 
+        class _Until(Exception):
+            pass
+
         def stage(name, fn):
             nonlocal done
             done += 1
             logger.info(f"CCGR: [{done}/{total}] {name}")
-            return self._stage(name, fn)
+            out = self._stage(name, fn)
+            if name == until:
+                metrics.update(out)
+                raise _Until()
+            return out
 
-        stage("proposals", self._proposals)
-        stage("round1/classifier", self._classifier)
-        stage("round1/cues", self._round1_cues)
-        for k in range(1, self.cfg.CCGR.ROUNDS + 1):
-            metrics = OrderedDict()
-            if k > 1:
-                metrics.update(stage(f"round{k}/cues", lambda f, k=k: self._seed_cues(k, f)))
-            stage(f"round{k}/mil_ss", lambda f, k=k: self._mil_ss(k, f))
-            metrics.update(stage(f"round{k}/pseudo_labels", lambda f, k=k: self._pseudo_labels(k, f)))
-            metrics.update(stage(f"round{k}/is", lambda f, k=k: self._is_branch(k, f)))
-            self.metrics[k] = metrics
-            with EventStorage(start_iter=k) as storage:
-                for key, value in metrics.items():
-                    storage.put_scalar(f"ccgr/{key}", float(value), smoothing_hint=False)
-                for w in writers:
-                    w.write()
-            with open(os.path.join(self.output, "rounds.json"), "w") as f:
-                json.dump({str(r): m for r, m in self.metrics.items()}, f, indent=2)
-            logger.info(f"CCGR: round {k}: {json.dumps(metrics)}")
+        metrics = OrderedDict()
+        try:
+            stage("proposals", self._proposals)
+            stage("round1/classifier", self._classifier)
+            cues1 = stage("round1/cues", self._round1_cues)
+            for k in range(1, self.cfg.CCGR.ROUNDS + 1):
+                metrics = OrderedDict(cues1 if k == 1 else {})
+                if k > 1:
+                    metrics.update(stage(f"round{k}/cues", lambda f, k=k: self._seed_cues(k, f)))
+                stage(f"round{k}/mil_ss", lambda f, k=k: self._mil_ss(k, f))
+                metrics.update(
+                    stage(f"round{k}/pseudo_labels", lambda f, k=k: self._pseudo_labels(k, f))
+                )
+                metrics.update(stage(f"round{k}/is", lambda f, k=k: self._is_branch(k, f)))
+                self._finish_round(k, metrics, writers)
+        except _Until:
+            k = next(
+                (r for r in range(1, self.cfg.CCGR.ROUNDS + 1) if until.startswith(f"round{r}/")),
+                0,
+            )
+            if k and metrics:
+                self._finish_round(k, metrics, writers)
+            logger.info(f"CCGR: stopped after stage {until}")
         for w in writers:
             w.close()
         return self.metrics
+
+    def _finish_round(self, k: int, metrics: Dict[str, float], writers) -> None:
+        """Record round k's metrics (event storage, rounds.json, log)."""
+        self.metrics[k] = metrics
+        with EventStorage(start_iter=k) as storage:
+            for key, value in metrics.items():
+                storage.put_scalar(f"ccgr/{key}", float(value), smoothing_hint=False)
+            for w in writers:
+                w.write()
+        with open(os.path.join(self.output, "rounds.json"), "w") as f:
+            json.dump({str(r): m for r, m in self.metrics.items()}, f, indent=2)
+        logger.info(f"CCGR: round {k}: {json.dumps(metrics)}")

@@ -2,7 +2,13 @@
 from .counting import CountingEvaluator, counting_metrics
 from .density import DensityEvaluator
 from .instance_ap import InstanceAPEvaluator
-from .pseudo_labels import SemanticConfusion, proposal_recall, semantic_ground_truth
+from .pseudo_labels import (
+    CCGRStageDiagnostics,
+    SemanticConfusion,
+    instance_ground_truth,
+    proposal_recall,
+    semantic_ground_truth,
+)
 
 __all__ = [
     "InstanceAPEvaluator",
@@ -10,6 +16,8 @@ __all__ = [
     "counting_metrics",
     "DensityEvaluator",
     "SemanticConfusion",
+    "CCGRStageDiagnostics",
+    "instance_ground_truth",
     "proposal_recall",
     "semantic_ground_truth",
 ]

@@ -69,7 +69,8 @@ class CCGRNet(nn.Module):
     - "instances": the pseudo instances (:func:`pseudo_instances` of the refined MIL boxes, their
       masks re-labelled by :func:`grabcut_masks` under ``MODEL.CCGR.MASK_REFINE`` "grabcut"), or,
       for an input without peaks or labels, the connected components of the segmentation;
-    - "ccgr": {"classes", "peaks" (rows of the output-size peaks), "mil_boxes", "mil_scores",
+    - "ccgr": {"classes", "peaks" (rows of the output-size peaks), "bag_boxes" (B, K, 4) the
+      boxes of each bag, "mil_boxes", "mil_scores",
       "refined_boxes", "snapshots" {step: boxes}} at the output size, for the ablations.
     """
 
@@ -376,6 +377,7 @@ class CCGRNet(nn.Module):
         result["ccgr"] = {
             "classes": bag_labels,
             "peaks": peaks_out[bag_peaks],
+            "bag_boxes": boxes.tensor[bags] * scale,
             "mil_boxes": mil_boxes,
             "mil_scores": mil_scores.detach(),
             "refined_boxes": refined,
