@@ -299,6 +299,10 @@ def add_ccgr_config(cfg):
     # a local maximum (radius MODEL.LC.PEAK_RADIUS) of a present class's map is a peak (a bag)
     # when its value is at least this fraction of that map's largest value
     _C.MODEL.CCGR.PEAK_RELATIVE_THRESHOLD = 0.5
+    # ... and a prominence of at least this fraction of the map's range (max − min): a peak
+    # joined to a higher one by a saddle less deep is a part of the same object (0: off, as in
+    # the paper)
+    _C.MODEL.CCGR.PEAK_PROMINENCE = 0.0
     # round-1 pseudo semantic labels from the class maps: "regions" (class maps averaged over
     # graph-based image regions, then thresholded) or "pixels" (thresholded per pixel)
     _C.MODEL.CCGR.CUE_MODE = "regions"

@@ -14,6 +14,7 @@ from wsis_d2.modeling.ccgr import (
     build_bags,
     class_map_cues,
     merge_plateau_peaks,
+    prominent_peaks,
     component_instances,
     grabcut_masks,
     pseudo_instances,
@@ -193,6 +194,35 @@ class TestClassMapCues(unittest.TestCase):
         self.assertEqual(unmerged, [(0, 1, 3.0), (0, 0, 2.0), (5, 5, 1.0)])
         self.assertEqual(merge_plateau_peaks(torch.zeros(0, 2, dtype=torch.long),
                                              torch.zeros(0), (8, 8)), [])
+
+    def test_prominence_merges_part_peaks_keeps_objects(self):
+        ys, xs = torch.meshgrid(torch.arange(40.0), torch.arange(60.0), indexing="ij")
+
+        def bump(y, x, height, spread=8.0):
+            return height * torch.exp(-((ys - y) ** 2 + (xs - x) ** 2) / spread)
+
+        # one large object with two local maxima on a shallow saddle (its parts), and a second
+        # object of the same class, separated from it by a deep valley
+        # (saddle 0.85 between maxima 1.04 and 0.99: a dynamic of 0.14 of the range)
+        m = bump(15, 12, 1.0, 30) + bump(15, 22, 0.95, 30) + bump(30, 48, 0.9)
+        labels = torch.tensor([1.0])
+        plain, _ = class_map_cues(m[None], labels, None, (40, 60), mode="pixels")
+        self.assertEqual(len(plain), 3)
+        peaks, _ = class_map_cues(m[None], labels, None, (40, 60), mode="pixels",
+                                  peak_prominence=0.2)
+        self.assertEqual(peaks[:, 1:3].tolist(), [[12.5, 15.5], [48.5, 30.5]])
+        # a prominence below the saddle keeps the three; above every valley, the maximum only
+        low, _ = class_map_cues(m[None], labels, None, (40, 60), mode="pixels",
+                                peak_prominence=0.1)
+        self.assertEqual(len(low), 3)
+        top, _ = class_map_cues(m[None], labels, None, (40, 60), mode="pixels",
+                                peak_prominence=0.99)
+        self.assertEqual(top[:, 1:3].tolist(), [[12.5, 15.5]])
+        # the function alone: the peaks at the top of an h-dome, in the given order
+        found = [(15, 12, float(m[15, 12])), (15, 22, float(m[15, 22])), (30, 48, float(m[30, 48]))]
+        self.assertEqual(prominent_peaks(m, found, 0.2), [found[0], found[2]])
+        # a part peak is not the top of an h-dome, also when the dome's top is not given
+        self.assertEqual(prominent_peaks(m, found[1:], 0.2), found[2:])
 
     def test_regions_follow_the_image(self):
         image = torch.zeros(3, 20, 30)

@@ -32,6 +32,7 @@ def cue_parameters(cfg) -> Dict:
     return {
         "peak_radius": cfg.MODEL.LC.PEAK_RADIUS,
         "peak_threshold": c.PEAK_RELATIVE_THRESHOLD,
+        "peak_prominence": c.PEAK_PROMINENCE,
         "mode": c.CUE_MODE,
         "fg_threshold": c.FG_THRESHOLD,
         "bg_threshold": c.BG_THRESHOLD,
