@@ -1,0 +1,71 @@
+"""The real-data benchmarks stop at once, naming the missing path, when their data is absent."""
+
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(*args, env=None):
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+class TestMissingData(unittest.TestCase):
+    def test_vgg_cells_benchmark_names_the_folder(self):
+        with tempfile.TemporaryDirectory() as d:
+            missing = os.path.join(d, "nowhere", "vgg_cells")
+            res = _run("tools/benchmark_density.py", "--dataset", "vgg_cells", "--data-root",
+                       missing)
+            self.assertNotEqual(res.returncode, 0)
+            self.assertIn(missing, res.stderr)
+            # the default: $DETECTRON2_DATASETS/vgg_cells
+            res = _run("tools/benchmark_density.py", "--dataset", "vgg_cells",
+                       env={"DETECTRON2_DATASETS": d})
+            self.assertNotEqual(res.returncode, 0)
+            self.assertIn(os.path.join(d, "vgg_cells"), res.stderr)
+
+    def test_real_benchmark_names_the_file(self):
+        with tempfile.TemporaryDirectory() as d:
+            missing = os.path.join(d, "train.json")
+            res = _run("tools/benchmark_real.py", "--json", missing, "--images", d,
+                       "--output", os.path.join(d, "out"))
+            self.assertNotEqual(res.returncode, 0)
+            self.assertIn(f"--json: {missing} does not exist", res.stderr)
+
+
+class TestRealSplit(unittest.TestCase):
+    def test_stratified_seeded_split(self):
+        sys.path.insert(0, os.path.join(ROOT, "tools"))
+        try:
+            from benchmark_real import split_coco
+        finally:
+            sys.path.pop(0)
+        images, anns = [], []
+        # 40 images of class 1, 20 of class 2, 8 of both; labels from image_labels or annotations
+        for i in range(68):
+            labels = [1] if i < 40 else [2] if i < 60 else [1, 2]
+            img = {"id": i + 1, "file_name": f"{i}.jpg", "height": 8, "width": 8}
+            if i % 2:
+                img["image_labels"] = labels
+            else:
+                anns += [{"id": len(anns) + 1, "image_id": i + 1, "category_id": c,
+                          "bbox": [0, 0, 2, 2]} for c in labels]
+            images.append(img)
+        data = {"images": images, "annotations": anns, "categories": [{"id": 1}, {"id": 2}]}
+        train, val = split_coco(data, 0.25, seed=0)
+        tr, va = {i["id"] for i in train["images"]}, {i["id"] for i in val["images"]}
+        self.assertFalse(tr & va)
+        self.assertEqual(tr | va, set(range(1, 69)))
+        self.assertEqual(len(va & set(range(1, 41))), 10)  # a quarter of each label set
+        self.assertEqual(len(va & set(range(41, 61))), 5)
+        self.assertEqual(len(va & set(range(61, 69))), 2)
+        self.assertTrue(all(a["image_id"] in va for a in val["annotations"]))
+        self.assertEqual(len(train["annotations"]) + len(val["annotations"]), len(anns))
+        self.assertEqual(split_coco(data, 0.25, seed=0)[1], val)  # seeded
+        self.assertNotEqual({i["id"] for i in split_coco(data, 0.25, seed=1)[1]["images"]}, va)
