@@ -15,9 +15,11 @@ never sees (image-level labels only):
 4. pseudo labels on the training images, scored by ``InstanceAPEvaluator`` (instances ranked by
    the MIL score), the paper's Table 3 analogue:
    (a) boxes and masks of the connected components of the segmentation, no MIL;
-   (b) the MIL branch's boxes, no refinement; (c) MIL + CCGR (200 steps, projected onto boxes
-   that contain the MIL box by default: ``MODEL.CCGR.REFINE_GROW_ONLY``), and (c) with the other
-   setting (``c_ccgr_free``: the paper's unconstrained descent);
+   (b) the MIL branch's boxes, no refinement; (c) MIL + CCGR (by default the search of the
+   allowed boxes, ``MODEL.CCGR.REFINE_SEARCH``, then 200 steps, projected onto boxes that contain
+   the MIL box, ``MODEL.CCGR.REFINE_GROW_ONLY``), (c) with the other grow-only setting
+   (``c_ccgr_free``: unconstrained) and (c) with the other search setting (``c_ccgr_descent``:
+   the paper's descent alone; ``c_ccgr_search`` when the config turns the search off);
    and mAP^b_50 after 0, 40, ..., 200 refinement steps (the paper's Fig. 5, also drawn as a PNG),
    and the mIoU of the SS branch's segmentation (argmax of S) against the ground truth;
 5. the cost of refining all boxes of an image relative to one SS-branch forward (backbone + PSP
@@ -180,19 +182,21 @@ def evaluate_variants(args, cfg, model, dataset, dicts):
     return res, curve, pseudo, infer_s, t_ss, t_refine
 
 
-def evaluate_other_refinement(cfg, model, dataset):
-    """mAP of variant (c) with the other ``REFINE_GROW_ONLY`` setting (the paper's unconstrained
-    descent when the default grow-only one is in force): a second pass over the images."""
+def evaluate_other_refinement(cfg, model, dataset, attr):
+    """mAP of variant (c) with the model's boolean refinement setting ``attr`` flipped
+    (``refine_grow_only``: the paper's unconstrained descent when the default grow-only one is in
+    force; ``refine_search``: the paper's descent alone when the default search is on): a second
+    pass over the images."""
     loader = build_detection_test_loader(cfg, dataset, mapper=build_dataset_mapper(cfg, False))
     evaluator = InstanceAPEvaluator(dataset, distributed=False)
     evaluator.reset()
-    grow = model.refine_grow_only
-    model.refine_grow_only = not grow
+    value = getattr(model, attr)
+    setattr(model, attr, not value)
     try:
         for inp, out in run_ccgr_inference(model, loader):
             evaluator.process([inp], [out])
     finally:
-        model.refine_grow_only = grow
+        setattr(model, attr, value)
     return evaluator.evaluate()["wsis_instance"]
 
 
@@ -315,11 +319,17 @@ def main(argv=None):
     res, curve, pseudo, times["time_pseudo_labels_s"], t_ss, t_refine = evaluate_variants(
         args, ccgr_cfg, trainer.model, dataset, dicts
     )
-    start = time.perf_counter()
-    other = "free" if ccgr_cfg.MODEL.CCGR.REFINE_GROW_ONLY else "grow_only"
-    res[other] = evaluate_other_refinement(ccgr_cfg, trainer.model, dataset)
-    times[f"time_pseudo_labels_{other}_s"] = time.perf_counter() - start
-    variants = (("cc", "a_cc"), ("mil", "b_mil"), ("ccgr", "c_ccgr"), (other, f"c_ccgr_{other}"))
+    others = (
+        ("free" if ccgr_cfg.MODEL.CCGR.REFINE_GROW_ONLY else "grow_only", "refine_grow_only"),
+        ("descent" if ccgr_cfg.MODEL.CCGR.REFINE_SEARCH else "search", "refine_search"),
+    )
+    for other, attr in others:
+        start = time.perf_counter()
+        res[other] = evaluate_other_refinement(ccgr_cfg, trainer.model, dataset, attr)
+        times[f"time_pseudo_labels_{other}_s"] = time.perf_counter() - start
+    variants = (("cc", "a_cc"), ("mil", "b_mil"), ("ccgr", "c_ccgr")) + tuple(
+        (other, f"c_ccgr_{other}") for other, _ in others
+    )
     for key, name in variants:
         out[f"mAP_b50_{name}"] = res[key]["mAP_b50"]
         out[f"mAP_r50_{name}"] = res[key]["mAP_r50"]

@@ -332,6 +332,8 @@ def add_ccgr_config(cfg):
     # which also cuts the pointed or thin parts off objects that fill their box only partly
     # (wsis_d2.layers.refine_context_gap; measured in README "CCGR")
     _C.MODEL.CCGR.REFINE_GROW_ONLY = True
+    # search the allowed boxes for the least L of Eq. 3, then descend (False: the paper's descent)
+    _C.MODEL.CCGR.REFINE_SEARCH = True
     # --- pseudo instance masks ---
     # mask = pixels of the refined box whose class score S_c is >= this
     _C.MODEL.CCGR.MASK_THRESHOLD = 0.5

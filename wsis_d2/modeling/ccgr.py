@@ -24,7 +24,10 @@ for Weakly Supervised Instance Segmentation", AAAI 2020), as functions of tensor
    (``MODEL.CCGR.REFINE_GROW_ONLY``; not in the paper) the descent is projected onto the boxes
    that contain the MIL box: the paper refines part boxes into whole objects, and unconstrained
    the mean-based gap also shrinks good boxes of objects that fill them only partly (triangles,
-   stars, crescents lose their tips).
+   stars, crescents lose their tips). By default (``MODEL.CCGR.REFINE_SEARCH``; not in the
+   paper) a global search over those allowed boxes comes first and the descent polishes its
+   box: on flat regions of S (plateaus, the rule for S averaged over image regions) ∂L/∂B = 0
+   and the descent alone stays near the MIL box.
 4. **Pseudo masks** (:func:`pseudo_instances`): S_c inside the refined box thresholded; duplicate
    boxes of one class removed by NMS; pixels claimed by several masks go to the best-scored one.
    Optionally (not in the paper) each mask is then re-labelled by GrabCut on the image colours

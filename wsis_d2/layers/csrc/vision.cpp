@@ -28,7 +28,7 @@ TORCH_LIBRARY(wsis_d2, m) {
   // BoxRefine: CCGR's center-context-gap refinement, all steps in the op; see BoxRefine/BoxRefine.h
   m.def("refine_context_gap(Tensor S, Tensor boxes, Tensor classes, Tensor peaks, Tensor own,"
         " int steps, float lr, float context_scale, float min_size, Tensor snapshot_steps,"
-        " bool grow_only)"
+        " bool grow_only, bool search=False)"
         " -> (Tensor, Tensor, Tensor)");
   // GraphSegment: Felzenszwalb-Huttenlocher labels (H, W) from grid edge weights (4, H, W), CPU
   // only; see GraphSegment/GraphSegment.h

@@ -93,6 +93,7 @@ class CCGRNet(nn.Module):
         context_scale: float = 1.5,
         min_box_size: float = 4.0,
         refine_grow_only: bool = True,
+        refine_search: bool = True,
         mask_threshold: float = 0.5,
         nms_threshold: float = 0.5,
         score_mode: str = "regions",
@@ -116,6 +117,10 @@ class CCGRNet(nn.Module):
             refine_grow_only: keep each refined box containing its MIL box (projected descent,
                 ``grow_only`` of :func:`wsis_d2.layers.refine_context_gap`); False: the paper's
                 unconstrained descent.
+            refine_search: move each box to the least L that a global search over the allowed
+                boxes finds before the descent (``search`` of
+                :func:`wsis_d2.layers.refine_context_gap`: the descent alone stalls on flat
+                score regions); False: the paper's pure descent.
             mask_threshold, nms_threshold: the pseudo masks.
             score_mode: what the refinement and the pseudo masks read: "pixels" (S per pixel, as
                 the paper) or "regions" (S averaged over the graph-based regions of the image,
@@ -141,6 +146,7 @@ class CCGRNet(nn.Module):
         self.context_scale = float(context_scale)
         self.min_box_size = float(min_box_size)
         self.refine_grow_only = bool(refine_grow_only)
+        self.refine_search = bool(refine_search)
         self.mask_threshold = float(mask_threshold)
         self.nms_threshold = float(nms_threshold)
         if score_mode not in ("pixels", "regions"):
@@ -188,6 +194,7 @@ class CCGRNet(nn.Module):
             "refine_lr": c.REFINE_LR,
             "context_scale": c.CONTEXT_SCALE,
             "refine_grow_only": c.REFINE_GROW_ONLY,
+            "refine_search": c.REFINE_SEARCH,
             "min_box_size": c.MIN_BOX_SIZE,
             "mask_threshold": c.MASK_THRESHOLD,
             "nms_threshold": c.NMS_THRESHOLD,
@@ -427,6 +434,7 @@ class CCGRNet(nn.Module):
             min_size=self.min_box_size,
             snapshots=self.refine_snapshots,
             grow_only=self.refine_grow_only,
+            search=self.refine_search,
         )
         return refined, snapshots
 

@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <vector>
+
 namespace wsis_d2 {
 
 namespace {
@@ -42,7 +44,8 @@ void check_inputs(const at::Tensor& S, const at::Tensor& boxes, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> refine_context_gap_cpu(
     const at::Tensor& S_in, const at::Tensor& boxes_in, const at::Tensor& classes_in,
     const at::Tensor& peaks_in, const at::Tensor& own_in, int64_t steps, double lr,
-    double context_scale, double min_size, const at::Tensor& snapshot_steps_in, bool grow_only) {
+    double context_scale, double min_size, const at::Tensor& snapshot_steps_in, bool grow_only,
+    bool search) {
   check_inputs(S_in, boxes_in, classes_in, peaks_in, own_in, steps, snapshot_steps_in);
   const auto S = S_in.contiguous();
   auto out = boxes_in.contiguous().clone();
@@ -64,9 +67,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> refine_context_gap_cpu(
   double* sn = snaps.data_ptr<double>();
   bool* stop = stopped.data_ptr<bool>();
   at::parallel_for(0, K, 1, [&](int64_t kb, int64_t ke) {
+    std::vector<double> scratch(search ? search_scratch_size(H, W, P) : 0);
     for (int64_t k = kb; k < ke; ++k) {
       stop[k] = refine_one_box(sp + cls[k] * SS, H, W, x + 4 * k, cls[k], pk, P, ow[k], steps, lr,
-                               context_scale, min_size, grow_only, st, T, sn + 4 * k, 4 * K);
+                               context_scale, min_size, grow_only, st, T, sn + 4 * k, 4 * K,
+                               search, scratch.data());
     }
   });
   return {out, snaps, stopped};
