@@ -125,6 +125,10 @@ def add_lc_config(cfg):
     # peaks at least this far apart (input pixels) share one backward vector, their summed map
     # split by a seeded watershed; < 0 = one vector per peak (exact PRMs, ~1 backward per peak)
     _C.MODEL.LC.PRM.GROUP_DISTANCE = -1.0
+    # the instances of a class are its prominent peaks first (h-maxima: a peak joined to a higher
+    # one by a saddle shallower than this fraction of the map's range is a part of the same
+    # object), then the others; each by value (0: by value alone, the paper)
+    _C.MODEL.LC.PRM.PEAK_PROMINENCE = 0.0
     # β of the density-aware instance score σ(s_c)·σ(M^c_peak)·exp(−β·|1 − Σ_mask D̄^c|)
     _C.MODEL.LC.PRM.DENSITY_WEIGHT = 1.0
     # box proposals (inputs' "proposals", e.g. from DATASETS.PROPOSAL_FILES_TEST): PRM retrieval

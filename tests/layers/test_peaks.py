@@ -7,7 +7,7 @@ from unittest import mock
 import torch
 
 from wsis_d2.layers import _ext, compiled_ops_available, find_peaks, find_peaks_reference
-from wsis_d2.layers import kth_peak_value
+from wsis_d2.layers import kth_peak_value, prominent_peaks
 
 
 def brute_force_peaks(maps, radius, threshold=None):
@@ -191,6 +191,34 @@ class TestPeaksCPU(PeaksTestBody, unittest.TestCase):
             with self.assertNoLogs(_ext.logger, "WARNING"):
                 find_peaks(maps, 1)
         self.assertSamePeaks(got, expected)
+
+
+class TestProminentPeaks(unittest.TestCase):
+    def test_part_peaks_merge_objects_stay(self):
+        ys, xs = torch.meshgrid(torch.arange(40.0), torch.arange(60.0), indexing="ij")
+
+        def bump(y, x, height, spread):
+            return height * torch.exp(-((ys - y) ** 2 + (xs - x) ** 2) / spread)
+
+        # one object with two maxima on a shallow saddle (0.85 between 1.04 and 0.99), and a
+        # second one behind a deep valley
+        m = bump(15, 12, 1.0, 30) + bump(15, 22, 0.95, 30) + bump(30, 48, 0.9, 8)
+        found = find_peaks(m[None, None], 1, None)
+        yx, val = found.indices[:, 2:], found.values
+        self.assertEqual(yx.tolist(), [[15, 12], [15, 21], [30, 48]])
+        self.assertEqual(prominent_peaks(m, yx, val, 0.2).tolist(), [True, False, True])
+        self.assertEqual(prominent_peaks(m, yx, val, 0.1).tolist(), [True, True, True])
+        self.assertEqual(prominent_peaks(m, yx, val, 0.95).tolist(), [True, False, False])
+        # a part peak is not the top of a dome, also when the dome's top is not among the peaks
+        self.assertEqual(prominent_peaks(m, yx[1:], val[1:], 0.2).tolist(), [False, True])
+        # one per dome: of two equal tops of a plateau, the first
+        flat = torch.zeros(5, 9)
+        flat[2, 2:5] = 1.0
+        self.assertEqual(
+            prominent_peaks(flat, torch.tensor([[2, 2], [2, 4]]), torch.ones(2), 0.5).tolist(),
+            [True, False],
+        )
+        self.assertEqual(prominent_peaks(m, yx[:0], val[:0], 0.2).shape, (0,))
 
 
 @unittest.skipIf(not torch.cuda.is_available(), "needs a GPU")

@@ -14,7 +14,6 @@ from wsis_d2.modeling.ccgr import (
     build_bags,
     class_map_cues,
     merge_plateau_peaks,
-    prominent_peaks,
     component_instances,
     grabcut_masks,
     pseudo_instances,
@@ -218,11 +217,6 @@ class TestClassMapCues(unittest.TestCase):
         top, _ = class_map_cues(m[None], labels, None, (40, 60), mode="pixels",
                                 peak_prominence=0.99)
         self.assertEqual(top[:, 1:3].tolist(), [[12.5, 15.5]])
-        # the function alone: the peaks at the top of an h-dome, in the given order
-        found = [(15, 12, float(m[15, 12])), (15, 22, float(m[15, 22])), (30, 48, float(m[30, 48]))]
-        self.assertEqual(prominent_peaks(m, found, 0.2), [found[0], found[2]])
-        # a part peak is not the top of an h-dome, also when the dome's top is not given
-        self.assertEqual(prominent_peaks(m, found[1:], 0.2), found[2:])
 
     def test_regions_follow_the_image(self):
         image = torch.zeros(3, 20, 30)

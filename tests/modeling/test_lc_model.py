@@ -18,6 +18,7 @@ from detectron2.utils.events import EventStorage
 import wsis_d2  # noqa: F401  (registers models)
 from wsis_d2 import add_wsis_config
 from wsis_d2.evaluation import CountingEvaluator, InstanceAPEvaluator
+from wsis_d2.layers import find_peaks
 from wsis_d2.modeling.meta_arch.lc import fit_lower_count_gain
 from wsis_d2.modeling.prm import segment_image
 
@@ -457,6 +458,30 @@ class TestInference(unittest.TestCase):
             self.model.inference_single(inp, counts=torch.tensor([1.0, -1.0, 0.0]))
         with self.assertRaisesRegex(ValueError, "inference counts"):
             self.model.inference_single(inp, counts=torch.tensor([1.0, 1.0]))
+
+    def test_prominent_peaks_first(self):
+        ys, xs = torch.meshgrid(torch.arange(20.0), torch.arange(30.0), indexing="ij")
+
+        def bump(y, x, height, spread):
+            return height * torch.exp(-((ys - y) ** 2 + (xs - x) ** 2) / spread)
+
+        # class 0: a large object with two maxima on a shallow saddle, a second object lower
+        maps = torch.zeros(1, C, 20, 30)
+        maps[0, 0] = bump(8, 6, 1.0, 30) + bump(8, 16, 0.95, 30) + bump(16, 26, 0.8, 4)
+        found = find_peaks(maps, 1, None)
+        counts = torch.tensor([2.0] + [0.0] * (C - 1))
+        by_value = self.model._retained_peaks(maps, found.indices, counts, (20, 30))
+        self.assertEqual(by_value[:, 2:].tolist(), [[8, 6], [8, 15]])  # two parts of one
+        self.model.prm_peak_prominence = 0.2
+        try:
+            kept = self.model._retained_peaks(maps, found.indices, counts, (20, 30))
+            self.assertEqual(kept[:, 2:].tolist(), [[8, 6], [16, 26]])  # two objects
+            # beyond the prominent peaks, the others by value
+            counts[0] = 3.0
+            three = self.model._retained_peaks(maps, found.indices, counts, (20, 30))
+            self.assertEqual(three[:, 2:].tolist(), [[8, 6], [16, 26], [8, 15]])
+        finally:
+            self.model.prm_peak_prominence = 0.0
 
     def test_segment_masks(self):
         inp = make_input(64, 80, [0] * C, seed=9)

@@ -24,6 +24,7 @@ from .peaks import (
     find_peaks_reference,
     kth_peak_value,
     peak_mask_reference,
+    prominent_peaks,
 )
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "find_peaks_reference",
     "kth_peak_value",
     "peak_mask_reference",
+    "prominent_peaks",
     "IntegralImage",
     "box_sum",
     "box_mean",

@@ -155,3 +155,41 @@ def kth_peak_value(
     if valid.any():
         out[valid] = peaks.values.to(maps.device)[(starts + rank)[valid]].to(maps.dtype)
     return out.view(n, c)
+
+
+def prominent_peaks(
+    peak_map: torch.Tensor, yx: torch.Tensor, values: torch.Tensor, height: float
+) -> torch.Tensor:
+    """
+    Which peaks of a map have a prominence (dynamic) of at least ``height``: those at the top of
+    an h-dome, where M − R ≥ h for R the morphological reconstruction by dilation of M − h under
+    M (``skimage.morphology.h_maxima``), one per dome (the highest; equal values: the first). A
+    part of a large object often makes a local maximum of its own, joined to the object's main
+    maximum by a shallow saddle, while two objects are separated by the dip of the map between
+    them. The global maximum always tops a dome.
+
+    Args:
+        peak_map: (H, W) M (NaN: not allowed).
+        yx: (P, 2) long (y, x) of the peaks (e.g. of :func:`find_peaks`). values: (P,) their M.
+        height: h, in the units of M (> 0).
+
+    Returns:
+        (P,) bool: the peaks kept.
+    """
+    from scipy import ndimage
+    from skimage.morphology import h_maxima
+
+    keep = torch.zeros(yx.shape[0], dtype=torch.bool)
+    if yx.shape[0] == 0:
+        return keep
+    m = peak_map.detach().double().cpu().numpy()
+    domes, _ = ndimage.label(h_maxima(m, float(height)), structure=[[1, 1, 1]] * 3)
+    pos = yx.long().cpu().numpy()
+    val = values.detach().double().cpu().numpy()
+    best = {}
+    for i, (y, x) in enumerate(pos):
+        d = int(domes[y, x])
+        if d and (d not in best or val[i] > val[best[d]]):
+            best[d] = i
+    keep[list(best.values())] = True
+    return keep.to(yx.device)

@@ -55,7 +55,6 @@ from ..layers import IntegralImage, context_boxes, refine_context_gap
 __all__ = [
     "class_map_cues",
     "merge_plateau_peaks",
-    "prominent_peaks",
     "build_bags",
     "bags_from_boxes",
     "semantic_labels_from_instances",
@@ -119,39 +118,6 @@ def merge_plateau_peaks(
     return out
 
 
-def prominent_peaks(
-    class_map: torch.Tensor, peaks: List[Tuple[int, int, float]], height: float
-) -> List[Tuple[int, int, float]]:
-    """
-    The peaks of a map whose prominence (dynamic) is at least ``height``: those at the top of
-    an h-dome, where M − R ≥ h for R the morphological reconstruction by dilation of M − h under
-    M (``skimage.morphology.h_maxima``), one per dome (the highest). A part of a large object
-    often makes a local maximum of its own, joined to the object's main maximum by a shallow
-    saddle; two objects are separated by the dip of the map between them. The global maximum
-    always tops a dome, so a present class keeps at least one peak.
-
-    Args:
-        class_map: (H, W) M^c. peaks: [(y, x, value)] of :func:`merge_plateau_peaks`.
-        height: h, in the units of M.
-
-    Returns:
-        the kept peaks, in the order of ``peaks``.
-    """
-    from skimage.morphology import h_maxima
-
-    m = class_map.detach().double().cpu().numpy()
-    regions, _ = ndimage.label(h_maxima(m, height), structure=np.ones((3, 3), dtype=bool))
-    best = {}
-    for y, x, v in peaks:
-        r = int(regions[y, x])
-        if r and (r not in best or v > best[r][2]):
-            best[r] = (y, x, v)
-    kept = set(best.values())
-    if not kept:  # the global maximum's region lost its peak to the threshold: keep the best
-        return peaks[:1]
-    return [p for p in peaks if p in kept]
-
-
 def class_map_cues(
     class_maps: torch.Tensor,
     labels: torch.Tensor,
@@ -184,7 +150,7 @@ def class_map_cues(
             (max M^c − min M^c):
             every path from it to a higher peak must descend that far below it; of the peaks
             that do not, only the highest of each h-maximum region stays
-            (:func:`prominent_peaks`). 0: off (the paper).
+            (:func:`wsis_d2.layers.prominent_peaks`). 0: off (the paper).
         mode: "regions" or "pixels".
         fg_threshold, bg_threshold: thresholds on M̄^c = M^c / max M^c (see the module docstring).
         segment_*: graph-based segmentation of "regions" (k, σ, minimum size in input pixels).
@@ -215,7 +181,14 @@ def class_map_cues(
         keep = val >= peak_threshold * top if top > 0 else val >= top
         merged = merge_plateau_peaks(idx[keep][:, 2:], val[keep], (h, w), peak_radius)
         if peak_prominence > 0 and merged:
-            merged = prominent_peaks(m, merged, peak_prominence * (top - float(m.min())))
+            kept = wsis_layers.prominent_peaks(
+                m,
+                torch.tensor([(y, x) for y, x, _ in merged], dtype=torch.long),
+                torch.tensor([v for _, _, v in merged], dtype=torch.float64),
+                peak_prominence * (top - float(m.min())),
+            )
+            # the map's maximum tops a dome unless the threshold dropped it: then keep the best
+            merged = [p for p, k in zip(merged, kept.tolist()) if k] or merged[:1]
         for y, x, v in merged:
             peaks.append([c, (x + 0.5) * sx, (y + 0.5) * sy, v])
     peaks_t = torch.tensor(peaks, dtype=torch.float32).reshape(-1, 4)

@@ -185,6 +185,7 @@ class ImageLevelCounter(nn.Module):
         prm_segment_min_size: int = 10,
         prm_max_batch: int = 32,
         prm_group_distance: float = -1.0,
+        prm_peak_prominence: float = 0.0,
         density_weight: float = 1.0,
         proposal_balance: float = 1.0,
         proposal_bg_penalty: float = 1.0,
@@ -221,6 +222,9 @@ class ImageLevelCounter(nn.Module):
                 segmentation of "segments" (:func:`segment_image`).
             prm_group_distance: peaks at least this far apart (input pixels) share a backward
                 vector; < 0: one vector per peak (exact PRMs).
+            prm_peak_prominence: the instances of a class are its prominent peaks first
+                (:func:`wsis_d2.layers.prominent_peaks`, h = this · the map's range), then the
+                others, each by value; 0: by value alone (the paper).
             density_weight: β of the density-aware instance score.
             proposal_*: PRM instance retrieval with box proposals.
             channels_last: keep weights and inputs in channels-last (NHWC) memory format
@@ -260,6 +264,11 @@ class ImageLevelCounter(nn.Module):
         self.density_start_iter = int(density_start_iter)
         self.class_threshold = float(class_threshold)
         self.prm_enabled = bool(prm_enabled)
+        self.prm_peak_prominence = float(prm_peak_prominence)
+        if not 0.0 <= self.prm_peak_prominence < 1.0:
+            raise ValueError(
+                f"MODEL.LC.PRM.PEAK_PROMINENCE must be in [0, 1), got {prm_peak_prominence}"
+            )
         self.prm_smooth_sigma = float(prm_smooth_sigma)
         self.prm_mask_threshold = float(prm_mask_threshold)
         if not 0.0 < self.prm_mask_threshold <= 1.0:
@@ -363,6 +372,7 @@ class ImageLevelCounter(nn.Module):
             "density_start_iter": lc.DENSITY_START_ITER,
             "class_threshold": lc.CLASS_THRESHOLD,
             "prm_enabled": prm.ENABLED,
+            "prm_peak_prominence": prm.PEAK_PROMINENCE,
             "prm_smooth_sigma": prm.SMOOTH_SIGMA,
             "prm_mask_threshold": prm.MASK_THRESHOLD,
             "prm_mask_mode": prm.MASK_MODE,
@@ -675,7 +685,7 @@ class ImageLevelCounter(nn.Module):
                         f"inference counts must be {tuple(counts_hat.shape)} non-negative "
                         f"numbers, got {counts.tolist()}"
                     )
-            keep = self._retained_peaks(class_maps, indices, counts)
+            keep = self._retained_peaks(class_maps, indices, counts, (mh, mw))
             stride_y = x.shape[-2] / class_maps.shape[-2]
             stride_x = x.shape[-1] / class_maps.shape[-1]
             points = torch.stack(
@@ -768,14 +778,32 @@ class ImageLevelCounter(nn.Module):
         groups[order] = group_peaks(points[order], self.prm_group_distance)
         return groups
 
-    @staticmethod
-    def _retained_peaks(class_maps: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor):
-        """The ``counts[c]`` highest peaks of each class map of one image: (P, 4) rows n, c, y, x."""
+    def _retained_peaks(
+        self, class_maps: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, map_size
+    ):
+        """
+        The first ``counts[c]`` peaks of each class map of one image, by value (with
+        ``prm_peak_prominence``: the prominent ones first): (P, 4) rows n, c, y, x.
+        """
         if indices.shape[0] == 0:
             return indices
         values = class_maps.detach()[indices[:, 0], indices[:, 1], indices[:, 2], indices[:, 3]]
         order = torch.argsort(values, descending=True, stable=True)
-        order = order[torch.argsort(indices[order, 1], stable=True)]  # by class, value descending
+        if self.prm_peak_prominence > 0:
+            prominent = torch.zeros_like(values, dtype=torch.bool)
+            mh, mw = map_size
+            for c in torch.unique(indices[:, 1]).tolist():
+                if float(counts[c]) < 1:
+                    continue
+                rows = torch.nonzero(indices[:, 1] == c).flatten()
+                m = class_maps.detach()[0, c, :mh, :mw].float()
+                height = self.prm_peak_prominence * float(m.max() - m.min())
+                if height > 0:
+                    prominent[rows] = wsis_layers.prominent_peaks(
+                        m, indices[rows, 2:], values[rows], height
+                    ).to(prominent.device)
+            order = order[torch.argsort((~prominent[order]).to(torch.int8), stable=True)]
+        order = order[torch.argsort(indices[order, 1], stable=True)]  # by class, then as above
         idx = indices[order]
         cls = idx[:, 1].contiguous()
         start = torch.searchsorted(cls, cls, right=False)
