@@ -305,6 +305,37 @@ class TestLCDatasetMapper(unittest.TestCase):
         self.assertEqual(plain["count_exact"].tolist(), [False, False, False])
         self.assertEqual(plain["mosaic_tiles"], 1)
 
+    def test_test_time_proposals(self):
+        # precomputed proposals (MODEL.LOAD_PROPOSALS) reach LC's retrieval at test time, resized
+        # with the image and cut to the top k; training inputs never carry them
+        boxes = np.array([[0, 0, 20, 10], [4, 6, 40, 30], [1, 1, 2, 2]], dtype=np.float32)
+        d = self._dict(
+            class_counts=[1, 0, 0],
+            proposal_boxes=boxes,
+            proposal_objectness_logits=np.array([3.0, 2.0, 1.0], dtype=np.float32),
+            proposal_bbox_mode=BoxMode.XYXY_ABS,
+        )
+        test = LCDatasetMapper(
+            False, augmentations=[T.Resize((60, 80))], num_classes=3, proposal_topk=2
+        )
+        out = test(d)
+        props = out["proposals"]
+        self.assertEqual(len(props), 2)
+        self.assertEqual(props.image_size, (60, 80))
+        torch.testing.assert_close(props.proposal_boxes.tensor, torch.from_numpy(boxes[:2] * 2))
+        self.assertNotIn("proposal_boxes", out)
+        # off by default, and never at training time
+        self.assertNotIn("proposals", LCDatasetMapper(False, augmentations=[], num_classes=3)(d))
+        train = LCDatasetMapper(True, augmentations=[], num_classes=3, proposal_topk=2)
+        self.assertNotIn("proposals", train(d))
+        # from the config: only with MODEL.LOAD_PROPOSALS
+        cfg = add_wsis_config(get_cfg())
+        cfg.INPUT.DATASET_MAPPER = "LCDatasetMapper"
+        cfg.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST = 1
+        self.assertIsNone(build_dataset_mapper(cfg, is_train=False).proposal_topk)
+        cfg.MODEL.LOAD_PROPOSALS = True
+        self.assertEqual(build_dataset_mapper(cfg, is_train=False).proposal_topk, 1)
+
     def test_mosaic_bad_pool_is_named_when_built(self):
         bad = self._dict(file_name="/data/bad_counts.png", class_counts=[1, 2])
         with self.assertRaisesRegex(ValueError, "bad_counts.png.*class_counts"):

@@ -195,6 +195,7 @@ class LCDatasetMapper:
         mosaic_grid: int = 2,
         mosaic_pool: Optional[List[Dict]] = None,
         image_labels_only: bool = False,
+        proposal_topk: Optional[int] = None,
     ):
         """
         Args:
@@ -214,6 +215,10 @@ class LCDatasetMapper:
                 training images may name present classes without instances
                 (``"image_labels"``); other models need their counts, and such a training image
                 is a ValueError naming it (at test time the labels are simply added).
+            proposal_topk: at test time, the precomputed proposals of a dataset dict
+                (``MODEL.LOAD_PROPOSALS``, ``DATASETS.PROPOSAL_FILES_TEST``) become its
+                "proposals" (the first ``proposal_topk``, transformed with the image) for LC's
+                instance retrieval; None: proposals are not read.
         """
         if num_classes < 1:
             raise ValueError(f"LCDatasetMapper: num_classes must be >= 1, got {num_classes}")
@@ -226,6 +231,7 @@ class LCDatasetMapper:
         self.lower_count = None if lower_count is None else int(lower_count)
         self.mask_format = mask_format
         self.image_labels_only = bool(image_labels_only)
+        self.proposal_topk = None if is_train or proposal_topk is None else int(proposal_topk)
         if not 0.0 <= mosaic_prob <= 1.0:
             raise ValueError(f"MODEL.LC.MOSAIC_PROB must be in [0, 1], got {mosaic_prob}")
         if mosaic_grid < 2:
@@ -291,6 +297,9 @@ class LCDatasetMapper:
             "mosaic_grid": cfg.MODEL.LC.MOSAIC_GRID,
             "mosaic_pool": pool,
             "image_labels_only": cfg.MODEL.LC.IMAGE_LABELS_ONLY,
+            "proposal_topk": (
+                cfg.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST if cfg.MODEL.LOAD_PROPOSALS else None
+            ),
         }
 
     def _read_image(self, dataset_dict: Dict) -> np.ndarray:
@@ -392,6 +401,8 @@ class LCDatasetMapper:
             dataset_dict["count_exact"] = count_exact
             dataset_dict["mosaic_tiles"] = g * g if mosaic else 1
 
+        if self.proposal_topk is not None and "proposal_boxes" in dataset_dict:
+            utils.transform_proposals(dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk)
         annos = dataset_dict.pop("annotations", None)
         dataset_dict.pop("class_counts", None)
         dataset_dict.pop("image_labels", None)
