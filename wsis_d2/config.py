@@ -395,6 +395,10 @@ def add_ccgr_config(cfg):
     # the IS branch trained on round-1 labels, which miss a quarter of the objects, scores many
     # objects low (README "CCGR": 0.2 finds 90 % of the training objects, 0.5 82 %)
     _C.CCGR.IS_SCORE_THRESHOLD = 0.2
+    # rounds k >= 2: of those boxes, drop one whose centre lies in a better-scored box of its class
+    # (one seed per object, as PEAK_PROMINENCE gives round 1; parts of an object otherwise stay
+    # separate bags and bar each other's boxes from growing). False: every box seeds (the paper)
+    _C.CCGR.IS_SEED_CENTRE_NMS = False
     # rounds k >= 2: fine-tune the MIL + SS model of round k - 1 for FINETUNE_FRACTION of its
     # schedule (True), or train it again from MODEL.WEIGHTS (False)
     _C.CCGR.FINETUNE = True

@@ -20,7 +20,13 @@ import wsis_d2  # noqa: F401  (registers everything)
 from wsis_d2.utils.testing import datasets_root, device_under_test
 from wsis_d2 import add_wsis_config
 from wsis_d2.data.datasets import register_coco_counts_instances
-from wsis_d2.engine.ccgr_rounds import STAGE_FILE, CCGRRounds, StageTrainer, seed_cues_from_instances
+from wsis_d2.engine.ccgr_rounds import (
+    STAGE_FILE,
+    CCGRRounds,
+    StageTrainer,
+    seed_cues_from_instances,
+    suppress_contained_centres,
+)
 from detectron2.structures import Boxes, Instances
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -248,6 +254,41 @@ class TestCCGRRounds(unittest.TestCase):
         self.assertEqual(int(sem[12, 20]), 2)
         self.assertEqual(int(sem[7, 7]), 255)  # both classes
         self.assertEqual(int(sem[18, 28]), 3)  # background
+
+    def test_seed_centre_nms(self):
+        # class 0: a whole object (0.7) with two parts, one better scored (0.9) and one worse
+        # (0.5), whose centres lie inside it; a neighbour (0.6) whose centre lies outside every
+        # kept box; class 1: a box at the same place as the whole object stays (other class)
+        boxes = torch.tensor([
+            [10.0, 10, 50, 50],   # 0 whole, 0.7
+            [12.0, 12, 24, 24],   # 1 part, 0.9: its centre (18, 18) is inside box 0
+            [30.0, 30, 44, 44],   # 2 part, 0.5: centre (37, 37) inside box 0 only
+            [45.0, 10, 80, 40],   # 3 neighbour, 0.6: centre (62.5, 25) outside 0 and 1
+            [10.0, 10, 50, 50],   # 4 class 1, 0.3
+        ])
+        scores = torch.tensor([0.7, 0.9, 0.5, 0.6, 0.3])
+        classes = torch.tensor([0, 0, 0, 0, 1])
+        # best first: 1 kept; 0's centre (30, 30) is outside box 1 -> kept; 3 kept; 2 inside 0
+        self.assertEqual(suppress_contained_centres(boxes, scores, classes).tolist(), [1, 0, 3, 4])
+        self.assertEqual(suppress_contained_centres(boxes[:0], scores[:0], classes[:0]).tolist(), [])
+
+        inst = Instances((60, 90))
+        inst.pred_boxes = Boxes(boxes)
+        inst.scores = scores
+        inst.pred_classes = classes
+        masks = torch.zeros(5, 60, 90, dtype=torch.bool)
+        masks[2, 30:44, 30:44] = True
+        inst.pred_masks = masks
+        _, sem_all, all_seeds = seed_cues_from_instances(inst, torch.tensor([1, 1]), 2, 0.2)
+        peaks, sem, seeds = seed_cues_from_instances(
+            inst, torch.tensor([1, 1]), 2, 0.2, centre_nms=True
+        )
+        self.assertEqual(len(all_seeds), 5)
+        self.assertEqual(seeds[:, 5].tolist(), [scores[i].item() for i in (1, 0, 3, 4)])
+        self.assertEqual(len(peaks), 4)
+        # the dropped box's mask still labels its pixels
+        self.assertTrue(torch.equal(sem, sem_all))
+        self.assertEqual(int(sem[35, 35]), 0)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,39 @@ class StageTrainer(WSISTrainer):
         return [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
 
 
+def suppress_contained_centres(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor):
+    """
+    Greedy, best score first: a box whose centre lies inside a kept box of its class is dropped.
+    Its centre would be a second peak on that object, and a peak of its class inside a box bars
+    the box from the bags and from growing in the refinement, which keeps that object in parts.
+
+    Args:
+        boxes: (N, 4) XYXY; scores (N,); classes (N,) long.
+
+    Returns:
+        (K,) long indices of the kept boxes, best score first.
+    """
+    order = torch.argsort(scores, descending=True, stable=True)
+    b = boxes[order].float()
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    # (N, N) [i, j]: centre of box i inside box j, same class
+    inside = (
+        (cx[:, None] >= b[None, :, 0]) & (cx[:, None] <= b[None, :, 2])
+        & (cy[:, None] >= b[None, :, 1]) & (cy[:, None] <= b[None, :, 3])
+        & (classes[order][:, None] == classes[order][None, :])
+    )
+    keep = torch.zeros(len(order), dtype=torch.bool)
+    for i in range(len(order)):
+        keep[i] = not bool((inside[i, :i] & keep[:i]).any())
+    return order[keep]
+
+
 def seed_cues_from_instances(
-    instances, labels: torch.Tensor, num_classes: int, score_threshold: float
+    instances,
+    labels: torch.Tensor,
+    num_classes: int,
+    score_threshold: float,
+    centre_nms: bool = False,
 ):
     """
     The cues of round k + 1 of one image from the IS branch's predictions of round k.
@@ -77,6 +108,8 @@ def seed_cues_from_instances(
         labels: (C,) image-level labels; boxes of absent classes are dropped.
         num_classes: C.
         score_threshold: boxes scoring less are dropped.
+        centre_nms: also drop a box whose centre lies in a better-scored kept box of its class
+            (:func:`suppress_contained_centres`); its mask still joins the semantic labels.
 
     Returns:
         peaks (P, 4) rows (class, x, y, score): the kept boxes' centres;
@@ -89,9 +122,13 @@ def seed_cues_from_instances(
     present = torch.as_tensor(labels).reshape(-1).cpu() > 0.5
     keep = (inst.scores >= score_threshold) & present[inst.pred_classes]
     inst = inst[keep]
-    boxes = inst.pred_boxes.tensor.float()
-    classes = inst.pred_classes.float()
-    scores = inst.scores.float()
+    seeds_of = inst
+    if centre_nms and len(inst) > 0:
+        kept = suppress_contained_centres(inst.pred_boxes.tensor, inst.scores, inst.pred_classes)
+        seeds_of = inst[kept]
+    boxes = seeds_of.pred_boxes.tensor.float()
+    classes = seeds_of.pred_classes.float()
+    scores = seeds_of.scores.float()
     seeds = torch.cat([classes[:, None], boxes, scores[:, None]], dim=1).reshape(-1, 6)
     peaks = torch.stack(
         [classes, (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2, scores], dim=1
@@ -359,7 +396,11 @@ class CCGRRounds:
                     d = by_id[inp["image_id"]]
                     labels = torch.as_tensor(image_labels_of(d, self.num_classes))
                     peaks, sem, sb = seed_cues_from_instances(
-                        out["instances"], labels, self.num_classes, self.cfg.CCGR.IS_SCORE_THRESHOLD
+                        out["instances"],
+                        labels,
+                        self.num_classes,
+                        self.cfg.CCGR.IS_SCORE_THRESHOLD,
+                        centre_nms=self.cfg.CCGR.IS_SEED_CENTRE_NMS,
                     )
                     cues[inp["image_id"]] = (peaks, sem)
                     seeds[inp["image_id"]] = sb
