@@ -334,7 +334,7 @@ def add_ccgr_config(cfg):
     # projected descent: each refined box keeps containing its MIL box, so the refinement only
     # enlarges part boxes, as the paper intends (True); False: the paper's unconstrained descent,
     # which also cuts the pointed or thin parts off objects that fill their box only partly
-    # (wsis_d2.layers.refine_context_gap; measured in README "CCGR")
+    # (wsis_d2.layers.refine_context_gap; measured in docs/notes/results_synthetic.md)
     _C.MODEL.CCGR.REFINE_GROW_ONLY = True
     # search the allowed boxes for the least L of Eq. 3, then descend (False: the paper's descent)
     _C.MODEL.CCGR.REFINE_SEARCH = True
@@ -393,7 +393,7 @@ def add_ccgr_config(cfg):
     _C.CCGR.IS_OPTS = []
     # rounds k >= 2: the IS branch's boxes scoring at least this (of present classes) seed bags;
     # the IS branch trained on round-1 labels, which miss a quarter of the objects, scores many
-    # objects low (README "CCGR": 0.2 finds 90 % of the training objects, 0.5 82 %)
+    # objects low (docs/notes/results_synthetic.md: 0.2 finds 90 % of the training objects, 0.5 82 %)
     _C.CCGR.IS_SCORE_THRESHOLD = 0.2
     # rounds k >= 2: of those boxes, drop one whose centre lies in a better-scored box of its class
     # (one seed per object, as PEAK_PROMINENCE gives round 1; parts of an object otherwise stay
@@ -405,7 +405,7 @@ def add_ccgr_config(cfg):
     _C.CCGR.FINETUNE_FRACTION = 0.5
     # rounds k >= 2: the IS branch starts from round k - 1's IS model (True; its whole schedule
     # again, on round k's labels) instead of the IS config's MODEL.WEIGHTS (False). Round 2 of the
-    # benchmark, same labels: mAP^r_50 / r75 91.6 / 75.0 vs 91.5 / 73.1 (README "CCGR")
+    # benchmark, same labels: mAP^r_50 / r75 91.6 / 75.0 vs 91.5 / 73.1 (docs/notes/results_synthetic.md)
     _C.CCGR.IS_FINETUNE = True
     # selective-search proposals per training image, and processes that compute them
     _C.CCGR.PROPOSAL_MAX = 2000
