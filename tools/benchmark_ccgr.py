@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wsis_d2  # noqa: E402,F401  (registers datasets, models and mappers)
 from wsis_d2 import get_wsis_cfg  # noqa: E402
-from wsis_d2.engine.ccgr_rounds import STAGE_FILE, CCGRRounds, instance_ap  # noqa: E402
+from wsis_d2.engine.ccgr_rounds import CCGRRounds, instance_ap  # noqa: E402
 
 from benchmark_utils import ROOT, bench_cfg, load_trainer_class, rescale_schedule  # noqa: E402
 
@@ -114,10 +114,7 @@ def run_ccgr(args):
     cfg.freeze()
     rounds = CCGRRounds(cfg)
     metrics = rounds.run(resume=args.resume)
-    times = {}
-    for name in rounds.stages():
-        with open(os.path.join(cfg.OUTPUT_DIR, name, STAGE_FILE)) as f:
-            times[name] = round(json.load(f)["seconds"], 1)
+    times = {name: round(t, 1) for name, t in rounds.stage_seconds().items()}
     return metrics, times, is_opts
 
 

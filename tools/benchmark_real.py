@@ -51,7 +51,7 @@ import wsis_d2  # noqa: E402,F401  (registers datasets, models and mappers)
 from wsis_d2 import get_wsis_cfg  # noqa: E402
 from wsis_d2.data import build_dataset_mapper  # noqa: E402
 from wsis_d2.data.datasets import register_coco_counts_instances  # noqa: E402
-from wsis_d2.engine.ccgr_rounds import STAGE_FILE, CCGRRounds, instance_ap  # noqa: E402
+from wsis_d2.engine.ccgr_rounds import CCGRRounds, instance_ap  # noqa: E402
 from wsis_d2.evaluation import (  # noqa: E402
     CountingEvaluator,
     InstanceAPEvaluator,
@@ -216,12 +216,8 @@ def run_ccgr(args, train_set, val_set, num_classes, is_opts):
     cfg.freeze()
     rounds = CCGRRounds(cfg)
     metrics = rounds.run(resume=args.resume, until=args.ccgr_until or None)
-    times = {}
-    for name in rounds.stages():
-        if not os.path.isfile(os.path.join(cfg.OUTPUT_DIR, name, STAGE_FILE)):
-            continue  # not run (--ccgr-until)
-        with open(os.path.join(cfg.OUTPUT_DIR, name, STAGE_FILE)) as f:
-            times[name] = round(json.load(f)["seconds"], 1)
+    # stages after --ccgr-until did not run and have no time
+    times = {name: round(t, 1) for name, t in rounds.stage_seconds().items()}
     return metrics, times
 
 

@@ -111,6 +111,11 @@ class TestCCGRRounds(unittest.TestCase):
             self.assertTrue(os.path.isfile(os.path.join(out, stage, STAGE_FILE)), stage)
         self.assertFalse(os.path.isfile(os.path.join(out, "round1", "is", STAGE_FILE)))
         self.assertTrue(os.path.isfile(os.path.join(out, "round1", "is", "model_0000001.pth")))
+        # the benchmarks' stage times: the finished stages only, in run order
+        seconds = CCGRRounds(cfg).stage_seconds()
+        self.assertEqual(list(seconds), ["proposals", "round1/classifier", "round1/cues",
+                                         "round1/mil_ss", "round1/pseudo_labels"])
+        self.assertTrue(all(t >= 0 for t in seconds.values()))
         mtime = os.path.getmtime(os.path.join(out, "round1", "mil_ss", "model_final.pth"))
 
         started = []

@@ -417,6 +417,16 @@ class CCGRRounds:
             names += [f"round{k}/mil_ss", f"round{k}/pseudo_labels", f"round{k}/is"]
         return names
 
+    def stage_seconds(self) -> Dict[str, float]:
+        """{stage: seconds} of the stages that finished (their ``stage.json``), in run order."""
+        times = {}
+        for name in self.stages():
+            marker = self._dir(name, STAGE_FILE)
+            if os.path.isfile(marker):
+                with open(marker) as f:
+                    times[name] = float(json.load(f)["seconds"])
+        return times
+
     def run(self, resume: bool = False, until: Optional[str] = None) -> Dict[int, Dict[str, float]]:
         """
         Run (or, with ``resume``, continue) every stage.
