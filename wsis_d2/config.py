@@ -413,6 +413,18 @@ def add_ccgr_config(cfg):
     # an existing proposal file of DATASETS.TRAIN instead (e.g. MCG / COB boxes converted by
     # tools/make_proposals.py); checked against the training images, then used as is
     _C.CCGR.PROPOSAL_FILE = ""
+    # health figures written to each stage's stage.json (wsis_d2/engine/stage_health.py); a figure
+    # out of its range stops the run at that stage with what to try
+    _C.CCGR.HEALTH = CN()
+    _C.CCGR.HEALTH.ENABLED = True
+    # figures of a model trained fewer iterations are written but not checked (smoke tests)
+    _C.CCGR.HEALTH.MIN_ITERS = 200
+    # classifier: final loss / the label prior's entropy (a stalled run sits near 1)
+    _C.CCGR.HEALTH.MAX_CLASSIFIER_LOSS_OVER_PRIOR = 0.6
+    # training stages: final / initial loss (about 1: learnt nothing)
+    _C.CCGR.HEALTH.MAX_LOSS_DROP = 0.9
+    # peaks (round 1), seed boxes (k >= 2) and pseudo instances per (image, present class)
+    _C.CCGR.HEALTH.MIN_PER_POSITIVE = 0.5
     return cfg
 
 

@@ -27,6 +27,7 @@ from wsis_d2.engine.ccgr_rounds import (
     seed_cues_from_instances,
     suppress_contained_centres,
 )
+from wsis_d2.engine.stage_health import StageHealthError
 from detectron2.structures import Boxes, Instances
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -175,7 +176,20 @@ class TestCCGRRounds(unittest.TestCase):
         self.assertTrue(os.path.isfile(os.path.join(out, "round1", "cues", STAGE_FILE)))
         self.assertFalse(os.path.isdir(os.path.join(out, "round1", "mil_ss")))
         self.assertEqual(list(metrics), [1])  # round 1 as far as it went: its cues
-        self.assertEqual(list(metrics[1]), ["peaks_per_image"])
+        self.assertEqual(list(metrics[1]), ["peaks_per_image", "health_peaks_per_positive"])
+
+    def test_health_check_stops_a_stalled_classifier(self):
+        # two iterations leave the classifier at its initial loss, above the label prior's
+        # entropy: with the check on for any schedule the run stops at that stage
+        out = os.path.join(self.tmp.name, "health")
+        cfg = _cfg(out, ["CCGR.HEALTH.MIN_ITERS", "0"])
+        cfg.freeze()
+        with self.assertRaisesRegex(
+            StageHealthError, r"round1/classifier: health_loss_over_prior = .*SEED"
+        ):
+            CCGRRounds(cfg).run(until="round1/cues")
+        # the stage is not marked finished: --resume checks it again
+        self.assertFalse(os.path.isfile(os.path.join(out, "round1", "classifier", STAGE_FILE)))
 
     def test_round_without_pseudo_instances(self):
         out = os.path.join(self.tmp.name, "empty")

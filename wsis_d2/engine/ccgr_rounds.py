@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -45,6 +46,7 @@ from ..evaluation import CCGRStageDiagnostics, InstanceAPEvaluator
 from ..modeling.ccgr import semantic_labels_from_instances
 from .ccgr import compute_cues, cue_parameters, make_proposal_file, run_ccgr_inference
 from .defaults import WSISTrainer
+from .stage_health import StageHealthError, check_health, positive_pairs, prior_bce, training_health
 
 __all__ = ["CCGRRounds", "StageTrainer", "seed_cues_from_instances"]
 
@@ -184,6 +186,8 @@ class CCGRRounds:
         self.has_gt_masks = any(
             "segmentation" in a for d in self.dicts for a in d.get("annotations", [])
         )
+        # (C,) image-level labels of each training image, the only supervision CCGR reads
+        self._labels = [image_labels_of(d, self.num_classes) for d in self.dicts]
         self.resume = False
         self.metrics: Dict[int, Dict[str, float]] = OrderedDict()
 
@@ -215,6 +219,56 @@ class CCGRRounds:
         os.replace(part, marker)
         logger.info(f"CCGR: stage {name} done in {seconds:.0f} s: {json.dumps(metrics)}")
         return metrics
+
+    def _check(self, stage: str, figures: Dict[str, float], iters: int) -> None:
+        """Stop (:class:`StageHealthError`) when a health figure of ``stage`` is out of its
+        ``CCGR.HEALTH`` range; not checked when the model behind the figures trained fewer than
+        ``CCGR.HEALTH.MIN_ITERS`` iterations (a smoke-test schedule learns too little to judge)."""
+        h = self.cfg.CCGR.HEALTH
+        if not h.ENABLED or iters < h.MIN_ITERS:
+            return
+        retrain = f"Remove {self._dir(stage)} before re-running with --resume, or it is skipped"
+        ranges = {
+            "health_loss_over_prior": (
+                0.0,
+                h.MAX_CLASSIFIER_LOSS_OVER_PRIOR,
+                "The classifier stayed near the label prior (loss ~ the prior's entropy). Try "
+                "another SEED or a lower SOLVER.BASE_LR in CCGR.CLASSIFIER_OPTS, and check "
+                f"MODEL.PIXEL_MEAN / PIXEL_STD against your images. {retrain}.",
+            ),
+            "health_loss_drop": (
+                0.0,
+                h.MAX_LOSS_DROP,
+                "Its training loss did not fall (or diverged): check the learning rate and "
+                f"the stage's inputs (the previous stage's outputs). {retrain}.",
+            ),
+            "health_peaks_per_positive": (
+                h.MIN_PER_POSITIVE,
+                float("inf"),
+                "Few peaks for the classes the images hold: the classifier's maps are flat "
+                f"(see round1/classifier). {retrain}.",
+            ),
+            "health_seeds_per_positive": (
+                h.MIN_PER_POSITIVE,
+                float("inf"),
+                "The previous round's IS branch scores few boxes above CCGR.IS_SCORE_THRESHOLD "
+                f"for the classes the images hold; lower it or check that IS branch. {retrain}.",
+            ),
+            "health_pseudo_per_positive": (
+                h.MIN_PER_POSITIVE,
+                float("inf"),
+                "Few pseudo instances for the classes the images hold: look at the round's cues "
+                f"and the MIL + SS model (tools/draw_ccgr.py). {retrain}.",
+            ),
+        }
+        check_health(stage, figures, ranges)
+
+    def _mil_ss_iters(self, k: int) -> int:
+        """The schedule the round-k MIL + SS model trained (from its saved config)."""
+        path = self._dir(f"round{k}", "mil_ss", "config.yaml")
+        if os.path.isfile(path):
+            return int(get_wsis_cfg(path).SOLVER.MAX_ITER)
+        return int(self.cfg.SOLVER.MAX_ITER)
 
     def _sub_cfg(self, config_file: Optional[str], folder: str, opts=()) -> CfgNode:
         if config_file is None:
@@ -279,7 +333,10 @@ class CCGRRounds:
         cfg.DATASETS.TRAIN = (self.train_set,)
         cfg.DATASETS.TEST = ()
         self._train(cfg)
-        return {}
+        prior = prior_bce(np.stack(self._labels))
+        figures = training_health(os.path.join(folder, "metrics.json"), prior_loss=prior)
+        self._check("round1/classifier", figures, cfg.SOLVER.MAX_ITER)
+        return figures
 
     def _round1_cues(self, folder: str) -> Dict:
         cfg = self._sub_cfg(
@@ -291,7 +348,10 @@ class CCGRRounds:
         model, loader = self._trained(cfg, self.train_set)
         cues = compute_cues(model, loader, cue_parameters(self.cfg))
         write_cues(os.path.join(folder, "cues.pkl"), cues, self.num_classes)
-        return {"peaks_per_image": sum(len(p) for p, _ in cues.values()) / max(1, len(cues))}
+        n = sum(len(p) for p, _ in cues.values())
+        figures = {"health_peaks_per_positive": n / max(1, positive_pairs(self._labels))}
+        self._check("round1/cues", figures, cfg.SOLVER.MAX_ITER)
+        return {"peaks_per_image": n / max(1, len(cues)), **figures}
 
     def _mil_ss_cfg(self, k: int, folder: str) -> CfgNode:
         cfg = self._sub_cfg(None, folder)
@@ -310,7 +370,9 @@ class CCGRRounds:
             cfg.SOLVER.STEPS = tuple(s for s in cfg.SOLVER.STEPS if s < cfg.SOLVER.MAX_ITER)
             cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.MAX_ITER // 10)
         self._train(cfg)
-        return {}
+        figures = training_health(os.path.join(folder, "metrics.json"))
+        self._check(f"round{k}/mil_ss", figures, cfg.SOLVER.MAX_ITER)
+        return figures
 
     def _pseudo_labels(self, k: int, folder: str) -> Dict:
         model, loader = self._trained(
@@ -338,7 +400,11 @@ class CCGRRounds:
             [inverse[c] for c in range(self.num_classes)],
             self.meta.thing_classes,
         )
-        metrics = {"pseudo_instances": float(n)}
+        metrics = {
+            "pseudo_instances": float(n),
+            "health_pseudo_per_positive": n / max(1, positive_pairs(self._labels)),
+        }
+        self._check(f"round{k}/pseudo_labels", metrics, self._mil_ss_iters(k))
         diag = diagnostics.summary()
         gt_free = ("bags_per_image", "pseudo_per_image")
         metrics.update(
@@ -376,7 +442,8 @@ class CCGRRounds:
         if k > 1 and self.cfg.CCGR.IS_FINETUNE:
             cfg.MODEL.WEIGHTS = self._dir(f"round{k - 1}", "is", "model_final.pth")
         model = self._train(cfg)  # frozen from here
-        metrics = {}
+        metrics = training_health(os.path.join(folder, "metrics.json"))
+        self._check(f"round{k}/is", metrics, cfg.SOLVER.MAX_ITER)
         tests = tuple(cfg.DATASETS.TEST)
         for name in tests:
             for m, value in instance_ap(cfg, model, name).items():
@@ -405,7 +472,10 @@ class CCGRRounds:
                     cues[inp["image_id"]] = (peaks, sem)
                     seeds[inp["image_id"]] = sb
         write_cues(os.path.join(folder, "cues.pkl"), cues, self.num_classes, seed_boxes=seeds)
-        return {"seed_boxes_per_image": sum(len(s) for s in seeds.values()) / max(1, len(seeds))}
+        n = sum(len(s) for s in seeds.values())
+        figures = {"health_seeds_per_positive": n / max(1, positive_pairs(self._labels))}
+        self._check(f"round{k}/cues", figures, cfg.SOLVER.MAX_ITER)
+        return {"seed_boxes_per_image": n / max(1, len(seeds)), **figures}
 
     # --------------------------------------------------------------------------------------
 
