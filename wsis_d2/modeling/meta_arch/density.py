@@ -426,12 +426,15 @@ class DensityCounter(nn.Module):
         each prediction turned back: the padded size is a multiple of the backbone's size
         divisibility in both axes, so every turn is a valid input."""
         total = None
-        for k in range(4):
-            for flip in (False, True):
-                t = torch.rot90(x, k, dims=(2, 3))
-                t = t.flip(3) if flip else t
+        # the 8 elements as flips then an optional transpose (each its own inverse): the same group
+        # as quarter turns with flips, in operations ONNX has (it has no rot90)
+        for transpose in (False, True):
+            for dims in ((), (2,), (3,), (2, 3)):
+                t = x.flip(dims) if dims else x
+                t = t.transpose(2, 3) if transpose else t
                 out = self._predict(t.contiguous())
-                out = torch.rot90(out.flip(3) if flip else out, -k, dims=(2, 3))
+                out = out.transpose(2, 3) if transpose else out
+                out = out.flip(dims) if dims else out
                 total = out if total is None else total + out
         return total / 8
 
