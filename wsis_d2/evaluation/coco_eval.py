@@ -103,6 +103,8 @@ class FastCOCOEvaluator(COCOEvaluator):
             )
         kwargs.pop("use_fast_impl", None)
         super().__init__(dataset_name, *args, use_fast_impl=backend != "pycocotools", **kwargs)
+        # upstream's __init__ turns use_fast_impl off when its own compiled COCOeval is missing
+        self._use_fast_impl = backend != "pycocotools"
         self.backend = backend
         self._backend_class = cocoeval_class(backend)
         logger.info(f"COCO AP of {dataset_name} with {backend}'s COCOeval")
