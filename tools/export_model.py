@@ -72,19 +72,44 @@ def load_image(cfg, path: str) -> torch.Tensor:
     return torch.as_tensor(image.astype("float32").transpose(2, 0, 1).copy())
 
 
+def _summary(path, image, fmt, row, diffs) -> str:
+    """One line per image: the output furthest from PyTorch (relative to max(1, |value|); another
+    shape counts as infinitely far) and both latencies."""
+
+    def distance(name):
+        diff, scale = diffs[name]
+        return float("inf") if diff != diff else diff / max(1.0, scale)
+
+    line = f"{os.path.basename(path)} {tuple(image.shape[1:])}: largest difference "
+    if diffs:
+        worst = max(diffs, key=distance)
+        line += f"{diffs[worst][0]:.3g} in {worst} (|value| <= {diffs[worst][1]:.3g})"
+    line += f", PyTorch {row['pytorch_ms']:.1f} ms, {fmt} {row['exported_ms']:.1f} ms"
+    if "detections" in row:
+        line += f", {row['detections']} detections"
+    if "vs_model_inference" in row:
+        line += f", vs inference_single {row['vs_model_inference']}"
+    return line
+
+
 def main(args) -> dict:
     if not os.path.isfile(args.config_file):
         raise ValueError(f"--config-file {args.config_file!r} does not exist")
     if args.weights and not os.path.isfile(args.weights):
         raise ValueError(f"--weights {args.weights!r} does not exist")
+    if args.runs < 1 or args.threads < 1 or not args.tolerance >= 0:
+        raise ValueError(
+            f"--runs and --threads must be >= 1 and --tolerance >= 0, got {args.runs}, "
+            f"{args.threads}, {args.tolerance}"
+        )
     cfg = get_wsis_cfg(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu"])
     cfg.MODEL.WEIGHTS = args.weights
+    images = [load_image(cfg, p) for p in args.images]
     torch.set_num_threads(args.threads)
     model = build_model(cfg)
     if args.weights:
         DetectionCheckpointer(model).load(args.weights)
     model.eval()
-    images = [load_image(cfg, p) for p in args.images]
     exported = export_model(model, images[0], args.format, args.output)
     run = load_exported(exported.path, args.format, threads=args.threads)
     report = {
@@ -115,22 +140,7 @@ def main(args) -> dict:
             row["vs_model_inference"] = lc_counting_vs_model(model, image)
             row["ok"] = row["ok"] and max(row["vs_model_inference"].values()) <= args.tolerance
         report["images"].append(row)
-        worst = max(diffs, key=lambda k: diffs[k][0] / max(1.0, diffs[k][1]), default=None)
-        print(
-            f"{os.path.basename(path)} {tuple(image.shape[1:])}: largest difference "
-            + (
-                f"{diffs[worst][0]:.3g} in {worst} (|value| <= {diffs[worst][1]:.3g})"
-                if worst
-                else "-"
-            )
-            + f", PyTorch {row['pytorch_ms']:.1f} ms, {args.format} {row['exported_ms']:.1f} ms"
-            + (f", {row['detections']} detections" if "detections" in row else "")
-            + (
-                f", vs inference_single {row['vs_model_inference']}"
-                if isinstance(model, ImageLevelCounter)
-                else ""
-            )
-        )
+        print(_summary(path, image, args.format, row, diffs))
     report["max_abs_diff"] = max(
         (d for r in report["images"] for d in r["max_abs_diff"].values()), default=0.0
     )

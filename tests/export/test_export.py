@@ -218,6 +218,10 @@ class TestExportTool(unittest.TestCase):
             self.assertEqual([r["size"] for r in report["images"]], [[40, 56], [52, 44]])
             with open(os.path.join(out, "export_check.json")) as f:
                 self.assertEqual(json.load(f)["outputs"], ["counts", "density"])
+            args.runs = 0
+            with self.assertRaisesRegex(ValueError, "--runs"):
+                tool.main(args)
+            args.runs = 1
             args.images = [os.path.join(tmp, "missing.png")]
             with self.assertRaisesRegex(ValueError, "--images"):
                 tool.main(args)
