@@ -1,8 +1,8 @@
 """
-COCO AP with pycocotools' COCOeval against faster-coco-eval's (``wsis_d2.evaluation.coco_eval``)
-on the same predictions: seconds of loadRes + evaluate + accumulate + summarize (median of
-``--repeats``, one thread) and the largest difference of the 12 summary numbers and of the
-precision array, for box and mask AP. Prints JSON.
+COCO AP with pycocotools' COCOeval against faster-coco-eval's (``wsis_d2.evaluation.coco_eval``),
+and detectron2's compiled one where built, on the same predictions: seconds of loadRes +
+evaluate + accumulate + summarize (median of ``--repeats``, one thread) and the largest difference
+of the 12 summary numbers and of the precision array, for box and mask AP. Prints JSON.
 
 Predictions come from a detectron2 COCO results file (``--predictions``, e.g. the
 ``coco_instances_results.json`` that ``COCOEvaluator`` writes) or are made by running a Mask R-CNN
@@ -30,7 +30,7 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from pycocotools.coco import COCO
 
 from wsis_d2 import get_wsis_cfg
-from wsis_d2.evaluation.coco_eval import cocoeval_class
+from wsis_d2.evaluation.coco_eval import _detectron2_compiled, cocoeval_class
 
 
 def make_predictions(gt: COCO, image_root: str, config: str, weights: str, score: float):
@@ -103,7 +103,10 @@ def main():
     for iou_type in ("bbox", "segm"):
         row = {}
         evals = {}
-        for backend in ("pycocotools", "faster_coco_eval"):
+        backends = ["pycocotools", "faster_coco_eval"]
+        if _detectron2_compiled():  # e.g. upstream built from source: its COCOeval_opt too
+            backends.append("detectron2")
+        for backend in backends:
             times = []
             for _ in range(args.repeats):
                 sec, evals[backend] = evaluate(gt, results, iou_type, backend)
@@ -117,6 +120,9 @@ def main():
         if p_ref.shape == p_fast.shape:
             row["max_precision_diff"] = float(np.abs(p_ref - p_fast).max())
         row["speedup"] = row["pycocotools_s"] / row["faster_coco_eval_s"]
+        if "detectron2" in evals:
+            d2_stats = np.asarray(evals["detectron2"].stats)
+            row["max_stats_diff_detectron2"] = float(np.abs(np.asarray(ref.stats) - d2_stats).max())
         report[iou_type] = row
     print(json.dumps(report, indent=1))
 
