@@ -34,6 +34,7 @@ from wsis_d2 import get_wsis_cfg
 from wsis_d2.modeling.meta_arch.lc import ImageLevelCounter
 from wsis_d2.export import (
     FORMATS,
+    METHODS,
     compare_outputs,
     export_model,
     lc_counting_vs_model,
@@ -48,6 +49,12 @@ def argument_parser():
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--weights", default="", help="checkpoint (.pth); none: random init")
     parser.add_argument("--format", choices=FORMATS, default="torchscript")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="tracing",
+        help="scripting: a Mask R-CNN with detectron2's own backbones, to TorchScript",
+    )
     parser.add_argument("--output", required=True, help="folder for the exported model")
     parser.add_argument("--images", nargs="+", required=True, help="images to check on")
     parser.add_argument(
@@ -110,11 +117,14 @@ def main(args) -> dict:
     if args.weights:
         DetectionCheckpointer(model).load(args.weights)
     model.eval()
-    exported = export_model(model, images[0], args.format, args.output)
-    run = load_exported(exported.path, args.format, threads=args.threads)
+    exported = export_model(model, images[0], args.format, args.output, args.method)
+    run = load_exported(
+        exported.path, args.format, args.threads, exported.method, exported.output_names
+    )
     report = {
         "model": type(model).__name__,
         "format": args.format,
+        "method": args.method,
         "file": exported.path,
         "outputs": exported.output_names,
         "images": [],

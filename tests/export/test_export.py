@@ -170,6 +170,29 @@ class TestExport(unittest.TestCase):
                 self.assertGreater(masks.shape[0], 0)  # score threshold 0: boxes are kept
                 self.assertEqual(tuple(masks.shape[1:]), (1, 28, 28))
 
+    def test_mask_rcnn_scripting_round_trip(self):
+        # detectron2's scripting_with_instances on the stock R-50-FPN Mask R-CNN (wsis_d2's
+        # MobileNetV2 backbone does not script)
+        model = _model("mask_rcnn_R_50_FPN_synthetic.yaml", RCNN_OPTS)
+        images = [_image(96, 128, 0), _image(112, 88, 1)]
+        exported = export_model(model, images[0], "torchscript", self.tmp.name, "scripting")
+        self.assertNotIn("instances.image_size", exported.output_names)
+        run = load_exported(
+            exported.path, "torchscript", method="scripting", output_names=exported.output_names
+        )
+        for image in images:
+            ref = reference_outputs(exported, image)
+            self.assertGreater(ref[0].shape[0], 0)
+            diffs = compare_outputs(exported.output_names, ref, run(image))
+            for name, (diff, scale) in diffs.items():
+                self.assertLessEqual(diff, 1e-4 * max(1.0, scale), name)
+        with self.assertRaisesRegex(ValueError, "scripting"):
+            export_model(model, images[0], "onnx", self.tmp.name, "scripting")
+        with self.assertRaisesRegex(ValueError, "scripting"):
+            export_model(
+                _model(*DENSITY["fcrn_a"]), images[0], "torchscript", self.tmp.name, "scripting"
+            )
+
     def test_unknown_model_and_format_refused(self):
         with self.assertRaisesRegex(ValueError, "META_ARCHITECTURE"):
             export_model(torch.nn.Conv2d(3, 1, 1), _image(8, 8, 0), "torchscript", self.tmp.name)

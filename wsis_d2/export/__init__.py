@@ -12,6 +12,7 @@ from .adapters import (
 )
 from .api import (
     FORMATS,
+    METHODS,
     ExportedModel,
     compare_outputs,
     export_model,

@@ -14,13 +14,14 @@ and returns a list of dicts of tensors (or detectron2 ``Instances``), which the 
   network's input resolution, masks as 28×28 (ROI) mask probabilities.
 """
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from detectron2.modeling import GeneralizedRCNN
-from detectron2.structures import ImageList
+from detectron2.structures import Boxes, ImageList
 
 from ..layers.peaks import peak_mask_reference
 from ..modeling.losses.lc_losses import estimate_counts
@@ -33,6 +34,8 @@ __all__ = [
     "lc_counting_vs_model",
     "rcnn_inference",
     "inference_function",
+    "ScriptableRCNN",
+    "RCNN_SCRIPT_FIELDS",
 ]
 
 
@@ -152,6 +155,33 @@ def rcnn_inference(model: GeneralizedRCNN, batched_inputs: List[Dict]) -> List[D
         [{"instances": Instances(pred_boxes, scores, pred_classes, pred_masks (R, 1, 28, 28))}].
     """
     return [{"instances": inst} for inst in model.inference(batched_inputs, do_postprocess=False)]
+
+
+# the Instances fields of R-CNN inference and their types, for scripting_with_instances
+RCNN_SCRIPT_FIELDS = {
+    "proposal_boxes": Boxes,
+    "objectness_logits": torch.Tensor,
+    "pred_boxes": Boxes,
+    "scores": torch.Tensor,
+    "pred_classes": torch.Tensor,
+    "pred_masks": torch.Tensor,
+}
+
+
+class ScriptableRCNN(nn.Module):
+    """
+    detectron2's scripting recipe for R-CNN (``tools/deploy/export_model.py``): inference without
+    postprocessing, each image's Instances returned as its dict of fields (a scripted model cannot
+    return the generated Instances class).
+    """
+
+    def __init__(self, model: GeneralizedRCNN):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: Tuple[Dict[str, torch.Tensor]]) -> List[Dict[str, torch.Tensor]]:
+        instances = self.model.inference(inputs, do_postprocess=False)
+        return [i.get_fields() for i in instances]
 
 
 def inference_function(model: torch.nn.Module) -> Callable:

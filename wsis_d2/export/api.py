@@ -26,10 +26,14 @@ from detectron2.export.flatten import (  # noqa: E402
     TensorWrapSchema,
 )
 
-from .adapters import inference_function  # noqa: E402
+from detectron2.export import scripting_with_instances  # noqa: E402
+from detectron2.modeling import GeneralizedRCNN  # noqa: E402
+
+from .adapters import RCNN_SCRIPT_FIELDS, ScriptableRCNN, inference_function  # noqa: E402
 
 __all__ = [
     "FORMATS",
+    "METHODS",
     "ExportedModel",
     "export_model",
     "load_exported",
@@ -40,6 +44,8 @@ __all__ = [
 ]
 
 FORMATS = ("torchscript", "onnx")
+# tracing: every model, both formats; scripting: R-CNN to TorchScript, where its backbone scripts
+METHODS = ("tracing", "scripting")
 # opset 17 is what the legacy (TorchScript-based) exporter of torch 2.x supports fully and what
 # torchvision's roi_align (aligned=True, opset >= 16) needs
 ONNX_OPSET = 17
@@ -47,13 +53,15 @@ ONNX_OPSET = 17
 
 @dataclass
 class ExportedModel:
-    """What :func:`export_model` wrote: the file, the adapter whose flattened outputs the file
-    returns (in that order, named ``output_names``) and the format."""
+    """What :func:`export_model` wrote: the file, its format and method, the adapter that gives
+    the PyTorch model's flattened outputs, and the names of the outputs the file returns (in that
+    order)."""
 
     path: str
     fmt: str
     adapter: TracingAdapter
     output_names: List[str] = field(default_factory=list)
+    method: str = "tracing"
 
 
 def flat_output_names(schema: Schema, prefix: str = "") -> List[str]:
@@ -80,22 +88,32 @@ def flat_output_names(schema: Schema, prefix: str = "") -> List[str]:
 
 
 def export_model(
-    model: torch.nn.Module, image: torch.Tensor, fmt: str, output_dir: str
+    model: torch.nn.Module, image: torch.Tensor, fmt: str, output_dir: str, method: str = "tracing"
 ) -> ExportedModel:
     """
     Trace ``model`` (eval mode) on one image and write ``model.ts`` (TorchScript) or
-    ``model.onnx`` (ONNX, dynamic height and width) into ``output_dir``.
+    ``model.onnx`` (ONNX, dynamic height and width) into ``output_dir``; or, with ``method``
+    "scripting", script a GeneralizedRCNN with ``scripting_with_instances`` (no image needed for
+    the file; ``image`` then only sets the reference outputs' schema).
 
     Args:
         model: a DensityCounter, ImageLevelCounter or GeneralizedRCNN (see ``adapters``).
         image: (3, H, W) float32 in ``cfg.INPUT.FORMAT``, as the model's mapper gives it.
         fmt: "torchscript" or "onnx".
+        method: "tracing" or "scripting".
 
     Returns:
         ExportedModel.
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
+    if method == "scripting" and (fmt != "torchscript" or not isinstance(model, GeneralizedRCNN)):
+        raise ValueError(
+            "--method scripting exports a GeneralizedRCNN to --format torchscript only, got "
+            f"{type(model).__name__} to {fmt}"
+        )
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
     model.eval()
@@ -103,7 +121,13 @@ def export_model(
     adapter(image)  # one eager call records the outputs' schema
     names = flat_output_names(adapter.outputs_schema)
     os.makedirs(output_dir, exist_ok=True)
-    if fmt == "torchscript":
+    if method == "scripting":
+        path = os.path.join(output_dir, "model.ts")
+        scripted = scripting_with_instances(ScriptableRCNN(model).eval(), RCNN_SCRIPT_FIELDS)
+        torch.jit.save(scripted, path)
+        # a scripted model returns the fields of each image's Instances, not its image size
+        names = [n for n in names if n != "instances.image_size"]
+    elif fmt == "torchscript":
         path = os.path.join(output_dir, "model.ts")
         traced = torch.jit.trace(adapter, (image,), check_trace=False)
         torch.jit.save(traced, path)
@@ -121,17 +145,30 @@ def export_model(
             output_names=names,
             dynamic_axes={"image": {1: "height", 2: "width"}},
         )
-    return ExportedModel(path, fmt, adapter, names)
+    return ExportedModel(path, fmt, adapter, names, method)
 
 
-def load_exported(path: str, fmt: str, threads: int = 1) -> Callable:
+def load_exported(
+    path: str, fmt: str, threads: int = 1, method: str = "tracing", output_names=()
+) -> Callable:
     """
     A function image (3, H, W) float32 tensor -> tuple of float/int numpy arrays (the flattened
     outputs) that runs the exported file: ``torch.jit.load`` or an onnxruntime CPU session with
-    ``threads`` intra-op threads.
+    ``threads`` intra-op threads. A scripted R-CNN returns fields by name: ``output_names``
+    ("instances.<field>", :attr:`ExportedModel.output_names`) give their order.
     """
     if not os.path.isfile(path):
         raise ValueError(f"exported model file {path!r} does not exist")
+    if fmt == "torchscript" and method == "scripting":
+        scripted = torch.jit.load(path, map_location="cpu")
+        fields = [n.split(".", 1)[1] for n in output_names]
+
+        def run_scripted(image):
+            with torch.no_grad():
+                out = scripted(({"image": image},))[0]
+            return tuple(out[f].numpy() for f in fields)
+
+        return run_scripted
     if fmt == "torchscript":
         module = torch.jit.load(path, map_location="cpu")
 
@@ -201,4 +238,6 @@ def median_seconds(fn: Callable, runs: int = 5, warmup: int = 1) -> float:
 def reference_outputs(exported: ExportedModel, image: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     """The PyTorch model's flattened outputs on ``image``, in the exported file's order."""
     with torch.no_grad():
-        return tuple(exported.adapter(image))
+        outputs = exported.adapter(image)
+    named = dict(zip(flat_output_names(exported.adapter.outputs_schema), outputs))
+    return tuple(named[n] for n in exported.output_names)
