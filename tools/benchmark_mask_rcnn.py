@@ -31,14 +31,14 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, DatasetFromList, build_detection_test_loader
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, inference_on_dataset
+from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wsis_d2  # noqa: E402,F401  (registers datasets, models and mappers)
 from wsis_d2.data import build_dataset_mapper  # noqa: E402
-from wsis_d2.evaluation import InstanceAPEvaluator  # noqa: E402
+from wsis_d2.evaluation import FastCOCOEvaluator, InstanceAPEvaluator  # noqa: E402
 
 from benchmark_utils import (  # noqa: E402
     ROOT,
@@ -73,10 +73,8 @@ def evaluate(cfg, model, num_images, output_dir):
     _, loader = _val_inputs(cfg, num_images)
     evaluators = [InstanceAPEvaluator(VAL_SET, distributed=False, output_dir=output_dir)]
     if cfg.TEST.WSIS_COCO_EVAL:
-        # the fast COCOeval needs detectron2._C, which source-release builds lack
-        evaluators.append(
-            COCOEvaluator(VAL_SET, distributed=False, output_dir=output_dir, use_fast_impl=False)
-        )
+        # detectron2's compiled COCOeval, else faster-coco-eval, else pycocotools
+        evaluators.append(FastCOCOEvaluator(VAL_SET, distributed=False, output_dir=output_dir))
     return inference_on_dataset(model, loader, DatasetEvaluators(evaluators))
 
 

@@ -18,7 +18,7 @@ from detectron2.data import (
     build_detection_train_loader,
 )
 from detectron2.engine import default_argument_parser, default_setup
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, PascalVOCDetectionEvaluator
+from detectron2.evaluation import DatasetEvaluators, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -26,7 +26,12 @@ import wsis_d2  # noqa: F401  (registers datasets, models and mappers)
 from wsis_d2 import get_wsis_cfg
 from wsis_d2.data import build_dataset_mapper
 from wsis_d2.engine import WSISTrainer, launch
-from wsis_d2.evaluation import CountingEvaluator, DensityEvaluator, InstanceAPEvaluator
+from wsis_d2.evaluation import (
+    CountingEvaluator,
+    DensityEvaluator,
+    FastCOCOEvaluator,
+    InstanceAPEvaluator,
+)
 
 
 class Trainer(WSISTrainer):
@@ -56,10 +61,8 @@ class Trainer(WSISTrainer):
                 )
             )
             if cfg.TEST.WSIS_COCO_EVAL:
-                # the fast COCOeval needs detectron2._C, which source-release builds lack
-                evaluators.append(
-                    COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
-                )
+                # detectron2's compiled COCOeval, else faster-coco-eval, else pycocotools
+                evaluators.append(FastCOCOEvaluator(dataset_name, output_dir=output_folder))
         elif evaluator_type == "counting":
             evaluators.append(
                 CountingEvaluator(
@@ -69,7 +72,7 @@ class Trainer(WSISTrainer):
         elif evaluator_type == "density":
             evaluators.append(DensityEvaluator(dataset_name, output_dir=output_folder))
         elif evaluator_type == "coco":
-            evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
+            evaluators.append(FastCOCOEvaluator(dataset_name, output_dir=output_folder))
         elif evaluator_type == "pascal_voc":
             evaluators.append(PascalVOCDetectionEvaluator(dataset_name))
         else:

@@ -108,6 +108,21 @@ class TestTargets(unittest.TestCase):
         few = adaptive_sigmas(torch.tensor(pts[:3]), k, beta, 4.0)
         np.testing.assert_allclose(few.numpy(), [4.0, 4.0, 4.0])
 
+    def test_adaptive_sigmas_match_distance_matrix(self):
+        # the k-d tree against the (P, P) matrix it replaced, with repeated points (distance 0)
+        rng = np.random.default_rng(5)
+        pts = torch.from_numpy(rng.uniform(0, 200, size=(300, 2)))
+        pts = torch.cat([pts, pts[:20]]).float()
+        dist = torch.cdist(pts.double(), pts.double())
+        knn = dist.topk(5, dim=1, largest=False).values[:, 1:]
+        expected = (0.3 * knn.mean(dim=1)).clamp(0.5, 20.0)
+        got = adaptive_sigmas(pts, 4, 0.3, 4.0, (0.5, 20.0))
+        self.assertEqual(got.dtype, torch.float32)
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-6)
+        alone = adaptive_sigmas(pts[:300], 4, 0.3, 4.0, (0.5, 20.0))
+        self.assertTrue(bool((got[:20] < alone[:20]).all()))  # a twin is a neighbour at 0
+        torch.testing.assert_close(got[300:], got[:20])
+
     def test_mse_loss_hand_computed(self):
         pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
         target = torch.tensor([[[[0.0, 2.0], [5.0, 4.0]]]])

@@ -1,4 +1,5 @@
-"""Evaluators: instance segmentation mAP^r / mAP^b and counting errors."""
+"""Evaluators: instance segmentation mAP^r / mAP^b, counting errors and COCO AP."""
+from .coco_eval import FastCOCOEvaluator, default_coco_backend
 from .counting import CountingEvaluator, counting_metrics
 from .density import DensityEvaluator
 from .instance_ap import InstanceAPEvaluator
@@ -11,6 +12,8 @@ from .pseudo_labels import (
 )
 
 __all__ = [
+    "FastCOCOEvaluator",
+    "default_coco_backend",
     "InstanceAPEvaluator",
     "CountingEvaluator",
     "counting_metrics",
