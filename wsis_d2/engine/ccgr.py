@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from ..data.proposals import save_proposal_file, score_to_logit
 from ..modeling.ccgr import class_map_cues
 
-__all__ = ["compute_cues", "make_proposal_file", "run_ccgr_inference", "cue_parameters"]
+__all__ = [
+    "compute_cues", "make_proposal_file", "proposals_of", "run_ccgr_inference", "cue_parameters"
+]
 
 logger = logging.getLogger(__name__)
 
@@ -109,24 +111,22 @@ class _ProposalJob(torch.utils.data.Dataset):
         return i, boxes, scores, time.perf_counter() - start
 
 
-def make_proposal_file(
-    path: str,
+def proposals_of(
     dataset_dicts: List[Dict],
     generator: Callable[[np.ndarray], tuple],
     workers: int = 0,
     log_every: int = 200,
-) -> Dict[str, float]:
+) -> Tuple[List[np.ndarray], List[np.ndarray], float]:
     """
-    Run ``generator`` (RGB uint8 image -> (boxes XYXY, scores in [0, 1])) over the images and write
-    detectron2's proposal file ``path`` (objectness logits = logit(score)).
+    Run ``generator`` (RGB uint8 image -> (boxes XYXY, scores in [0, 1])) over the images.
 
     Args:
         workers: processes that run the generator in parallel, one image each at a time
             (a torch DataLoader's workers, one thread each); 0: in this process.
 
     Returns:
-        {"images", "seconds" (wall time of the whole run, image reading included),
-        "images_per_s", "boxes_per_image"}.
+        boxes: per image (R_i, 4) XYXY; logits: per image (R_i,) logit(score); seconds: wall time
+        (image reading included).
     """
     n = len(dataset_dicts)
     boxes, logits = [None] * n, [None] * n
@@ -142,7 +142,26 @@ def make_proposal_file(
         logits[i] = score_to_logit(s)
         if log_every and done % log_every == 0:
             logger.info(f"proposals: {done} / {n} images, {time.perf_counter() - start:.1f} s")
-    seconds = time.perf_counter() - start
+    return boxes, logits, time.perf_counter() - start
+
+
+def make_proposal_file(
+    path: str,
+    dataset_dicts: List[Dict],
+    generator: Callable[[np.ndarray], tuple],
+    workers: int = 0,
+    log_every: int = 200,
+) -> Dict[str, float]:
+    """
+    Run ``generator`` (RGB uint8 image -> (boxes XYXY, scores in [0, 1])) over the images and write
+    detectron2's proposal file ``path`` (objectness logits = logit(score)); :func:`proposals_of`.
+
+    Returns:
+        {"images", "seconds" (wall time of the whole run, image reading included),
+        "images_per_s", "boxes_per_image"}.
+    """
+    n = len(dataset_dicts)
+    boxes, logits, seconds = proposals_of(dataset_dicts, generator, workers, log_every)
     save_proposal_file(path, [d["image_id"] for d in dataset_dicts], boxes, logits)
     return {
         "images": n,

@@ -16,6 +16,11 @@ A stage that finished writes ``stage.json`` (its metrics and seconds). :meth:`CC
 ``resume=True`` skips finished stages and continues a training stage from its last checkpoint.
 Per-round metrics go to detectron2's event storage (``OUTPUT_DIR/metrics.json`` and tensorboard,
 step = round) and to ``OUTPUT_DIR/rounds.json``.
+
+Under several processes (``tools/train_ccgr.py --num-gpus N``, :mod:`wsis_d2.engine.ccgr_dist`)
+every stage runs on all of them: training with DistributedDataParallel, inference on each rank's
+share of the images gathered to the main process, which alone writes files; all ranks take the
+main process's view of which stages are done and of each stage's metrics.
 """
 
 import json
@@ -34,6 +39,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_tes
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import hooks
 from detectron2.evaluation import inference_on_dataset
+from detectron2.utils import comm
 from detectron2.utils.events import EventStorage, JSONWriter, TensorboardXWriter
 
 from ..config import get_wsis_cfg
@@ -44,7 +50,16 @@ from ..data.mappers.lc_mapper import image_labels_of
 from ..data.proposals import SelectiveSearchProposals, check_proposals, load_proposal_file
 from ..evaluation import CCGRStageDiagnostics, InstanceAPEvaluator
 from ..modeling.ccgr import semantic_labels_from_instances
-from .ccgr import compute_cues, cue_parameters, make_proposal_file, run_ccgr_inference
+from .ccgr import compute_cues, cue_parameters, run_ccgr_inference
+from .ccgr_dist import (
+    check_shared_output,
+    distributed_proposal_file,
+    from_main,
+    gather_by_id,
+    main_first,
+    seed_stage,
+    unwrap,
+)
 from .defaults import WSISTrainer
 from .stage_health import StageHealthError, check_health, positive_pairs, prior_bce, training_health
 
@@ -147,10 +162,12 @@ def seed_cues_from_instances(
 
 def instance_ap(cfg: CfgNode, model, dataset: str) -> Dict[str, float]:
     """mAP^r_25/50/75 and mAP^b_50 (VOC protocol, ``InstanceAPEvaluator``) of ``model`` on
-    ``dataset``, mapped by ``cfg``'s test mapper: how the IS branch of every round is scored."""
+    ``dataset``, mapped by ``cfg``'s test mapper: how the IS branch of every round is scored.
+    Under several processes each runs its share of the images; every rank returns the figures."""
     loader = build_detection_test_loader(cfg, dataset, mapper=build_dataset_mapper(cfg, False))
-    res = inference_on_dataset(model, loader, InstanceAPEvaluator(dataset, distributed=False))
-    return {m: float(res["wsis_instance"][m]) for m in ("mAP_r25", "mAP_r50", "mAP_r75", "mAP_b50")}
+    res = inference_on_dataset(model, loader, InstanceAPEvaluator(dataset, distributed=True))
+    names = ("mAP_r25", "mAP_r50", "mAP_r75", "mAP_b50")
+    return from_main(lambda: {m: float(res["wsis_instance"][m]) for m in names})
 
 
 class CCGRRounds:
@@ -180,7 +197,8 @@ class CCGRRounds:
         self.trainer_cls = trainer_cls
         self.output = cfg.OUTPUT_DIR
         self.train_set = cfg.DATASETS.TRAIN[0]
-        self.dicts = DatasetCatalog.get(self.train_set)
+        self.dicts = main_first(lambda: DatasetCatalog.get(self.train_set))
+        self._ids = [d["image_id"] for d in self.dicts]
         self.meta = MetadataCatalog.get(self.train_set)
         self.num_classes = len(self.meta.thing_classes)
         self.has_gt_masks = any(
@@ -201,24 +219,36 @@ class CCGRRounds:
         """Run stage ``name`` (a folder) unless it finished and we resume; returns its metrics."""
         folder = self._dir(name)
         marker = os.path.join(folder, STAGE_FILE)
-        if self.resume and os.path.isfile(marker):
-            with open(marker) as f:
-                done = json.load(f)
+        # the main process's view of the marker, on every rank: all run the same stages
+        done = from_main(lambda: self._finished(marker))
+        if done is not None:
             logger.info(f"CCGR: stage {name} finished earlier ({done['seconds']:.0f} s), skipped")
             return done["metrics"]
-        if os.path.isfile(marker):
+        if comm.is_main_process() and os.path.isfile(marker):
             os.remove(marker)
         os.makedirs(folder, exist_ok=True)
+        comm.synchronize()
         logger.info(f"CCGR: stage {name} ...")
+        seed_stage(self.cfg.SEED)
         start = time.perf_counter()
         metrics = fn(folder)
+        comm.synchronize()  # marked finished only once every rank is through it
         seconds = time.perf_counter() - start
-        part = marker + ".part"
-        with open(part, "w") as f:
-            json.dump({"metrics": metrics, "seconds": seconds}, f, indent=2)
-        os.replace(part, marker)
+        if comm.is_main_process():
+            part = marker + ".part"
+            with open(part, "w") as f:
+                json.dump({"metrics": metrics, "seconds": seconds}, f, indent=2)
+            os.replace(part, marker)
+        comm.synchronize()
         logger.info(f"CCGR: stage {name} done in {seconds:.0f} s: {json.dumps(metrics)}")
         return metrics
+
+    def _finished(self, marker: str) -> Optional[Dict]:
+        """The contents of a finished stage's ``stage.json`` when resuming, else None."""
+        if self.resume and os.path.isfile(marker):
+            with open(marker) as f:
+                return json.load(f)
+        return None
 
     def _check(self, stage: str, figures: Dict[str, float], iters: int) -> None:
         """Stop (:class:`StageHealthError`) when a health figure of ``stage`` is out of its
@@ -299,12 +329,14 @@ class CCGRRounds:
     def _train(self, cfg: CfgNode):
         cfg.freeze()
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-        with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-            f.write(cfg.dump())  # the stage's full config, as default_setup writes it
+        if comm.is_main_process():
+            with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+                f.write(cfg.dump())  # the stage's full config, as default_setup writes it
         trainer = self.trainer_cls(cfg)
         trainer.resume_or_load(resume=self.resume)
         trainer.train()
-        return trainer.model
+        comm.synchronize()  # model_final.pth and metrics.json (main process) are complete
+        return unwrap(trainer.model)
 
     # --------------------------------------------------------------------------------------
     # stages
@@ -312,16 +344,24 @@ class CCGRRounds:
     def _proposals(self, folder: str) -> Dict:
         given = self.cfg.CCGR.PROPOSAL_FILE
         if given:
-            # ValueError naming the file for a malformed file, a missing image or a bad box
-            data = load_proposal_file(given)
-            check_proposals(f"CCGR.PROPOSAL_FILE {given}", data, self.dicts)
-            index = {image_id: i for i, image_id in enumerate(data["ids"])}
-            n = sum(len(data["boxes"][index[d["image_id"]]]) for d in self.dicts)
-            return {"proposals_per_image": n / max(1, len(self.dicts))}
+            return from_main(lambda: self._check_given_proposals(given))
         path = os.path.join(folder, f"{self.train_set}.pkl")
         generator = SelectiveSearchProposals(max_proposals=self.cfg.CCGR.PROPOSAL_MAX)
-        stats = make_proposal_file(path, self.dicts, generator, workers=self.cfg.CCGR.WORKERS)
-        return {"proposal_images_per_s": stats["images_per_s"]}
+        stats = distributed_proposal_file(
+            path, self.dicts, generator, workers=self.cfg.CCGR.WORKERS
+        )
+        return {
+            "proposal_images_per_s": stats["images_per_s"],
+            "proposal_serial_seconds": stats["serial_seconds"],
+        }
+
+    def _check_given_proposals(self, given: str) -> Dict:
+        # ValueError naming the file for a malformed file, a missing image or a bad box
+        data = load_proposal_file(given)
+        check_proposals(f"CCGR.PROPOSAL_FILE {given}", data, self.dicts)
+        index = {image_id: i for i, image_id in enumerate(data["ids"])}
+        n = sum(len(data["boxes"][index[d["image_id"]]]) for d in self.dicts)
+        return {"proposals_per_image": n / max(1, len(self.dicts))}
 
     def _proposal_file(self) -> str:
         if self.cfg.CCGR.PROPOSAL_FILE:
@@ -334,7 +374,9 @@ class CCGRRounds:
         cfg.DATASETS.TEST = ()
         self._train(cfg)
         prior = prior_bce(np.stack(self._labels))
-        figures = training_health(os.path.join(folder, "metrics.json"), prior_loss=prior)
+        figures = from_main(
+            lambda: training_health(os.path.join(folder, "metrics.json"), prior_loss=prior)
+        )
         self._check("round1/classifier", figures, cfg.SOLVER.MAX_ITER)
         return figures
 
@@ -346,12 +388,21 @@ class CCGRRounds:
         )
         cfg.DATASETS.TEST = (self.train_set,)
         model, loader = self._trained(cfg, self.train_set)
-        cues = compute_cues(model, loader, cue_parameters(self.cfg))
-        write_cues(os.path.join(folder, "cues.pkl"), cues, self.num_classes)
-        n = sum(len(p) for p, _ in cues.values())
-        figures = {"health_peaks_per_positive": n / max(1, positive_pairs(self._labels))}
-        self._check("round1/cues", figures, cfg.SOLVER.MAX_ITER)
-        return {"peaks_per_image": n / max(1, len(cues)), **figures}
+        # this rank's share of the images (the test loader's InferenceSampler), then all of them
+        local = compute_cues(model, loader, cue_parameters(self.cfg))
+        cues = gather_by_id(local, self._ids, "round1/cues")
+
+        def write():
+            write_cues(os.path.join(folder, "cues.pkl"), cues, self.num_classes)
+            n = sum(len(p) for p, _ in cues.values())
+            return {
+                "peaks_per_image": n / max(1, len(cues)),
+                "health_peaks_per_positive": n / max(1, positive_pairs(self._labels)),
+            }
+
+        metrics = from_main(write)
+        self._check("round1/cues", metrics, cfg.SOLVER.MAX_ITER)
+        return metrics
 
     def _mil_ss_cfg(self, k: int, folder: str) -> CfgNode:
         cfg = self._sub_cfg(None, folder)
@@ -370,7 +421,7 @@ class CCGRRounds:
             cfg.SOLVER.STEPS = tuple(s for s in cfg.SOLVER.STEPS if s < cfg.SOLVER.MAX_ITER)
             cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.MAX_ITER // 10)
         self._train(cfg)
-        figures = training_health(os.path.join(folder, "metrics.json"))
+        figures = from_main(lambda: training_health(os.path.join(folder, "metrics.json")))
         self._check(f"round{k}/mil_ss", figures, cfg.SOLVER.MAX_ITER)
         return figures
 
@@ -378,7 +429,7 @@ class CCGRRounds:
         model, loader = self._trained(
             self._mil_ss_cfg(k, self._dir(f"round{k}", "mil_ss")), self.train_set
         )
-        evaluator = InstanceAPEvaluator(self.train_set, distributed=False)
+        evaluator = InstanceAPEvaluator(self.train_set, distributed=True)
         evaluator.reset()
         diagnostics = CCGRStageDiagnostics()
         by_id = {d["image_id"]: d for d in self.dicts}
@@ -389,6 +440,19 @@ class CCGRRounds:
                 "height": inp["height"], "width": inp["width"]}, out)
             if self.has_gt_masks:
                 evaluator.process([inp], [out])
+        # collectives, on every rank in this order: the pseudo labels, the diagnostics, the AP
+        pseudo = gather_by_id(pseudo, self._ids, f"round{k}/pseudo_labels")
+        shares = comm.gather(diagnostics, dst=0)
+        result = evaluator.evaluate() if self.has_gt_masks else {}
+        metrics = from_main(lambda: self._write_pseudo_labels(k, folder, pseudo, shares, result))
+        self._check(f"round{k}/pseudo_labels", metrics, self._mil_ss_iters(k))
+        return metrics
+
+    def _write_pseudo_labels(self, k, folder, pseudo, shares, result) -> Dict:
+        """Main process: write round k's pseudo_labels.json and sum up its figures."""
+        diagnostics = shares[0]
+        for share in shares[1:]:
+            diagnostics.merge(share)
         ids = self.meta.get("thing_dataset_id_to_contiguous_id", None)
         inverse = (
             {v: k for k, v in ids.items()} if ids else {c: c for c in range(self.num_classes)}
@@ -404,14 +468,13 @@ class CCGRRounds:
             "pseudo_instances": float(n),
             "health_pseudo_per_positive": n / max(1, positive_pairs(self._labels)),
         }
-        self._check(f"round{k}/pseudo_labels", metrics, self._mil_ss_iters(k))
         diag = diagnostics.summary()
         gt_free = ("bags_per_image", "pseudo_per_image")
         metrics.update(
             {f"diag_{k}": v for k, v in diag.items() if self.has_gt_masks or k in gt_free}
         )
         if self.has_gt_masks:
-            res = evaluator.evaluate()["wsis_instance"]
+            res = result["wsis_instance"]
             metrics.update({f"pseudo_{m}": res[m] for m in ("mAP_r25", "mAP_r50", "mAP_b50")})
         return metrics
 
@@ -442,7 +505,7 @@ class CCGRRounds:
         if k > 1 and self.cfg.CCGR.IS_FINETUNE:
             cfg.MODEL.WEIGHTS = self._dir(f"round{k - 1}", "is", "model_final.pth")
         model = self._train(cfg)  # frozen from here
-        metrics = training_health(os.path.join(folder, "metrics.json"))
+        metrics = from_main(lambda: training_health(os.path.join(folder, "metrics.json")))
         self._check(f"round{k}/is", metrics, cfg.SOLVER.MAX_ITER)
         tests = tuple(cfg.DATASETS.TEST)
         for name in tests:
@@ -471,11 +534,21 @@ class CCGRRounds:
                     )
                     cues[inp["image_id"]] = (peaks, sem)
                     seeds[inp["image_id"]] = sb
-        write_cues(os.path.join(folder, "cues.pkl"), cues, self.num_classes, seed_boxes=seeds)
-        n = sum(len(s) for s in seeds.values())
-        figures = {"health_seeds_per_positive": n / max(1, positive_pairs(self._labels))}
-        self._check(f"round{k}/cues", figures, cfg.SOLVER.MAX_ITER)
-        return {"seed_boxes_per_image": n / max(1, len(seeds)), **figures}
+        cues = gather_by_id(cues, self._ids, f"round{k}/cues")
+        seeds = gather_by_id(seeds, self._ids, f"round{k}/cues (seed boxes)")
+
+        def write():
+            path = os.path.join(folder, "cues.pkl")
+            write_cues(path, cues, self.num_classes, seed_boxes=seeds)
+            n = sum(len(s) for s in seeds.values())
+            return {
+                "seed_boxes_per_image": n / max(1, len(seeds)),
+                "health_seeds_per_positive": n / max(1, positive_pairs(self._labels)),
+            }
+
+        metrics = from_main(write)
+        self._check(f"round{k}/cues", metrics, cfg.SOLVER.MAX_ITER)
+        return metrics
 
     # --------------------------------------------------------------------------------------
 
@@ -515,10 +588,11 @@ class CCGRRounds:
             raise ValueError(f"until: {until!r} is not a stage; the stages are {self.stages()}")
         self.resume = resume
         os.makedirs(self.output, exist_ok=True)
+        check_shared_output(self.output)
         writers = [
             JSONWriter(os.path.join(self.output, "metrics.json")),
             TensorboardXWriter(self.output),
-        ]
+        ] if comm.is_main_process() else []
         total = len(self.stages())
         done = 0
 
@@ -570,6 +644,7 @@ class CCGRRounds:
                 storage.put_scalar(f"ccgr/{key}", float(value), smoothing_hint=False)
             for w in writers:
                 w.write()
-        with open(os.path.join(self.output, "rounds.json"), "w") as f:
-            json.dump({str(r): m for r, m in self.metrics.items()}, f, indent=2)
+        if comm.is_main_process():
+            with open(os.path.join(self.output, "rounds.json"), "w") as f:
+                json.dump({str(r): m for r, m in self.metrics.items()}, f, indent=2)
         logger.info(f"CCGR: round {k}: {json.dumps(metrics)}")

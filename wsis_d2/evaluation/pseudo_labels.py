@@ -223,6 +223,13 @@ class CCGRStageDiagnostics:
             self._sum["mask"] += float(best.sum())
             n["pseudo_hit"] += int((best >= 0.5).sum())
 
+    def merge(self, other: "CCGRStageDiagnostics") -> None:
+        """Add ``other``'s counts (another process's share of the images) to these."""
+        for key, value in other._n.items():
+            self._n[key] += value
+        for key, value in other._sum.items():
+            self._sum[key] += value
+
     def summary(self) -> Dict[str, float]:
         n, s = self._n, self._sum
         pct = lambda a, b: 100.0 * a / b if b else float("nan")  # noqa: E731

@@ -27,6 +27,8 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
+from ...utils.dist import mean_over_processes
+
 __all__ = ["PSPHead"]
 
 
@@ -168,21 +170,23 @@ class PSPHead(nn.Module):
         (t_p != ignore), or with ``balance_background`` the same mean over Ω ∩ background plus
         over Ω \\ background (a missing part adds 0); logits (N, K, H, W) and targets (N, H', W')
         are cropped to their common size (both cover the padded input from its top-left corner).
-        0 when Ω is empty.
+        0 when Ω is empty. Under several processes |Ω| (and the two parts' sizes) are the means
+        over the processes, so that the averaged gradients are those of the whole batch's mean.
         """
         h = min(logits.shape[-2], targets.shape[-2])
         w = min(logits.shape[-1], targets.shape[-1])
         logits, targets = logits[..., :h, :w], targets[..., :h, :w].long()
         labelled = targets != self.ignore_value
+        background = targets == self.num_classes - 1
+        parts = [labelled] if not self.balance_background else [background, labelled & ~background]
+        # the divisors: pixels per process averaged over the processes (every process's pixels
+        # count alike once DDP averages the gradients); this process's counts in a single one
+        counts = mean_over_processes(torch.stack([p.sum() for p in parts])).tolist()
         if not bool(labelled.any()):
             return {"loss_sem_seg": logits.sum() * 0.0}
-        if not self.balance_background:
-            loss = F.cross_entropy(logits, targets, ignore_index=self.ignore_value, reduction="mean")
-            return {"loss_sem_seg": loss * self.loss_weight}
         per_pixel = F.cross_entropy(logits, targets, ignore_index=self.ignore_value, reduction="none")
-        background = targets == self.num_classes - 1
         loss = per_pixel.sum() * 0.0
-        for part in (background, labelled & ~background):
-            if bool(part.any()):
-                loss = loss + per_pixel[part].mean()
+        for part, count in zip(parts, counts):
+            if count > 0:
+                loss = loss + per_pixel[part].sum() / count
         return {"loss_sem_seg": loss * self.loss_weight}

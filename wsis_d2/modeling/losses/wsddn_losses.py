@@ -9,7 +9,7 @@ Bags are given padded: ``bags`` (B, K) long indices into the proposals' rows, �
 (a bag has 1..K proposals).
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,7 @@ def wsddn_loss(
     bag_labels: torch.Tensor,
     eps: float = 1e-6,
     normalization: str = "bags",
+    num_bags: Optional[float] = None,
 ) -> torch.Tensor:
     """
     L_MIL = Σ_B L(B), L(B) = −Σ_c [y_c log φ̄_c + (1 − y_c) log(1 − φ̄_c)], where y is the one-hot
@@ -77,6 +78,9 @@ def wsddn_loss(
         eps: ε of the clamp.
         normalization: "bags" (divide by B, the default: independent of the number of peaks per
             batch) or "none" (the plain sum Σ_B L(B) of the paper).
+        num_bags: the divisor of "bags"; default B. Under several processes the mean B of the
+            processes (:func:`wsis_d2.utils.dist.mean_over_processes`), so that the average of
+            their gradients is that of the mean over all of the batch's bags.
 
     Returns:
         scalar loss; 0 (connected to ``phi``) without bags.
@@ -93,4 +97,6 @@ def wsddn_loss(
     p = phi.clamp(eps, 1.0 - eps)
     per_bag = -(target * torch.log(p) + (1.0 - target) * torch.log1p(-p)).sum(dim=1)
     loss = per_bag.sum()
-    return loss / phi.shape[0] if normalization == "bags" else loss
+    if normalization == "none":
+        return loss
+    return loss / (phi.shape[0] if num_bags is None else num_bags)

@@ -21,6 +21,7 @@ from detectron2.modeling.roi_heads import build_box_head
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 
+from ...utils.dist import mean_over_processes
 from ..losses.wsddn_losses import wsddn_bag_scores, wsddn_loss
 
 __all__ = ["WSDDNROIHeads"]
@@ -136,7 +137,9 @@ class WSDDNROIHeads(nn.Module):
         phi, contributions = wsddn_bag_scores(cls_logits, det_logits, cat_bags)
         if self.training:
             labels = torch.cat(list(bag_labels)) if bag_labels else phi.new_zeros(0).long()
-            loss = wsddn_loss(phi, labels, self.eps, self.loss_normalization)
+            # every process's bags count alike: divide by the mean number over the processes
+            num_bags = mean_over_processes(torch.tensor(float(phi.shape[0]))).item()
+            loss = wsddn_loss(phi, labels, self.eps, self.loss_normalization, num_bags)
             if offset == 0:
                 # no bag in the batch: a zero loss still connected to every parameter
                 loss = loss + sum(p.sum() * 0.0 for p in self.parameters())
