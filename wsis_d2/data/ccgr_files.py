@@ -7,7 +7,7 @@ Files of a CCGR round: the cues (peaks and pseudo semantic label maps per image 
 import json
 import os
 import pickle
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -16,7 +16,13 @@ from PIL import Image
 
 from detectron2.structures import Instances
 
-__all__ = ["write_cues", "load_cues", "write_pseudo_label_json", "check_pseudo_label_json"]
+__all__ = [
+    "write_cues",
+    "load_cues",
+    "pseudo_label_annotations",
+    "write_pseudo_label_json",
+    "check_pseudo_label_json",
+]
 
 
 def write_cues(
@@ -85,10 +91,50 @@ def load_cues(path: str) -> dict:
     return data
 
 
+def pseudo_label_annotations(
+    dataset_dict: dict, inst: Instances, dataset_id_of_class: Sequence[int]
+) -> List[dict]:
+    """
+    The COCO annotations (without "id") of one image's pseudo instances: RLE masks, XYWH boxes,
+    the score under "score". A few hundred bytes per instance instead of its (H, W) mask, which is
+    what the processes of a distributed run send to the main process.
+
+    Args:
+        dataset_dict: the image's dataset dict ("image_id", "height", "width").
+        inst: Instances at the image's original size (pred_masks (R, H, W), pred_classes, scores).
+        dataset_id_of_class: COCO category id of each contiguous class.
+    """
+    d = dataset_dict
+    if len(inst) == 0:
+        return []
+    if tuple(inst.image_size) != (int(d["height"]), int(d["width"])):
+        raise ValueError(
+            f"pseudo instances of image id {d['image_id']!r} are {tuple(inst.image_size)}, the "
+            f"image is {(d['height'], d['width'])}"
+        )
+    masks = inst.pred_masks.cpu().numpy().astype(np.uint8)
+    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+    annotations = []
+    for rle, c, s in zip(rles, inst.pred_classes.tolist(), inst.scores.tolist()):
+        x, y, w, h = mask_util.toBbox(rle).tolist()
+        annotations.append(
+            {
+                "image_id": d["image_id"],
+                "category_id": int(dataset_id_of_class[c]),
+                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                "bbox": [x, y, w, h],
+                "area": float(mask_util.area(rle)),
+                "iscrowd": 0,
+                "score": float(s),
+            }
+        )
+    return annotations
+
+
 def write_pseudo_label_json(
     path: str,
     dataset_dicts: List[dict],
-    instances: Dict[object, Instances],
+    instances: Dict[object, Union[Instances, List[dict]]],
     dataset_id_of_class: Sequence[int],
     class_names: Sequence[str],
 ) -> int:
@@ -99,7 +145,8 @@ def write_pseudo_label_json(
     instances stay in the file with no annotations.
 
     Args:
-        instances: {image_id: Instances at the image's original size}.
+        instances: {image_id: Instances at the image's original size, or its annotations from
+            :func:`pseudo_label_annotations`}.
         dataset_id_of_class: COCO category id of each contiguous class.
 
     Returns:
@@ -116,29 +163,12 @@ def write_pseudo_label_json(
             }
         )
         inst = instances.get(d["image_id"])
-        if inst is None or len(inst) == 0:
+        if inst is None:
             continue
-        if tuple(inst.image_size) != (int(d["height"]), int(d["width"])):
-            raise ValueError(
-                f"pseudo instances of image id {d['image_id']!r} are {tuple(inst.image_size)}, the "
-                f"image is {(d['height'], d['width'])}"
-            )
-        masks = inst.pred_masks.cpu().numpy().astype(np.uint8)
-        rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
-        for rle, c, s in zip(rles, inst.pred_classes.tolist(), inst.scores.tolist()):
-            x, y, w, h = mask_util.toBbox(rle).tolist()
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": d["image_id"],
-                    "category_id": int(dataset_id_of_class[c]),
-                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                    "bbox": [x, y, w, h],
-                    "area": float(mask_util.area(rle)),
-                    "iscrowd": 0,
-                    "score": float(s),
-                }
-            )
+        if isinstance(inst, Instances):
+            inst = pseudo_label_annotations(d, inst, dataset_id_of_class)
+        for a in inst:
+            annotations.append({"id": len(annotations) + 1, **a})
     data = {
         "images": images,
         "annotations": annotations,

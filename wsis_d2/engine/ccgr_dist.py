@@ -21,6 +21,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 import numpy as np
@@ -38,6 +39,7 @@ __all__ = [
     "gather_by_id",
     "main_first",
     "seed_stage",
+    "serial_part",
     "shard",
     "unwrap",
 ]
@@ -62,6 +64,21 @@ def seed_stage(seed: int) -> None:
     """
     if seed >= 0:
         seed_all_rng(seed + comm.get_rank())
+
+
+@contextmanager
+def serial_part(record: List[float]):
+    """
+    Time the block (gathering to the main process, its writing and evaluating) into ``record``:
+    the part of an inference stage that more processes do not shorten. Starts once every rank has
+    finished its share, so that waiting for the slowest rank is not counted.
+    """
+    comm.synchronize()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        record.append(time.perf_counter() - start)
 
 
 def from_main(fn: Callable[[], T]) -> T:

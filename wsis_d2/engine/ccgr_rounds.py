@@ -44,7 +44,12 @@ from detectron2.utils.events import EventStorage, JSONWriter, TensorboardXWriter
 
 from ..config import get_wsis_cfg
 from ..data import build_dataset_mapper
-from ..data.ccgr_files import check_pseudo_label_json, write_cues, write_pseudo_label_json
+from ..data.ccgr_files import (
+    check_pseudo_label_json,
+    pseudo_label_annotations,
+    write_cues,
+    write_pseudo_label_json,
+)
 from ..data.datasets import register_coco_counts_instances
 from ..data.mappers.lc_mapper import image_labels_of
 from ..data.proposals import SelectiveSearchProposals, check_proposals, load_proposal_file
@@ -58,6 +63,7 @@ from .ccgr_dist import (
     gather_by_id,
     main_first,
     seed_stage,
+    serial_part,
     unwrap,
 )
 from .defaults import WSISTrainer
@@ -207,6 +213,8 @@ class CCGRRounds:
         # (C,) image-level labels of each training image, the only supervision CCGR reads
         self._labels = [image_labels_of(d, self.num_classes) for d in self.dicts]
         self.resume = False
+        # seconds of the running stage spent gathering and writing on the main process alone
+        self._serial: List[float] = []
         self.metrics: Dict[int, Dict[str, float]] = OrderedDict()
 
     # --------------------------------------------------------------------------------------
@@ -230,6 +238,7 @@ class CCGRRounds:
         comm.synchronize()
         logger.info(f"CCGR: stage {name} ...")
         seed_stage(self.cfg.SEED)
+        self._serial = []
         start = time.perf_counter()
         metrics = fn(folder)
         comm.synchronize()  # marked finished only once every rank is through it
@@ -237,7 +246,11 @@ class CCGRRounds:
         if comm.is_main_process():
             part = marker + ".part"
             with open(part, "w") as f:
-                json.dump({"metrics": metrics, "seconds": seconds}, f, indent=2)
+                record = {"metrics": metrics, "seconds": seconds}
+                if self._serial:
+                    record["serial_seconds"] = sum(self._serial)
+                record["processes"] = comm.get_world_size()
+                json.dump(record, f, indent=2)
             os.replace(part, marker)
         comm.synchronize()
         logger.info(f"CCGR: stage {name} done in {seconds:.0f} s: {json.dumps(metrics)}")
@@ -350,10 +363,8 @@ class CCGRRounds:
         stats = distributed_proposal_file(
             path, self.dicts, generator, workers=self.cfg.CCGR.WORKERS
         )
-        return {
-            "proposal_images_per_s": stats["images_per_s"],
-            "proposal_serial_seconds": stats["serial_seconds"],
-        }
+        self._serial.append(stats["serial_seconds"])
+        return {"proposal_images_per_s": stats["images_per_s"]}
 
     def _check_given_proposals(self, given: str) -> Dict:
         # ValueError naming the file for a malformed file, a missing image or a bad box
@@ -390,7 +401,6 @@ class CCGRRounds:
         model, loader = self._trained(cfg, self.train_set)
         # this rank's share of the images (the test loader's InferenceSampler), then all of them
         local = compute_cues(model, loader, cue_parameters(self.cfg))
-        cues = gather_by_id(local, self._ids, "round1/cues")
 
         def write():
             write_cues(os.path.join(folder, "cues.pkl"), cues, self.num_classes)
@@ -400,7 +410,9 @@ class CCGRRounds:
                 "health_peaks_per_positive": n / max(1, positive_pairs(self._labels)),
             }
 
-        metrics = from_main(write)
+        with serial_part(self._serial):
+            cues = gather_by_id(local, self._ids, "round1/cues")
+            metrics = from_main(write)
         self._check("round1/cues", metrics, cfg.SOLVER.MAX_ITER)
         return metrics
 
@@ -433,35 +445,46 @@ class CCGRRounds:
         evaluator.reset()
         diagnostics = CCGRStageDiagnostics()
         by_id = {d["image_id"]: d for d in self.dicts}
+        category_ids = self._category_ids()
         pseudo = {}
         for inp, out in run_ccgr_inference(model, loader):
-            pseudo[inp["image_id"]] = out["instances"]
+            # RLE annotations, not (H, W) masks: what is kept and sent to the main process
+            pseudo[inp["image_id"]] = pseudo_label_annotations(
+                by_id[inp["image_id"]], out["instances"], category_ids
+            )
             diagnostics.process(by_id[inp["image_id"]] if self.has_gt_masks else {
                 "height": inp["height"], "width": inp["width"]}, out)
             if self.has_gt_masks:
                 evaluator.process([inp], [out])
         # collectives, on every rank in this order: the pseudo labels, the diagnostics, the AP
-        pseudo = gather_by_id(pseudo, self._ids, f"round{k}/pseudo_labels")
-        shares = comm.gather(diagnostics, dst=0)
-        result = evaluator.evaluate() if self.has_gt_masks else {}
-        metrics = from_main(lambda: self._write_pseudo_labels(k, folder, pseudo, shares, result))
+        with serial_part(self._serial):
+            pseudo = gather_by_id(pseudo, self._ids, f"round{k}/pseudo_labels")
+            shares = comm.gather(diagnostics, dst=0)
+            result = evaluator.evaluate() if self.has_gt_masks else {}
+            metrics = from_main(
+                lambda: self._write_pseudo_labels(k, folder, pseudo, shares, result)
+            )
         self._check(f"round{k}/pseudo_labels", metrics, self._mil_ss_iters(k))
         return metrics
+
+    def _category_ids(self) -> List[int]:
+        """The dataset's category id of each contiguous class."""
+        ids = self.meta.get("thing_dataset_id_to_contiguous_id", None)
+        inverse = (
+            {v: k for k, v in ids.items()} if ids else {c: c for c in range(self.num_classes)}
+        )
+        return [inverse[c] for c in range(self.num_classes)]
 
     def _write_pseudo_labels(self, k, folder, pseudo, shares, result) -> Dict:
         """Main process: write round k's pseudo_labels.json and sum up its figures."""
         diagnostics = shares[0]
         for share in shares[1:]:
             diagnostics.merge(share)
-        ids = self.meta.get("thing_dataset_id_to_contiguous_id", None)
-        inverse = (
-            {v: k for k, v in ids.items()} if ids else {c: c for c in range(self.num_classes)}
-        )
         n = write_pseudo_label_json(
             os.path.join(folder, "pseudo_labels.json"),
             self.dicts,
             pseudo,
-            [inverse[c] for c in range(self.num_classes)],
+            self._category_ids(),
             self.meta.thing_classes,
         )
         metrics = {
@@ -534,8 +557,6 @@ class CCGRRounds:
                     )
                     cues[inp["image_id"]] = (peaks, sem)
                     seeds[inp["image_id"]] = sb
-        cues = gather_by_id(cues, self._ids, f"round{k}/cues")
-        seeds = gather_by_id(seeds, self._ids, f"round{k}/cues (seed boxes)")
 
         def write():
             path = os.path.join(folder, "cues.pkl")
@@ -546,7 +567,10 @@ class CCGRRounds:
                 "health_seeds_per_positive": n / max(1, positive_pairs(self._labels)),
             }
 
-        metrics = from_main(write)
+        with serial_part(self._serial):
+            cues = gather_by_id(cues, self._ids, f"round{k}/cues")
+            seeds = gather_by_id(seeds, self._ids, f"round{k}/cues (seed boxes)")
+            metrics = from_main(write)
         self._check(f"round{k}/cues", metrics, cfg.SOLVER.MAX_ITER)
         return metrics
 
