@@ -4,7 +4,7 @@ Per-stage throughput of CCGR's rounds (``wsis_d2.engine.ccgr_rounds``, the code 
 ``tools/train_ccgr.py``) with 1 and with N processes (``wsis_d2.engine.launch``; gloo on CPU), and
 what one round writes per 1,000 training images.
 
-On ``--images`` synthetic scenes (128-320 px), every training stage ``--iters`` iterations at
+On ``--images`` synthetic scenes (``--sizes``: 128-320 px), every training stage ``--iters`` iterations at
 ``--batch`` images in all, ``CCGR.ROUNDS 2`` up to round 2's cues (so every kind of stage runs once).
 One JSON line per (processes, stage): seconds, images/s (inference stages) or iterations/s
 (training stages), and for inference stages the seconds spent on the main process alone (gathering
@@ -39,11 +39,13 @@ STAGES = ["proposals", "round1/classifier", "round1/cues", "round1/mil_ss", "rou
           "round1/is", "round2/cues"]  # fmt: skip
 
 
-def _register(root, images):
-    name = f"wsis_bench_dist_{images}"
+def _register(root, images, sizes=(128, 320)):
+    name = f"wsis_bench_dist_{images}_{sizes[0]}_{sizes[1]}"
     if name not in DatasetCatalog.list():
-        spec = SyntheticSpec(num_images=images, seed=6106)
-        register_synthetic_split(name, f"bench_dist_{images}", spec, root)
+        spec = SyntheticSpec(
+            num_images=images, seed=6106, min_image_size=sizes[0], max_image_size=sizes[1]
+        )
+        register_synthetic_split(name, name[len("wsis_"):], spec, root)
     return name
 
 
@@ -64,7 +66,7 @@ def _cfg(args, train_set, out):
 
 def _run(args, root, out):
     """One process's part: register the split, run the stages up to round 2's cues."""
-    train_set = _register(root, args.images)
+    train_set = _register(root, args.images, args.sizes)
     cfg = _cfg(args, train_set, out)
     cfg.freeze()
     seed_stage(cfg.SEED)
@@ -105,6 +107,8 @@ def main():
     parser.add_argument("--images", type=int, default=32, help="synthetic training images")
     parser.add_argument("--iters", type=int, default=4, help="iterations of each training stage")
     parser.add_argument("--batch", type=int, default=4, help="SOLVER.IMS_PER_BATCH, all processes")
+    parser.add_argument("--sizes", type=int, nargs=2, default=[128, 320], metavar=("MIN", "MAX"),
+                        help="image height and width drawn in [MIN, MAX] (VOC: about 375 500)")
     parser.add_argument("--output", default="output/benchmark_ccgr_dist")
     args = parser.parse_args()
     for n in args.processes:
@@ -113,8 +117,8 @@ def main():
     if args.images < max(args.processes):
         raise SystemExit(f"--images {args.images}: fewer than --processes {max(args.processes)}")
     root = os.path.join(args.output, "data")
-    DatasetCatalog.get(_register(root, args.images))  # generated once, before the processes
-    results = {"images": args.images, "iters": args.iters, "batch": args.batch,
+    DatasetCatalog.get(_register(root, args.images, args.sizes))  # generated once, before the processes
+    results = {"images": args.images, "sizes": args.sizes, "iters": args.iters, "batch": args.batch,
                "cpu_count": os.cpu_count(), "stages": []}  # fmt: skip
     for n in args.processes:
         out = os.path.join(args.output, f"p{n}")
@@ -125,7 +129,7 @@ def main():
             results["stages"].append(row)
         results[f"wall_seconds_p{n}"] = round(time.perf_counter() - start, 1)
     out = os.path.join(args.output, f"p{args.processes[0]}")
-    name = _register(root, args.images)
+    name = _register(root, args.images, args.sizes)
     per_1000 = {
         "proposals": _folder_bytes(os.path.join(out, "proposals", f"{name}.pkl")),
         "round1_cues": _folder_bytes(os.path.join(out, "round1", "cues", "cues.pkl"))

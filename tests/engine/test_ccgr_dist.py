@@ -38,7 +38,9 @@ import wsis_d2  # noqa: F401  (registers everything)
 from wsis_d2 import add_wsis_config
 from wsis_d2.data.datasets import SyntheticSpec, register_synthetic_split
 from wsis_d2.engine import launch
+from wsis_d2.engine.ccgr_dist import check_shared_output, from_main, gather_by_id, shard
 from wsis_d2.engine.ccgr_rounds import STAGE_FILE, CCGRRounds, StageTrainer
+from wsis_d2.utils.dist import mean_over_processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATASET = "wsis_ccgr_dist_test_128"
@@ -230,6 +232,31 @@ class TestCCGRTwoProcesses(unittest.TestCase):
         with open(os.path.join(out, "round1", "is", "last_checkpoint")) as f:
             self.assertEqual(f.read().strip(), "model_final.pth")
         self.assertIn("mAP_r50", _stage_metrics(out, "round1/is"))
+
+
+
+class TestHelpers(unittest.TestCase):
+    """The helpers in one process (world size 1): what each rank computes and what is checked."""
+
+    def test_gather_by_id_orders_and_checks(self):
+        merged = gather_by_id({3: "c", 1: "a"}, [1, 2, 3][::2], "stage x")
+        self.assertEqual(list(merged.items()), [(1, "a"), (3, "c")])
+        with self.assertRaisesRegex(ValueError, r"stage x: 1 training images without a result"):
+            gather_by_id({1: "a"}, [1, 2], "stage x")
+        with self.assertRaisesRegex(ValueError, r"stage x: .*1 results for images not in"):
+            gather_by_id({1: "a", 9: "z"}, [1], "stage x")
+
+    def test_from_main_and_shard(self):
+        self.assertEqual(from_main(lambda: {"a": 1}), {"a": 1})
+        with self.assertRaisesRegex(ValueError, "bad file"):
+            from_main(lambda: (_ for _ in ()).throw(ValueError("bad file")))
+        self.assertEqual(shard(list(range(5))), list(range(5)))
+        with tempfile.TemporaryDirectory() as tmp:
+            check_shared_output(tmp)  # one process: nothing to check, no error
+
+    def test_mean_over_processes_is_the_value_in_one(self):
+        x = torch.tensor([3, 4])
+        self.assertTrue(torch.equal(mean_over_processes(x), torch.tensor([3.0, 4.0])))
 
 
 if __name__ == "__main__":
