@@ -125,8 +125,16 @@ def _run(root, out, resume=False, until="round2/cues"):
 
 
 def _digest(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    """sha256 of a file, or of a cue file with its folder of label maps (PNG)."""
+    h = hashlib.sha256()
+    paths = [path]
+    maps = os.path.splitext(path)[0] + "_sem_seg"
+    if path.endswith("cues.pkl"):
+        paths += [os.path.join(maps, n) for n in sorted(os.listdir(maps))]
+    for p in paths:
+        with open(p, "rb") as f:
+            h.update(os.path.basename(p).encode() + f.read())
+    return h.hexdigest()
 
 
 def _started(out, rank):
@@ -189,6 +197,8 @@ class TestCCGRTwoProcesses(unittest.TestCase):
             os.remove(os.path.join(again, stage, STAGE_FILE))
         for name in FILES:
             os.remove(os.path.join(again, name))
+            if name.endswith("cues.pkl"):
+                shutil.rmtree(os.path.join(again, os.path.dirname(name), "cues_sem_seg"))
         os.remove(os.path.join(again, "started_rank0.jsonl"))
         launch(_run, 1, args=(self.root, again, True), device="cpu")
         for name in FILES:

@@ -4,6 +4,7 @@ Files of a CCGR round: the cues (peaks and pseudo semantic label maps per image 
 ``register_coco_counts_instances`` (and so the Mask R-CNN of the IS branch) reads.
 """
 
+import io
 import json
 import os
 import pickle
@@ -17,6 +18,7 @@ from PIL import Image
 from detectron2.structures import Instances
 
 __all__ = [
+    "encode_label_map",
     "write_cues",
     "load_cues",
     "pseudo_label_annotations",
@@ -25,9 +27,17 @@ __all__ = [
 ]
 
 
+def encode_label_map(sem: torch.Tensor) -> bytes:
+    """(H, W) uint8 label map -> the PNG file's bytes (as :func:`write_cues` writes it): a few KB
+    instead of H x W bytes, what the processes of a distributed run send to the main process."""
+    buffer = io.BytesIO()
+    Image.fromarray(sem.cpu().numpy().astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def write_cues(
     path: str,
-    cues: Dict[object, Tuple[torch.Tensor, torch.Tensor]],
+    cues: Dict[object, Tuple[torch.Tensor, Union[torch.Tensor, bytes]]],
     num_classes: int,
     seed_boxes: Optional[Dict[object, torch.Tensor]] = None,
 ) -> None:
@@ -39,7 +49,7 @@ def write_cues(
 
     Args:
         cues: {image_id: (peaks (P, 4) rows (class, x, y, value), sem_seg (H, W))}, original
-            image pixels.
+            image pixels; sem_seg may also be its PNG bytes (:func:`encode_label_map`).
         seed_boxes: rounds k >= 2: {image_id: (P, 6) rows (class, x1, y1, x2, y2, score)}, the IS
             branch's boxes that seed the bags (:func:`wsis_d2.modeling.ccgr.bags_from_boxes`);
             row p belongs to peak p of the same image (its centre), which guards the refinement.
@@ -50,7 +60,8 @@ def write_cues(
     for n, (image_id, (pk, sem)) in enumerate(cues.items()):
         name = f"{n:07d}.png"
         part = os.path.join(folder, name + ".part")
-        Image.fromarray(sem.cpu().numpy().astype(np.uint8)).save(part, format="PNG")
+        with open(part, "wb") as f:
+            f.write(sem if isinstance(sem, bytes) else encode_label_map(sem))
         os.replace(part, os.path.join(folder, name))
         peaks[image_id] = pk.cpu().numpy().astype(np.float32).reshape(-1, 4)
         files[image_id] = name

@@ -46,6 +46,7 @@ from ..config import get_wsis_cfg
 from ..data import build_dataset_mapper
 from ..data.ccgr_files import (
     check_pseudo_label_json,
+    encode_label_map,
     pseudo_label_annotations,
     write_cues,
     write_pseudo_label_json,
@@ -401,6 +402,8 @@ class CCGRRounds:
         model, loader = self._trained(cfg, self.train_set)
         # this rank's share of the images (the test loader's InferenceSampler), then all of them
         local = compute_cues(model, loader, cue_parameters(self.cfg))
+        # PNG bytes, not (H, W) maps: what the main process gathers and holds
+        local = {i: (peaks, encode_label_map(sem)) for i, (peaks, sem) in local.items()}
 
         def write():
             write_cues(os.path.join(folder, "cues.pkl"), cues, self.num_classes)
@@ -555,7 +558,7 @@ class CCGRRounds:
                         self.cfg.CCGR.IS_SCORE_THRESHOLD,
                         centre_nms=self.cfg.CCGR.IS_SEED_CENTRE_NMS,
                     )
-                    cues[inp["image_id"]] = (peaks, sem)
+                    cues[inp["image_id"]] = (peaks, encode_label_map(sem))
                     seeds[inp["image_id"]] = sb
 
         def write():
