@@ -4,8 +4,9 @@ Per-stage throughput of CCGR's rounds (``wsis_d2.engine.ccgr_rounds``, the code 
 ``tools/train_ccgr.py``) with 1 and with N processes (``wsis_d2.engine.launch``; gloo on CPU), and
 what one round writes per 1,000 training images.
 
-On ``--images`` synthetic scenes (``--sizes``: 128-320 px), every training stage ``--iters`` iterations at
-``--batch`` images in all, ``CCGR.ROUNDS 2`` up to round 2's cues (so every kind of stage runs once).
+On ``--images`` synthetic scenes (``--sizes``: 128-320 px), every training stage ``--iters``
+iterations at ``--batch`` images in all, ``CCGR.ROUNDS 2`` up to round 2's cues (so every kind of
+stage runs once).
 One JSON line per (processes, stage): seconds, images/s (inference stages) or iterations/s
 (training stages), and for inference stages the seconds spent on the main process alone (gathering
 and writing; ``serial_share`` of the stage); then one line with the bytes the round wrote per
@@ -56,7 +57,8 @@ def _cfg(args, train_set, out):
     return get_wsis_cfg(os.path.join(REPO, "configs", "ccgr_mnv2_synthetic.yaml"), fast + [
         "OUTPUT_DIR", out, "SEED", "1", "DATASETS.TRAIN", f"('{train_set}',)",
         "CCGR.ROUNDS", "2", "CCGR.WORKERS", "0", "CCGR.HEALTH.ENABLED", "False",
-        "CCGR.CLASSIFIER_CONFIG", os.path.join(REPO, "configs", "demo", "ccgr_cls_mnv2_synthetic.yaml"),
+        "CCGR.CLASSIFIER_CONFIG",
+        os.path.join(REPO, "configs", "demo", "ccgr_cls_mnv2_synthetic.yaml"),
         "CCGR.IS_CONFIG", os.path.join(REPO, "configs", "mask_rcnn_mnv2_fpn_synthetic.yaml"),
         "CCGR.CLASSIFIER_OPTS", fast,
         "CCGR.IS_OPTS", fast + ["DATASETS.TEST", f"('{train_set}',)"],
@@ -117,7 +119,8 @@ def main():
     if args.images < max(args.processes):
         raise SystemExit(f"--images {args.images}: fewer than --processes {max(args.processes)}")
     root = os.path.join(args.output, "data")
-    DatasetCatalog.get(_register(root, args.images, args.sizes))  # generated once, before the processes
+    # generated once here, not by several processes at once
+    DatasetCatalog.get(_register(root, args.images, args.sizes))
     results = {"images": args.images, "sizes": args.sizes, "iters": args.iters, "batch": args.batch,
                "cpu_count": os.cpu_count(), "stages": []}  # fmt: skip
     for n in args.processes:

@@ -45,8 +45,8 @@ from wsis_d2.utils.dist import mean_over_processes
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATASET = "wsis_ccgr_dist_test_128"
 # deterministic inputs: one image size, no flip, float32 (no bfloat16 autocast)
-SAME = ["INPUT.RANDOM_FLIP", "none", "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128",
-        "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128", "SOLVER.AMP.ENABLED", "False",
+SAME = ["INPUT.RANDOM_FLIP", "none", "INPUT.MIN_SIZE_TRAIN", "(128,)",
+        "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128", "SOLVER.AMP.ENABLED", "False",
         "DATALOADER.ASPECT_RATIO_GROUPING", "False", "DATALOADER.NUM_WORKERS", "0"]  # fmt: skip
 FAST = ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1",
         "SOLVER.IMS_PER_BATCH", "2", "MODEL.WEIGHTS", ""] + SAME  # fmt: skip
@@ -73,7 +73,8 @@ def _cfg(out):
         "DATASETS.TRAIN", f"('{DATASET}',)",
         "MODEL.CCGR.REFINE_STEPS", "5", "MODEL.CCGR.PEAK_RELATIVE_THRESHOLD", "0.0",
         "CCGR.ROUNDS", "2", "CCGR.PROPOSAL_MAX", "200", "CCGR.WORKERS", "0",
-        "CCGR.CLASSIFIER_CONFIG", os.path.join(REPO, "configs", "demo", "ccgr_cls_mnv2_synthetic.yaml"),
+        "CCGR.CLASSIFIER_CONFIG",
+        os.path.join(REPO, "configs", "demo", "ccgr_cls_mnv2_synthetic.yaml"),
         "CCGR.IS_CONFIG", os.path.join(REPO, "configs", "mask_rcnn_mnv2_fpn_synthetic.yaml"),
         "CCGR.CLASSIFIER_OPTS", FAST + ["SOLVER.OPTIMIZER", "SGD", "SOLVER.BASE_LR", "0.01"],
         "CCGR.IS_OPTS", FAST + ["SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "1",
@@ -99,11 +100,12 @@ class _DieAt(HookBase):
 
 class _Trainer(StageTrainer):
     """Records, per rank, the folder and first iteration of every training it starts; dies in
-    the IS branch (the Mask R-CNN) when ``die_in_is`` is set in the environment."""
+    the IS branch (the Mask R-CNN) after the iteration in ``$_TEST_DIE_IN_IS`` when it is set."""
 
     def build_hooks(self):
         hooks = super().build_hooks()
-        if os.environ.get("_TEST_DIE_IN_IS") and self.cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":
+        is_branch = self.cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+        if os.environ.get("_TEST_DIE_IN_IS") and is_branch:
             hooks.append(_DieAt(int(os.environ["_TEST_DIE_IN_IS"])))
         return hooks
 
@@ -182,7 +184,9 @@ class TestCCGRTwoProcesses(unittest.TestCase):
             self.assertEqual(states[1].keys(), states[2].keys())
             moved = 0
             for k, v in states[1].items():
-                torch.testing.assert_close(states[2][k], v, rtol=1e-4, atol=1e-5, msg=f"{stage} {k}")
+                torch.testing.assert_close(
+                    states[2][k], v, rtol=1e-4, atol=1e-5, msg=f"{stage} {k}"
+                )
                 moved += v.is_floating_point() and v.abs().sum() > 0
             self.assertGreater(moved, 0, stage)
         # so the inference stages up to the pseudo labels give the same files
