@@ -338,8 +338,10 @@ def dataset_inputs(dataset_name: str, num_images: int) -> Tuple[List[str], List[
         )
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
-    gt = load_count_ground_truth(dataset_name)
+    # the split first: some registrations (a COCO json registered before it existed) fill
+    # thing_classes, which load_count_ground_truth reads, only when it is loaded
     records = DatasetCatalog.get(dataset_name)
+    gt = load_count_ground_truth(dataset_name)
     chosen = records[:num_images]
     return [r["file_name"] for r in chosen], [gt[r["image_id"]][1] for r in chosen]
 

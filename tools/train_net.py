@@ -25,6 +25,7 @@ from detectron2.utils.logger import setup_logger
 import wsis_d2  # noqa: F401  (registers datasets, models and mappers)
 from wsis_d2 import get_wsis_cfg
 from wsis_d2.data import build_dataset_mapper
+from wsis_d2.data.datasets import thing_classes_of
 from wsis_d2.engine import WSISTrainer, launch
 from wsis_d2.evaluation import (
     CountingEvaluator,
@@ -48,9 +49,10 @@ class Trainer(WSISTrainer):
         evaluators = []
         # counting errors next to the mean-count baseline of the (first) training set
         baseline = cfg.DATASETS.TRAIN[0] if len(cfg.DATASETS.TRAIN) else None
-        if baseline is not None and MetadataCatalog.get(baseline).get(
-            "thing_classes", None
-        ) != MetadataCatalog.get(dataset_name).get("thing_classes", None):
+        # thing_classes_of: some registrations fill the classes only when the split is loaded
+        if baseline is not None and thing_classes_of(baseline, False) != thing_classes_of(
+            dataset_name, False
+        ):
             baseline = None
         if evaluator_type == "wsis_instance":
             # image-level-supervised models add counts; mask models are scored by both protocols

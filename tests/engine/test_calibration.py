@@ -277,5 +277,43 @@ class TestCalibrateLCCounts(unittest.TestCase):
                 MetadataCatalog.remove(name)
 
 
+class TestCalibrationRefusesCollapsedModels(unittest.TestCase):
+    """A model forced to a constant output is not calibrated (its constant would become the mean
+    training count) and a WARNING names the collapse and what to try."""
+
+    def setUp(self):
+        # _model() / _lc_model() reseed torch: later tests that train without a seed of their
+        # own (test_ccgr_rounds) must see the global generator as these tests found it
+        self.addCleanup(torch.set_rng_state, torch.get_rng_state())
+
+    def test_density(self):
+        model = _model()
+        with torch.no_grad():
+            model.head.weight.zero_()  # the same density everywhere: counts follow the area
+        batches = [b for b in _batches()]
+        with self.assertLogs("wsis_d2.engine", "WARNING") as logs:
+            result = calibrate_density_counts(model, batches, "gain")
+        text = "\n".join(r.getMessage() for r in logs.records)
+        self.assertIn("COLLAPSED", text)
+        self.assertIn("MODEL.PIXEL_MEAN", text)
+        self.assertEqual(result["collapsed"], [0])
+        self.assertEqual(float(model.count_gain[0]), 1.0)
+        # the same batches with the untrained (not constant) model are calibrated
+        result = calibrate_density_counts(_model(), batches, "gain")
+        self.assertEqual(result["collapsed"], [])
+        self.assertNotEqual(result["gain"][0], 1.0)
+
+    def test_lc(self):
+        model = _lc_model()
+        with torch.no_grad():
+            model.head.density_branch[-1].weight.zero_()
+        with self.assertLogs("wsis_d2.engine", "WARNING") as logs:
+            result = calibrate_lc_counts(model, _lc_batches(), lower_count=5)
+        self.assertIn("LC count calibration: the model has COLLAPSED", logs.output[0])
+        self.assertEqual(result["collapsed"], [0, 1, 2])
+        self.assertEqual(model.count_gain.tolist(), [1.0] * 3)
+        self.assertEqual(calibrate_lc_counts(_lc_model(), _lc_batches(), 5)["collapsed"], [])
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -212,5 +212,25 @@ class TestCountingEvaluator(unittest.TestCase):
             ev.evaluate()
 
 
+class TestCountingBadInputsNamed(unittest.TestCase):
+    setUp = TestCountingEvaluator.setUp
+    tearDown = TestCountingEvaluator.tearDown
+
+    def test_nan_counts_are_rejected_with_the_image_id(self):
+        ev = CountingEvaluator(self.name, distributed=False)
+        bad = {"counts": torch.tensor([1.0, float("nan")])}
+        image_id = self.inputs[0]["image_id"]
+        with self.assertRaisesRegex(
+            ValueError, f"'counts' of image_id {image_id!r} .*must be finite, got \\[1.0, nan\\]"
+        ):
+            ev.process(self.inputs[:1], [bad])
+
+    def test_counting_metrics(self):
+        with self.assertRaisesRegex(ValueError, "'pred' contains NaN"):
+            counting_metrics(np.array([[np.nan]]), np.array([[1.0]]))
+        with self.assertRaisesRegex(ValueError, "'gt' must be finite and >= 0"):
+            counting_metrics(np.array([[1.0]]), np.array([[-1.0]]))
+
+
 if __name__ == "__main__":
     unittest.main()

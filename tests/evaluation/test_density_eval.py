@@ -146,5 +146,54 @@ class TestDensityEvaluator(unittest.TestCase):
         self.assertEqual(ev.evaluate(), {})
 
 
+class TestDensityBadInputsNamed(unittest.TestCase):
+    setUp = TestDensityEvaluator.setUp
+    tearDown = TestDensityEvaluator.tearDown
+
+    def test_nan_density_is_rejected_with_the_image_id(self):
+        ev = DensityEvaluator(self.name, distributed=False)
+        density = torch.zeros(1, 5, 7)
+        density[0, 2, 3] = float("nan")
+        with self.assertRaisesRegex(ValueError, r"image_id 0 .*'density' must not contain NaN"):
+            ev.process([{"image_id": 0}], [{"density": density, "counts": torch.zeros(1)}])
+        with self.assertRaisesRegex(ValueError, r"image_id 0 .*'counts' must not contain NaN"):
+            ev.process(
+                [{"image_id": 0}],
+                [{"density": torch.zeros(1, 5, 7), "counts": torch.tensor([float("nan")])}],
+            )
+        with self.assertRaisesRegex(ValueError, r"'counts' must have shape \(1,\)"):
+            ev.process(
+                [{"image_id": 0}], [{"density": torch.zeros(1, 5, 7), "counts": torch.zeros(2)}]
+            )
+
+    def test_game(self):
+        with self.assertRaisesRegex(
+            ValueError, r"'points' must have shape \(\*, 2\), got \(2, 3\)"
+        ):
+            game(DENSITY, np.zeros((2, 3)), 1)
+        with self.assertRaisesRegex(ValueError, r"'level' must lie in \[0, inf\], got -1"):
+            game(DENSITY, POINTS, -1)
+        with self.assertRaisesRegex(TypeError, "'level' must be an integer, got 1.5"):
+            game(DENSITY, POINTS, 1.5)
+        with self.assertRaisesRegex(ValueError, "'density' must not contain NaN"):
+            game(np.full((4, 4), np.nan), POINTS, 0)
+        with self.assertRaisesRegex(
+            ValueError, r"'classes' must lie in 0..0 \(C of density\), got 0..2"
+        ):
+            game(DENSITY, POINTS, 0, classes=np.array([0, 0, 2, 0]))
+        with self.assertRaisesRegex(ValueError, r"'classes' must have shape \(4,\), got \(3,\)"):
+            game(DENSITY, POINTS, 0, classes=np.zeros(3, np.int64))
+        with self.assertRaisesRegex(ValueError, "'density' must have 2 or 3 dimensions"):
+            game(DENSITY.reshape(-1), POINTS, 0)
+
+    def test_count_errors(self):
+        with self.assertRaisesRegex(ValueError, "'pred' must not contain NaN"):
+            count_errors(np.array([[np.nan]]), np.array([[1.0]]))
+        with self.assertRaisesRegex(ValueError, "'gt' must be >= 0"):
+            count_errors(np.array([[1.0]]), np.array([[-2.0]]))
+        with self.assertRaisesRegex(ValueError, "'pred' and 'gt' must be equal"):
+            count_errors(np.zeros((2, 1)), np.zeros((1, 2)))
+
+
 if __name__ == "__main__":
     unittest.main()

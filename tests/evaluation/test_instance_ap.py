@@ -16,7 +16,12 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from wsis_d2.evaluation import InstanceAPEvaluator
 from wsis_d2.evaluation import gather as gather_module
 from wsis_d2.evaluation import instance_ap as instance_ap_module
-from wsis_d2.evaluation.instance_ap import voc_ap
+from wsis_d2.evaluation.instance_ap import (
+    average_precision,
+    match_detections,
+    pairwise_box_iou,
+    voc_ap,
+)
 
 
 def rect_mask(h, w, x1, y1, x2, y2):
@@ -463,6 +468,79 @@ class TestAgainstBruteForce(_DatasetCase):
                     res[f"AP_{tag}{int(thr * 100)}/{name}"], 100 * aps[-1], places=6
                 )
             self.assertAlmostEqual(res[f"mAP_{tag}{int(thr * 100)}"], 100 * np.mean(aps), places=6)
+
+
+class TestBadInputsNamed(_DatasetCase):
+    """The AP functions reject inputs that break their invariants, naming the argument."""
+
+    H, W = 40, 50
+
+    def test_nan_scores_are_rejected_with_the_image_id(self):
+        m = rect_mask(self.H, self.W, 5, 5, 20, 20)
+        recs = [record(7, self.H, self.W, [gt_ann(m, 0)])]
+        name = self.register(recs)
+        ev = InstanceAPEvaluator(name, distributed=False)
+        out = pred_output(self.H, self.W, [m, m], [float("nan"), 0.5], [0, 0])
+        with self.assertRaisesRegex(ValueError, r"image_id 7 .*'scores' must be finite, got nan"):
+            ev.process([{"image_id": 7, "file_name": "img7.png"}], [out])
+        out = pred_output(self.H, self.W, [m], [float("inf")], [0])
+        with self.assertRaisesRegex(ValueError, "image_id 7.*'scores'"):
+            ev.process([{"image_id": 7}], [out])
+
+    def test_voc_ap(self):
+        self.assertAlmostEqual(voc_ap(np.array([0.5, 1.0]), np.array([1.0, 1.0])), 1.0)
+        with self.assertRaisesRegex(ValueError, r"'recall' must lie in \[0, 1\], got 2.0"):
+            voc_ap(np.array([1.0, 2.0]), np.array([1.0, 1.0]))
+        with self.assertRaisesRegex(ValueError, "'recall' must be non-decreasing.*0.8 then 0.4"):
+            voc_ap(np.array([0.8, 0.4]), np.array([1.0, 0.5]))
+        with self.assertRaisesRegex(ValueError, r"'precision' must lie in \[0, 1\], got -0.1"):
+            voc_ap(np.array([0.5, 1.0]), np.array([1.0, -0.1]))
+        with self.assertRaisesRegex(ValueError, "'precision' must not contain NaN"):
+            voc_ap(np.array([0.5, 1.0]), np.array([np.nan, 1.0]))
+        with self.assertRaisesRegex(
+            ValueError, r"'recall' and 'precision' must have the same shape"
+        ):
+            voc_ap(np.array([0.5]), np.array([1.0, 1.0]))
+
+    def test_match_detections(self):
+        ious = np.array([[0.7, 0.1]])
+        self.assertEqual(match_detections(ious, np.zeros(2, bool), 0.5).tolist(), [1])
+        for bad in (1.5, -0.1, float("nan")):
+            with self.assertRaisesRegex(ValueError, r"'iou_threshold' must lie in \[0.0, 1.0\]"):
+                match_detections(ious, np.zeros(2, bool), bad)
+        with self.assertRaisesRegex(TypeError, "'iou_threshold' must be a real number"):
+            match_detections(ious, np.zeros(2, bool), "0.5")
+        with self.assertRaisesRegex(ValueError, r"'ious' must lie in \[0, 1\]"):
+            match_detections(ious * 2, np.zeros(2, bool), 0.5)
+        with self.assertRaisesRegex(ValueError, "'gt_ignore' must have G = 2 entries"):
+            match_detections(ious, np.zeros(3, bool), 0.5)
+        with self.assertRaisesRegex(ValueError, "'ious' must have 2 dimensions"):
+            match_detections(np.array([0.7, 0.1]), np.zeros(2, bool), 0.5)
+
+    def test_average_precision(self):
+        self.assertAlmostEqual(average_precision(np.array([0.9]), np.array([1]), 1), 1.0)
+        self.assertTrue(np.isnan(average_precision(np.zeros(0), np.zeros(0), 0)))
+        with self.assertRaisesRegex(ValueError, r"'scores' must not contain NaN.*\(0,\)"):
+            average_precision(np.array([np.nan, 0.5]), np.array([1, 0]), 1)
+        with self.assertRaisesRegex(
+            ValueError, "2 true positives in 'labels' but num_positives is 1"
+        ):
+            average_precision(np.array([0.9, 0.5]), np.array([1, 1]), 1)
+        with self.assertRaisesRegex(ValueError, "'labels' must be -1, 0 or 1"):
+            average_precision(np.array([0.9]), np.array([2]), 1)
+        with self.assertRaisesRegex(ValueError, r"'labels' must have shape \(2,\), got \(1,\)"):
+            average_precision(np.array([0.9, 0.5]), np.array([1]), 1)
+        with self.assertRaisesRegex(ValueError, r"'num_positives' must lie in \[0, inf\], got -1"):
+            average_precision(np.zeros(0), np.zeros(0), -1)
+
+    def test_pairwise_box_iou(self):
+        self.assertEqual(pairwise_box_iou([], [[0, 0, 1, 1]]).shape, (0, 1))
+        with self.assertRaisesRegex(
+            ValueError, r"'boxes1' must have shape \(\*, 4\), got \(2, 2\)"
+        ):
+            pairwise_box_iou(np.zeros((2, 2)), np.zeros((1, 4)))
+        with self.assertRaisesRegex(ValueError, "'boxes2' must not contain NaN"):
+            pairwise_box_iou(np.zeros((1, 4)), np.array([[0, 0, np.nan, 1]]))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,13 @@ import pycocotools.mask as mask_util
 import torch
 from detectron2.structures import Boxes, Instances
 
-from wsis_d2.evaluation import CCGRStageDiagnostics, instance_ground_truth
+from wsis_d2.evaluation import (
+    CCGRStageDiagnostics,
+    SemanticConfusion,
+    instance_ground_truth,
+    proposal_recall,
+    semantic_ground_truth,
+)
 
 
 def _rle(mask):
@@ -87,6 +93,49 @@ class TestCCGRStageDiagnostics(unittest.TestCase):
         s = diag.summary()
         self.assertEqual((s["objects_per_image"], s["bags_per_image"]), (0, 0))
         self.assertTrue(np.isnan(s["bag_recall50"]))
+
+
+class TestPseudoLabelBadInputs(unittest.TestCase):
+    def test_proposal_recall(self):
+        gt = [np.array([[0, 0, 10, 10]])]
+        self.assertEqual(proposal_recall(gt, [np.array([[0, 0, 10, 10]])], 5, 0.5), 1.0)
+        with self.assertRaisesRegex(ValueError, r"'iou' must lie in \[0.0, 1.0\], got 1.5"):
+            proposal_recall(gt, gt, 5, 1.5)
+        with self.assertRaisesRegex(TypeError, "'top' must be an integer"):
+            proposal_recall(gt, gt, 2.5, 0.5)
+        with self.assertRaisesRegex(ValueError, "same images, got 1 and 2 entries"):
+            proposal_recall(gt, gt * 2, 5, 0.5)
+        with self.assertRaisesRegex(ValueError, r"'boxes\[0\]' must have shape \(\*, 4\)"):
+            proposal_recall(gt, [np.zeros((3, 5))], 5, 0.5)
+
+    def test_ground_truth_maps(self):
+        d, _ = _image()
+        self.assertEqual(semantic_ground_truth(d, 2).shape, (40, 60))
+        with self.assertRaisesRegex(ValueError, r"'num_classes' must lie in \[1, 254\], got 0"):
+            semantic_ground_truth(d, 0)
+        no_height = {k: v for k, v in d.items() if k != "height"}
+        for fn in (instance_ground_truth, lambda r: semantic_ground_truth(r, 2)):
+            with self.assertRaisesRegex(ValueError, "has no field 'height'"):
+                fn(no_height)
+        bad = dict(d, annotations=[{"category_id": 0, "iscrowd": 0}])
+        with self.assertRaisesRegex(ValueError, "annotation 0 has no field 'segmentation'"):
+            instance_ground_truth(bad)
+        with self.assertRaisesRegex(TypeError, "'width of .*' must be an integer"):
+            instance_ground_truth(dict(d, width=60.5))
+
+    def test_semantic_confusion(self):
+        conf = SemanticConfusion(3)
+        conf.add(np.array([[0, 255]]), np.array([[0, 2]]))
+        with self.assertRaisesRegex(
+            ValueError, r"'pred' must hold labels in 0..2 or ignore 255, got 0..7"
+        ):
+            conf.add(np.array([[0, 7]]), np.array([[0, 2]]))
+        with self.assertRaisesRegex(TypeError, "'gt' must have an integer dtype, got float64"):
+            conf.add(np.array([[0, 1]]), np.array([[0.0, 2.0]]))
+        with self.assertRaisesRegex(ValueError, "'pred' .* and ground truth 'gt' .* differ"):
+            conf.add(np.zeros((1, 2), np.int64), np.zeros((2, 2), np.int64))
+        with self.assertRaisesRegex(ValueError, r"'num_labels' must lie in \[1, inf\], got 0"):
+            SemanticConfusion(0)
 
 
 if __name__ == "__main__":

@@ -85,5 +85,11 @@ class TestFusedFrozenBatchNorm(unittest.TestCase):
         self.assertEqual((incompatible.missing_keys, incompatible.unexpected_keys), ([], []))
 
 
+class TestFuseBadInput(unittest.TestCase):
+    def test_names_the_argument(self):
+        with self.assertRaisesRegex(TypeError, "'module' must be an nn.Module, got dict"):
+            fuse_frozen_batchnorm({"bn": FrozenBatchNorm2d(3)})
+
+
 if __name__ == "__main__":
     unittest.main()

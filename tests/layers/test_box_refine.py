@@ -344,5 +344,29 @@ class TestRefineContextGapCUDA(TestRefineContextGap):
     device = "cuda"
 
 
+class TestRefineBadInput(unittest.TestCase):
+    def test_names_the_argument(self):
+        ii = _scene()
+        box = torch.tensor([[35.0, 25.0, 45.0, 33.0]], dtype=torch.float64)
+        cls = torch.tensor([0])
+        with self.assertRaisesRegex(ValueError, r"'lr' must lie in \(0.0, inf\], got 0.0"):
+            refine_context_gap(ii, box, cls, lr=0.0)
+        with self.assertRaisesRegex(ValueError, r"'min_size' must lie in \[0.0, inf\], got -1"):
+            refine_context_gap(ii, box, cls, min_size=-1)
+        with self.assertRaisesRegex(TypeError, "'steps' must be an integer, got 2.5"):
+            refine_context_gap(ii, box, cls, steps=2.5)
+        with self.assertRaisesRegex(TypeError, "'integral' must be an IntegralImage, got Tensor"):
+            refine_context_gap(ii.S, box, cls)
+        with self.assertRaisesRegex(ValueError, r"'boxes' must have shape \(\*, 4\), got \(1, 5\)"):
+            refine_context_gap(ii, torch.zeros(1, 5), cls)
+        with self.assertRaisesRegex(ValueError, r"peaks must be \(P, >=3\)"):
+            refine_context_gap(ii, box, cls, peaks=torch.zeros(2, 2))
+        peaks = torch.tensor([[0.0, 40.0, 30.0]])
+        with self.assertRaisesRegex(
+            ValueError, r"own_peaks must be -1 or rows of peaks in \[0, 1\), got 3..3"
+        ):
+            refine_context_gap(ii, box, cls, peaks=peaks, own_peaks=torch.tensor([3]))
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -346,5 +346,19 @@ class TestBoxScoreCUDA(BoxScoreTestBody, unittest.TestCase):
     device = "cuda"
 
 
+class TestContextBoxesBadInput(unittest.TestCase):
+    def test_names_the_argument(self):
+        boxes = torch.tensor([[0.0, 1.0, 1.0, 5.0, 5.0]])
+        self.assertEqual(context_boxes(boxes, 1.0).tolist(), boxes.tolist())
+        with self.assertRaisesRegex(ValueError, r"'boxes' must have shape \(\*, 5\), got \(1, 4\)"):
+            context_boxes(boxes[:, 1:])
+        with self.assertRaisesRegex(
+            ValueError, r"'context_scale' must lie in \[1.0, inf\], got 0.5"
+        ):
+            context_boxes(boxes, 0.5)
+        with self.assertRaisesRegex(TypeError, "'boxes' must be a torch.Tensor, got list"):
+            context_boxes([[0, 1, 1, 5, 5]])
+
+
 if __name__ == "__main__":
     unittest.main()

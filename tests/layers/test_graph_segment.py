@@ -15,6 +15,7 @@ from wsis_d2.layers import (
     edge_weights,
     graph_segment,
     graph_segment_reference,
+    graph_segment_scales,
 )
 
 # the package's name graph_segment is the function; the module is reached through importlib
@@ -344,6 +345,15 @@ class GraphSegmentOpTest(unittest.TestCase):
         n_ours, n_theirs = ours.max() + 1, theirs.max() + 1
         self.assertLessEqual(max(n_ours, n_theirs) / min(n_ours, n_theirs), 1.25)
         self.assertGreater(adjusted_rand_index(ours, theirs), 0.95)
+
+
+class TestGraphSegmentScalesBadInput(unittest.TestCase):
+    def test_min_sizes_per_scale(self):
+        img = torch.zeros(3, 5, 6, dtype=torch.uint8)
+        with self.assertRaisesRegex(
+            ValueError, r"'min_sizes' must have one entry per scale \(2\), got 1"
+        ):
+            graph_segment_scales(img, [100.0, 300.0], 0.8, [10])
 
 
 if __name__ == "__main__":

@@ -226,5 +226,47 @@ class TestPeaksCUDA(PeaksTestBody, unittest.TestCase):
     device = "cuda"
 
 
+class TestPeaksBadInput(unittest.TestCase):
+    """kth_peak_value and prominent_peaks name the argument (find_peaks: PeaksTestBody)."""
+
+    def test_kth_peak_value(self):
+        maps = torch.rand(2, 3, 6, 7)
+        with self.assertRaisesRegex(TypeError, "'k' must have an integer dtype, got torch.float32"):
+            kth_peak_value(maps, torch.full((2, 3), 2.0))
+        with self.assertRaisesRegex(TypeError, "'k' must have an integer dtype, got torch.float64"):
+            kth_peak_value(maps, [[1.5, 1, 1], [1, 1, 1]])
+        with self.assertRaisesRegex(ValueError, r"'k' must have shape \(2, 3\) .*got \(3,\)"):
+            kth_peak_value(maps, torch.ones(3, dtype=torch.long))
+        with self.assertRaisesRegex(TypeError, "radius"):
+            kth_peak_value(maps, torch.ones(2, 3, dtype=torch.long), radius=1.5)
+        # the documented conventions stay: k above the number of peaks, k = 0, no peak
+        flat = torch.zeros(1, 1, 3, 3)
+        k = torch.tensor([[0]])
+        self.assertEqual(kth_peak_value(flat, k).item(), float("inf"))
+        self.assertEqual(kth_peak_value(flat, torch.tensor([[99]])).item(), 0.0)
+
+    def test_prominent_peaks(self):
+        m = torch.rand(5, 6)
+        yx = torch.tensor([[1, 1], [3, 4]])
+        values = m[yx[:, 0], yx[:, 1]]
+        self.assertEqual(prominent_peaks(m, yx, values, 0.1).shape, (2,))
+        with self.assertRaisesRegex(ValueError, r"'height' must lie in \(0.0, inf\], got 0"):
+            prominent_peaks(m, yx, values, 0)
+        with self.assertRaisesRegex(ValueError, r"'yx' must have shape \(\*, 2\), got \(2, 3\)"):
+            prominent_peaks(m, torch.zeros(2, 3, dtype=torch.long), values, 0.1)
+        with self.assertRaisesRegex(TypeError, "'yx' must have an integer dtype"):
+            prominent_peaks(m, yx.float(), values, 0.1)
+        with self.assertRaisesRegex(ValueError, r"'values' must have shape \(2,\), got \(1,\)"):
+            prominent_peaks(m, yx, values[:1], 0.1)
+        with self.assertRaisesRegex(ValueError, "'yx' must lie inside"):
+            prominent_peaks(m, yx + 5, values, 0.1)
+        with self.assertRaisesRegex(ValueError, "'peak_map' must have 2 dimensions"):
+            prominent_peaks(m[None], yx, values, 0.1)
+        nan_map = m.clone()
+        nan_map[0, 0] = float("nan")
+        with self.assertRaisesRegex(ValueError, r"'peak_map' must not contain NaN.*\(0, 0\)"):
+            prominent_peaks(nan_map, yx, values, 0.1)
+
+
 if __name__ == "__main__":
     unittest.main()

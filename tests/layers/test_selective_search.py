@@ -111,5 +111,19 @@ class TestBoxStraddling(unittest.TestCase):
         self.assertEqual(float(s[3]), 0.0)  # empty box
 
 
+class TestSelectiveSearchBadInput(unittest.TestCase):
+    def test_names_the_argument(self):
+        labels = torch.zeros(4, 5, dtype=torch.int64)
+        with self.assertRaisesRegex(ValueError, r"'boxes' must have shape \(\*, 4\), got \(2, 5\)"):
+            box_straddling(labels, torch.zeros(2, 5, dtype=torch.int64))
+        with self.assertRaisesRegex(ValueError, "'labels' must have 2 dimensions"):
+            box_straddling(labels[None], torch.zeros(2, 4, dtype=torch.int64))
+        with self.assertRaisesRegex(TypeError, "'weights' must be a torch.Tensor, got list"):
+            hierarchical_grouping(
+                labels[None], torch.zeros(1, 3, 4, 5, dtype=torch.uint8),
+                torch.zeros(1, 3, 4, 5, dtype=torch.uint8), [[1.0, 1.0, 1.0, 1.0]],
+            )
+
+
 if __name__ == "__main__":
     unittest.main()

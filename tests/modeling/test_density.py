@@ -172,6 +172,63 @@ class TestTargets(unittest.TestCase):
             density_window_count_loss(p, t, None, window=0)
 
 
+class TestTargetBadInputs(unittest.TestCase):
+    """The density target builder names the argument and both shapes."""
+
+    def test_gaussian_density_map(self):
+        pts = torch.tensor([[2.0, 3.0], [5.0, 1.0]])
+        self.assertAlmostEqual(float(gaussian_density_map(pts, (8, 9), 1.5).sum()), 2.0, places=4)
+        with self.assertRaisesRegex(
+            ValueError, r"'points' must have shape \(\*, 2\), got \(2, 3\)"
+        ):
+            gaussian_density_map(torch.zeros(2, 3), (8, 9), 1.5)
+        with self.assertRaisesRegex(ValueError, r"'points' must have shape \(\*, 2\), got \(4,\)"):
+            gaussian_density_map(torch.zeros(4), (8, 9), 1.5)
+        with self.assertRaisesRegex(ValueError, r"'sigma' must be .* P = 2 .*got shape \(3,\)"):
+            gaussian_density_map(pts, (8, 9), torch.tensor([1.0, 2.0, 3.0]))
+        with self.assertRaisesRegex(ValueError, r"'sigma' must be .* P = 2 .*got shape \(1,\)"):
+            gaussian_density_map(pts, (8, 9), [1.0])
+        listed = gaussian_density_map(pts, (8, 9), [1.0, 2.0])
+        self.assertAlmostEqual(float(listed.sum()), 2.0, places=4)
+        with self.assertRaisesRegex(ValueError, "'sigma' must be positive"):
+            gaussian_density_map(pts, (8, 9), torch.tensor([1.0, 0.0]))
+        with self.assertRaisesRegex(ValueError, r"'classes' must have shape \(2,\), got \(3,\)"):
+            gaussian_density_map(pts, (8, 9), 1.5, torch.zeros(3, dtype=torch.long), 2)
+        with self.assertRaisesRegex(TypeError, "'classes' must have an integer dtype"):
+            gaussian_density_map(pts, (8, 9), 1.5, torch.zeros(2), 2)
+        with self.assertRaisesRegex(ValueError, r"'classes' must lie in 0..1 .*got 0..2"):
+            gaussian_density_map(pts, (8, 9), 1.5, torch.tensor([0, 2]), 2)
+        with self.assertRaisesRegex(ValueError, "'image_size' must be \\(H, W\\)"):
+            gaussian_density_map(pts, (8,), 1.5)
+        with self.assertRaisesRegex(ValueError, "'points' must not contain NaN"):
+            gaussian_density_map(torch.tensor([[float("nan"), 1.0]]), (8, 9), 1.5)
+
+    def test_adaptive_sigmas(self):
+        pts = torch.rand(6, 2, dtype=torch.float64) * 20
+        self.assertEqual(adaptive_sigmas(pts, 3, 0.3, 4.0).shape, (6,))
+        with self.assertRaisesRegex(
+            ValueError, r"'points' must have shape \(\*, 2\), got \(6, 1\)"
+        ):
+            adaptive_sigmas(pts[:, :1], 3, 0.3, 4.0)
+        with self.assertRaisesRegex(TypeError, "'k' must be an integer, got 2.5"):
+            adaptive_sigmas(pts, 2.5, 0.3, 4.0)
+        with self.assertRaisesRegex(ValueError, r"'beta' must lie in \(0.0, inf\], got 0"):
+            adaptive_sigmas(pts, 3, 0, 4.0)
+        with self.assertRaisesRegex(ValueError, "'sigma_range' must be \\(min, max\\)"):
+            adaptive_sigmas(pts, 3, 0.3, 4.0, (5.0, 1.0))
+        with self.assertRaisesRegex(TypeError, "'points' must have a floating-point dtype"):
+            adaptive_sigmas(pts.long(), 3, 0.3, 4.0)
+
+    def test_mse_loss(self):
+        pred = torch.zeros(2, 1, 4, 5)
+        with self.assertRaisesRegex(
+            ValueError, r"'target' must have shape \(2, 1, 4, 5\), got \(2, 1, 5, 4\)"
+        ):
+            density_mse_loss(pred, torch.zeros(2, 1, 5, 4))
+        with self.assertRaisesRegex(ValueError, r"'valid' must have shape \(2, 1, 4, 5\)"):
+            density_mse_loss(pred, pred, torch.ones(1, 1, 4, 5))
+
+
 class TestBackbones(unittest.TestCase):
     def test_output_at_input_resolution(self):
         cfg = small_cfg()

@@ -217,5 +217,89 @@ class TestCountAndRankingLoss(unittest.TestCase):
         )
 
 
+class TestBadInputs(unittest.TestCase):
+    """Each loss rejects bad input with a ValueError / TypeError naming the argument."""
+
+    def setUp(self):
+        self.maps = torch.randn(2, 3, 5, 6)
+        self.sel = torch.tensor([[True, False, False], [False, True, False]])
+
+    def test_class_loss(self):
+        scores = torch.randn(2, 3)
+        with self.assertRaisesRegex(ValueError, r"'labels' must hold only 0 and 1, got 2\.0"):
+            lc_class_loss(scores, torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 1.0]]))
+        with self.assertRaisesRegex(ValueError, r"'labels' must have shape \(2, 3\), got \(2, 4\)"):
+            lc_class_loss(scores, torch.zeros(2, 4))
+        with self.assertRaisesRegex(TypeError, "'scores' must be a torch.Tensor"):
+            lc_class_loss([[0.0, 1.0]], torch.zeros(1, 2))
+
+    def test_estimate_counts(self):
+        with self.assertRaisesRegex(TypeError, "'density' must have a floating-point dtype"):
+            estimate_counts(torch.ones(2, 3, 4, 4, dtype=torch.long))
+        with self.assertRaisesRegex(ValueError, r"'valid' must have shape \(2, 1, 5, 6\), got"):
+            estimate_counts(self.maps, torch.ones(2, 1, 5, 7))
+        with self.assertRaisesRegex(ValueError, "'valid' must hold only 0 and 1"):
+            estimate_counts(self.maps, torch.full((2, 1, 5, 6), 0.5))
+        with self.assertRaisesRegex(ValueError, "'density' must have 4 dimensions"):
+            estimate_counts(torch.ones(3, 4, 4))
+
+    def test_hard_spatial_guidance(self):
+        mask = torch.zeros(2, 3, 5, 6, dtype=torch.bool)
+        kth = torch.full((2, 3), float("inf"))  # +inf: the documented "no peak"
+        hard_spatial_guidance(self.maps, mask, kth, self.sel)
+        kth[1, 2] = float("nan")
+        with self.assertRaisesRegex(ValueError, r"'kth_values' must not contain NaN.*\(1, 2\)"):
+            hard_spatial_guidance(self.maps, mask, kth, self.sel)
+        with self.assertRaisesRegex(ValueError, r"'peak_mask' must have shape \(2, 3, 5, 6\)"):
+            hard_spatial_guidance(self.maps, mask[:, :2], torch.zeros(2, 3), self.sel)
+        with self.assertRaisesRegex(ValueError, r"'select' must have shape \(2, 3\), got \(3,\)"):
+            hard_spatial_guidance(self.maps, mask, torch.zeros(2, 3), self.sel[0])
+
+    def test_spatial_loss(self):
+        guidance = torch.zeros(2, 3, 5, 6)
+        neg = torch.tensor([[False, True, True], [True, False, True]])
+        lc_spatial_loss(self.maps, guidance, self.sel, neg)
+        with self.assertRaisesRegex(ValueError, "'guidance' must hold only 0 and 1, got 0.5"):
+            lc_spatial_loss(self.maps, torch.full((2, 3, 5, 6), 0.5), self.sel, neg)
+        with self.assertRaisesRegex(
+            ValueError, r"'positive' and 'negative' must not overlap.*\(0, 0\)"
+        ):
+            lc_spatial_loss(self.maps, guidance, self.sel, neg | self.sel[[0, 0]])
+        with self.assertRaisesRegex(
+            ValueError, r"'guidance' must have shape \(2, 3, 5, 6\), got \(2, 3, 5, 5\)"
+        ):
+            lc_spatial_loss(self.maps, guidance[..., :5], self.sel, neg)
+        with self.assertRaisesRegex(
+            ValueError, r"'negative' must have shape \(2, 3\), got \(2, 2\)"
+        ):
+            lc_spatial_loss(self.maps, guidance, self.sel, neg[:, :2])
+        with self.assertRaisesRegex(ValueError, "'positive' must hold only 0 and 1"):
+            lc_spatial_loss(self.maps, guidance, self.sel.float() * 3, neg)
+
+    def test_count_loss(self):
+        t_hat = torch.randn(2, 3)
+        counts = torch.tensor([[1, 0, 2], [0, 3, 0]])
+        lc_count_loss(t_hat, counts, self.sel)
+        with self.assertRaisesRegex(ValueError, r"'counts' must be >= 0, got -1 at index \(1, 0\)"):
+            lc_count_loss(t_hat, torch.tensor([[1, 0, 2], [-1, 3, 0]]), self.sel)
+        with self.assertRaisesRegex(ValueError, r"'counts' must have shape \(2, 3\), got \(3, 2\)"):
+            lc_count_loss(t_hat, counts.t(), self.sel)
+        with self.assertRaisesRegex(ValueError, r"'weights' must have shape \(2,\), got \(3,\)"):
+            lc_count_loss(t_hat, counts, self.sel, weights=torch.ones(3))
+        with self.assertRaisesRegex(ValueError, "'weights' must be >= 0"):
+            lc_count_loss(t_hat, counts, self.sel, weights=torch.tensor([1.0, -1.0]))
+
+    def test_ranking_loss(self):
+        t_hat = torch.randn(2, 3)
+        with self.assertRaisesRegex(ValueError, r"'lower_count' must lie in \[0.0, inf\], got -5"):
+            lc_ranking_loss(t_hat, -5, self.sel)
+        with self.assertRaisesRegex(ValueError, r"'lower_count' must have shape \(2, 3\)"):
+            lc_ranking_loss(t_hat, torch.full((2, 1), 5), self.sel)
+        with self.assertRaisesRegex(
+            ValueError, r"'select' must have shape \(2, 3\), got \(2, 3, 1\)"
+        ):
+            lc_ranking_loss(t_hat, 5, self.sel[..., None])
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -149,5 +149,25 @@ class TestWSDDNROIHeads(unittest.TestCase):
         loss.backward()  # connected to the parameters: DDP-safe
 
 
+class TestWSDDNLossBadInput(unittest.TestCase):
+    def test_names_the_argument(self):
+        phi = torch.full((2, 3), 0.3)
+        with self.assertRaisesRegex(
+            ValueError, r"'bag_labels' must lie in 0..2 \(C of phi\), got 0..3"
+        ):
+            wsddn_loss(phi, torch.tensor([0, 3]))
+        with self.assertRaisesRegex(TypeError, "'bag_labels' must have an integer dtype"):
+            wsddn_loss(phi, torch.tensor([0.0, 1.0]))
+        with self.assertRaisesRegex(ValueError, r"'bag_labels' must have shape \(2,\), got \(3,\)"):
+            wsddn_loss(phi, torch.tensor([0, 1, 2]))
+        with self.assertRaisesRegex(ValueError, "'phi' must not contain NaN"):
+            wsddn_loss(torch.tensor([[float("nan"), 0.5]]), torch.tensor([0]))
+        logits = torch.zeros(4, 3)
+        with self.assertRaisesRegex(ValueError, "'bags' must index the R = 4 proposal rows"):
+            wsddn_bag_scores(logits, logits, torch.tensor([[0, 4]]))
+        with self.assertRaisesRegex(TypeError, "'bags' must have an integer dtype"):
+            wsddn_bag_scores(logits, logits, torch.tensor([[0.0, 1.0]]))
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -261,6 +261,51 @@ class TestDemo(unittest.TestCase):
                 ["--config-file", "x.yaml", "--output", out, "--input", "a", "--dataset", name]
             )
 
+    def test_coco_json_registered_with_register_coco_counts_instances(self):
+        # a user's COCO json (category ids 3, 7, 9), registered before and after it exists: the
+        # metadata's thing_classes come from the json, so --dataset names the classes right
+        from wsis_d2.data.datasets import register_coco_counts_instances, thing_classes_of
+        from wsis_d2.evaluation import CountingEvaluator
+
+        files = ["a.png", "b.jpg"]
+        truth = [[1, 0, 2], [0, 3, 0]]
+        cats = [{"id": cid, "name": n} for cid, n in zip((3, 7, 9), CLASSES)]
+        images = [
+            {"id": i + 1, "file_name": f, "height": H, "width": W} for i, f in enumerate(files)
+        ]
+        anns = []
+        for i, t in enumerate(truth):
+            for c, num in enumerate(t):
+                for _ in range(num):
+                    anns.append({"id": len(anns) + 1, "image_id": i + 1,
+                                 "category_id": cats[c]["id"], "bbox": [5, 5, 10, 10]})  # fmt: skip
+        data = {"images": images, "annotations": anns, "categories": cats}
+        for when in ("before", "after"):
+            with self.subTest(json_written=when):
+                name = f"_test_demo_coco_counts_{when}"
+                path = os.path.join(self.tmp.name, f"{name}.json")
+                if when == "before":
+                    with open(path, "w") as f:
+                        json.dump(data, f)
+                register_coco_counts_instances(name, {}, path, self.img_dir)
+                self.addCleanup(DatasetCatalog.remove, name)
+                self.addCleanup(MetadataCatalog.remove, name)
+                has = hasattr(MetadataCatalog.get(name), "thing_classes")
+                self.assertEqual(has, when == "before")  # filled at registration if it can be
+                if when == "after":
+                    with open(path, "w") as f:
+                        json.dump(data, f)
+                    self.assertEqual(thing_classes_of(name), CLASSES)  # loads the split
+                    MetadataCatalog.remove(name)  # unfilled again, for demo.main below
+                    MetadataCatalog.get(name).set(json_file=path, image_root=self.img_dir)
+                out = os.path.join(self.tmp.name, f"out_{name}")
+                results = self.demo.main(self._args("_DemoTestFakeCounter", out, name))
+                expected = [os.path.join(self.img_dir, f) for f in files]
+                self.assertEqual(list(results), expected)
+                for f, t in zip(expected, truth):
+                    self.assertEqual(results[f]["true_counts"], dict(zip(CLASSES, map(float, t))))
+                self.assertEqual(CountingEvaluator(name)._class_names, CLASSES)
+
     def test_unreadable_image(self):
         bad = os.path.join(self.tmp.name, "bad.png")
         with open(bad, "wb") as f:

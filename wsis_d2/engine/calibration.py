@@ -11,7 +11,7 @@ squares on the full training images
 """
 
 import logging
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -22,6 +22,8 @@ from detectron2.utils import comm
 
 from ..modeling.meta_arch.density import check_calibration_mode, fit_count_calibration
 from ..modeling.meta_arch.lc import fit_lower_count_gain
+from ..utils.progress import progress
+from .health import collapsed_classes, warn_collapsed
 
 __all__ = [
     "DensityCountCalibration",
@@ -30,6 +32,8 @@ __all__ = [
     "build_lc_calibration_loader",
     "calibrate_density_counts",
     "calibrate_lc_counts",
+    "density_count_predictions",
+    "lc_count_predictions",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,12 +77,65 @@ def calibrate_density_counts(model, data_loader: Iterable[List[Dict]], mode: str
         mode: "gain", "affine" or "none" (nothing is done).
 
     Returns:
-        {"gain": [α_c], "offset": [β_c] (density per pixel), "images": N, "mae_before",
-        "mae_after"} (empty for "none").
+        {"gain": [α_c], "offset": [β_c] (density per pixel), "images": N, "collapsed": the
+        classes whose counts have no spread (:func:`collapsed_classes`; WARNING, left
+        uncalibrated), "mae_before", "mae_after"} (empty for "none").
     """
     if check_calibration_mode(mode) == "none":
         return {}
     net = _density_model(model, mode)
+    pred, areas, true = density_count_predictions(net, data_loader)
+    if not pred:
+        raise ValueError("count calibration: the calibration datasets have no images")
+    p = torch.stack(pred)
+    a = torch.tensor(areas, dtype=torch.float64)
+    t = torch.stack(true).double()
+    gain, offset = fit_count_calibration(p, a, t, mode)
+    if not (gain > 0).all():
+        # a non-positive gain means the counts do not follow the truth at all: keep the identity
+        logger.warning(
+            "count calibration: fitted gain %s is not positive; calibration left off", gain.tolist()
+        )
+        gain, offset = torch.ones_like(gain), torch.zeros_like(offset)
+    collapsed = collapsed_classes(p, t, a)
+    if collapsed:
+        # a constant count calibrated would become the mean training count: an ordinary-looking
+        # error that hides the collapse, so these classes keep the identity
+        warn_collapsed("count calibration", collapsed, p, t)
+        logger.warning("count calibration: left off for the collapsed classes %s", collapsed)
+        gain[collapsed], offset[collapsed] = 1.0, 0.0
+    net.set_count_calibration(gain, offset)
+    after = p * gain + a[:, None] * offset
+    result = {
+        "gain": gain.tolist(),
+        "offset": offset.tolist(),
+        "images": len(pred),
+        "collapsed": collapsed,
+        "mae_before": float((p - t).abs().mean()),
+        "mae_after": float((after - t).abs().mean()),
+    }
+    logger.info(
+        "count calibration (%s) on %d images: gain %s, offset %s per pixel (%s per mean image); "
+        "count MAE on them %.3f -> %.3f",
+        mode,
+        len(pred),
+        np.round(result["gain"], 4).tolist(),
+        np.round(result["offset"], 8).tolist(),
+        np.round((offset * a.mean()).numpy(), 2).tolist(),
+        result["mae_before"],
+        result["mae_after"],
+    )
+    return result
+
+
+def density_count_predictions(net, data_loader: Iterable[List[Dict]]):
+    """
+    Uncalibrated predicted counts of a DensityCounter on the images of ``data_loader`` (its
+    calibration is restored afterwards), gathered over the processes.
+
+    Returns:
+        three per-image lists: pred (C,) float64, areas (counted pixels), true (C,) int64.
+    """
     num_classes = net.num_classes
     was_training = net.training
     saved = (net.count_gain.clone(), net.count_offset.clone())
@@ -87,7 +144,7 @@ def calibrate_density_counts(model, data_loader: Iterable[List[Dict]], mode: str
     pred, areas, true = [], [], []
     try:
         with torch.no_grad():
-            for batch in data_loader:
+            for batch in progress(data_loader, "density counts", unit="batch"):
                 outputs = net(batch)
                 for inp, out in zip(batch, outputs):
                     if "points" not in inp:
@@ -107,61 +164,38 @@ def calibrate_density_counts(model, data_loader: Iterable[List[Dict]], mode: str
                         areas.append(float(torch.as_tensor(roi).sum()))
                     else:
                         areas.append(float(inp["image"].shape[-2] * inp["image"].shape[-1]))
-    except BaseException:
-        net.set_count_calibration(*saved)
-        raise
     finally:
-        net.train(was_training)
-    pred, areas, true = _gathered(pred, areas, true)
-    if not pred:
         net.set_count_calibration(*saved)
-        raise ValueError("count calibration: the calibration datasets have no images")
-    p = torch.stack(pred)
-    a = torch.tensor(areas, dtype=torch.float64)
-    t = torch.stack(true).double()
-    gain, offset = fit_count_calibration(p, a, t, mode)
-    if not (gain > 0).all():
-        # a non-positive gain means the counts do not follow the truth at all: keep the identity
-        logger.warning(
-            "count calibration: fitted gain %s is not positive; calibration left off", gain.tolist()
-        )
-        gain, offset = torch.ones_like(gain), torch.zeros_like(offset)
-    net.set_count_calibration(gain, offset)
-    after = p * gain + a[:, None] * offset
-    result = {
-        "gain": gain.tolist(),
-        "offset": offset.tolist(),
-        "images": len(pred),
-        "mae_before": float((p - t).abs().mean()),
-        "mae_after": float((after - t).abs().mean()),
-    }
-    logger.info(
-        "count calibration (%s) on %d images: gain %s, offset %s per pixel (%s per mean image); "
-        "count MAE on them %.3f -> %.3f",
-        mode,
-        len(pred),
-        np.round(result["gain"], 4).tolist(),
-        np.round(result["offset"], 8).tolist(),
-        np.round((offset * a.mean()).numpy(), 2).tolist(),
-        result["mae_before"],
-        result["mae_after"],
-    )
-    return result
+        net.train(was_training)
+    return _gathered(pred, areas, true)
 
 
-def build_calibration_loader(cfg):
+def _evenly_spaced(dicts: List[Dict], max_images: int) -> List[Dict]:
+    """``max_images`` of ``dicts`` evenly spaced (0: all)."""
+    if 0 < max_images < len(dicts):
+        keep = np.unique(np.linspace(0, len(dicts) - 1, max_images).round().astype(int))
+        dicts = [dicts[i] for i in keep]
+    return dicts
+
+
+def build_calibration_loader(cfg, max_images: int = 0):
     """
     Full-image test-time loader over ``MODEL.DENSITY.CALIBRATION.DATASETS`` (default:
-    ``DATASETS.TRAIN``) with the test-time :class:`DensityDatasetMapper`.
+    ``DATASETS.TRAIN``) with the test-time :class:`DensityDatasetMapper`; ``max_images`` > 0:
+    that many of their images, evenly spaced.
     """
+    from detectron2.data import DatasetCatalog
+
     from ..data.mappers.density_mapper import DensityDatasetMapper
 
     names = tuple(cfg.MODEL.DENSITY.CALIBRATION.DATASETS) or tuple(cfg.DATASETS.TRAIN)
     if not names:
         raise ValueError("MODEL.DENSITY.CALIBRATION.DATASETS and DATASETS.TRAIN are both empty")
-    return build_detection_test_loader(
-        cfg, list(names), mapper=DensityDatasetMapper(cfg, is_train=False)
-    )
+    mapper = DensityDatasetMapper(cfg, is_train=False)
+    if max_images <= 0:
+        return build_detection_test_loader(cfg, list(names), mapper=mapper)
+    dicts = _evenly_spaced([d for name in names for d in DatasetCatalog.get(name)], max_images)
+    return build_detection_test_loader(dicts, mapper=mapper)
 
 
 class DensityCountCalibration(HookBase):
@@ -231,34 +265,22 @@ def calibrate_lc_counts(model, data_loader: Iterable[List[Dict]], lower_count=No
             (as the training mapper censors them); None: all counts are exact.
 
     Returns:
-        {"gain": [α_c], "images": N, "mae_before", "mae_after"} (count MAE over the present
+        {"gain": [α_c], "images": N, "collapsed" (classes left at α = 1, see
+        :func:`calibrate_density_counts`), "mae_before", "mae_after"} (count MAE over the present
         classes with exact counts, on these images).
     """
-    from ..data.mappers.lc_mapper import image_level_targets
-
     net = _lc_model(model)
-    was_training = net.training
-    net.eval()
-    pred, counts, count_ge = [], [], []
-    try:
-        for batch in data_loader:
-            for inp in batch:
-                if "counts" not in inp:
-                    raise ValueError(
-                        f"count calibration: input {inp.get('file_name', '?')} has no 'counts' "
-                        "(use LCDatasetMapper on a dataset with counts)"
-                    )
-                _, t, ge = image_level_targets(inp["counts"].numpy(), lower_count)
-                pred.append(net.raw_counts(inp).double().cpu())
-                counts.append(t)
-                count_ge.append(ge)
-    finally:
-        net.train(was_training)
-    pred, counts, count_ge = _gathered(pred, counts, count_ge)
+    pred, counts, count_ge, areas = lc_count_predictions(net, data_loader, lower_count)
     if not pred:
         raise ValueError("count calibration: the calibration datasets have no images")
     p, t, ge = torch.stack(pred), torch.stack(counts).double(), torch.stack(count_ge)
     gain = fit_lower_count_gain(p, t, ge)
+    collapsed = collapsed_classes(p, t, torch.tensor(areas, dtype=torch.float64))
+    if collapsed:
+        # a constant count with a fitted gain would look like the mean training count
+        warn_collapsed("LC count calibration", collapsed, p, t)
+        logger.warning("LC count calibration: left off for the collapsed classes %s", collapsed)
+        gain[collapsed] = 1.0
     net.set_count_gain(gain)
     exact = (t >= 1) & ~ge
     before = (p.clamp_min(0) - t).abs()[exact]
@@ -266,6 +288,7 @@ def calibrate_lc_counts(model, data_loader: Iterable[List[Dict]], lower_count=No
     result = {
         "gain": gain.tolist(),
         "images": len(pred),
+        "collapsed": collapsed,
         "mae_before": float(before.mean()) if before.numel() else float("nan"),
         "mae_after": float(after.mean()) if after.numel() else float("nan"),
     }
@@ -281,11 +304,44 @@ def calibrate_lc_counts(model, data_loader: Iterable[List[Dict]], lower_count=No
     return result
 
 
-def build_lc_calibration_loader(cfg):
+def lc_count_predictions(net, data_loader: Iterable[List[Dict]], lower_count=None):
+    """
+    Uncalibrated counts t̂ of an ImageLevelCounter on the images of ``data_loader`` with their
+    targets (``image_level_targets`` with ``lower_count``), gathered over the processes.
+
+    Returns:
+        four per-image lists: pred (C,) float64, counts (C,), count_ge (C,) bool, areas (the
+        count of a unit density: a constant output's counts are proportional to it).
+    """
+    from ..data.mappers.lc_mapper import image_level_targets
+
+    was_training = net.training
+    net.eval()
+    pred, counts, count_ge, areas = [], [], [], []
+    try:
+        for batch in progress(data_loader, "LC counts", unit="batch"):
+            for inp in batch:
+                if "counts" not in inp:
+                    raise ValueError(
+                        f"count calibration: input {inp.get('file_name', '?')} has no 'counts' "
+                        "(use LCDatasetMapper on a dataset with counts)"
+                    )
+                _, t, ge = image_level_targets(inp["counts"].numpy(), lower_count)
+                raw, area = net.raw_counts(inp, with_area=True)
+                pred.append(raw.double().cpu())
+                counts.append(t)
+                count_ge.append(ge)
+                areas.append(area)
+    finally:
+        net.train(was_training)
+    return _gathered(pred, counts, count_ge, areas)
+
+
+def build_lc_calibration_loader(cfg, max_images: Optional[int] = None):
     """
     Test-time loader of full images with their exact counts over ``MODEL.LC.CALIBRATION.DATASETS``
-    (default: ``DATASETS.TRAIN``), ``MAX_IMAGES`` of them evenly spaced (0: all). Annotations are
-    reduced to per-class counts (no masks are decoded).
+    (default: ``DATASETS.TRAIN``), ``MAX_IMAGES`` of them (``max_images`` where given) evenly
+    spaced (0: all). Annotations are reduced to per-class counts (no masks are decoded).
     """
     from detectron2.data import DatasetCatalog
 
@@ -300,9 +356,7 @@ def build_lc_calibration_loader(cfg):
     dicts = [d for name in names for d in DatasetCatalog.get(name)]
     if calib.MAX_IMAGES < 0:
         raise ValueError(f"MODEL.LC.CALIBRATION.MAX_IMAGES must be >= 0, got {calib.MAX_IMAGES}")
-    if 0 < calib.MAX_IMAGES < len(dicts):
-        keep = np.unique(np.linspace(0, len(dicts) - 1, calib.MAX_IMAGES).round().astype(int))
-        dicts = [dicts[i] for i in keep]
+    dicts = _evenly_spaced(dicts, calib.MAX_IMAGES if max_images is None else max_images)
     slim = []
     for d in dicts:
         item = {k: v for k, v in d.items() if k not in ("annotations", "image_labels")}

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..data.proposals import save_proposal_file, score_to_logit
 from ..modeling.ccgr import class_map_cues
+from ..utils.progress import progress
 
 __all__ = [
     "compute_cues", "make_proposal_file", "proposals_of", "run_ccgr_inference", "cue_parameters"
@@ -61,7 +62,7 @@ def compute_cues(model, data_loader: Iterable[List[Dict]], params: Dict) -> Dict
     model.eval()
     cues = {}
     try:
-        for batch in data_loader:
+        for batch in progress(data_loader, "CCGR cues", unit="batch"):
             images = model.preprocess_image(batch)
             class_maps, _ = model.predict_maps(images.tensor)
             sizes = model.map_sizes(images.image_sizes, images.tensor.shape[-2:], class_maps.shape[-2:])
@@ -137,7 +138,7 @@ def proposals_of(
         collate_fn=lambda x: x,
     )
     start = time.perf_counter()
-    for done, (i, b, s, _) in enumerate(loader, 1):
+    for done, (i, b, s, _) in enumerate(progress(loader, "CCGR proposals", n, unit="image"), 1):
         boxes[i] = b
         logits[i] = score_to_logit(s)
         if log_every and done % log_every == 0:
@@ -180,7 +181,7 @@ def run_ccgr_inference(model, data_loader: Iterable[List[Dict]]) -> Iterator[Tup
     was_training = model.training
     model.eval()
     try:
-        for batch in data_loader:
+        for batch in progress(data_loader, "CCGR inference", unit="batch"):
             with torch.no_grad():
                 results = model(batch)
             for inp, res in zip(batch, results):

@@ -56,6 +56,7 @@ from ..data.mappers.lc_mapper import image_labels_of
 from ..data.proposals import SelectiveSearchProposals, check_proposals, load_proposal_file
 from ..evaluation import CCGRStageDiagnostics, InstanceAPEvaluator
 from ..modeling.ccgr import semantic_labels_from_instances
+from ..utils.progress import progress
 from .ccgr import compute_cues, cue_parameters, run_ccgr_inference
 from .ccgr_dist import (
     check_shared_output,
@@ -547,7 +548,7 @@ class CCGRRounds:
         by_id = {d["image_id"]: d for d in self.dicts}
         cues, seeds = {}, {}
         with torch.no_grad():
-            for batch in loader:
+            for batch in progress(loader, "CCGR seed cues", unit="batch"):
                 for inp, out in zip(batch, model(batch)):
                     d = by_id[inp["image_id"]]
                     labels = torch.as_tensor(image_labels_of(d, self.num_classes))

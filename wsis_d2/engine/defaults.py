@@ -15,6 +15,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..solver import build_optimizer
 from .calibration import DensityCountCalibration, LCCountCalibration, check_lc_calibration_mode
+from .health import CountHealthCheck
 from .train_loop import build_train_loop
 
 __all__ = ["WSISTrainer"]
@@ -60,7 +61,9 @@ class WSISTrainer(DefaultTrainer):
         detectron2's hooks, plus :class:`DensityCountCalibration` (``MODEL.DENSITY.CALIBRATION``)
         or :class:`LCCountCalibration` (``MODEL.LC.CALIBRATION``) before the checkpointer when
         their MODE is not "none" (so that ``model_final.pth`` and the final evaluation have the
-        calibration).
+        calibration), and :class:`CountHealthCheck` for density and LC models (a WARNING when the
+        model collapsed to a constant output; the calibrations check their own images, so the
+        hook runs the model on training images only without one).
         """
         hook_list = super().build_hooks()
         calibrations = []
@@ -72,6 +75,9 @@ class WSISTrainer(DefaultTrainer):
             (i for i, h in enumerate(hook_list) if isinstance(h, hooks.PeriodicCheckpointer)),
             len(hook_list),
         )
+        arch = self.cfg.MODEL.META_ARCHITECTURE
+        if arch in ("DensityCounter", "ImageLevelCounter"):
+            calibrations.append(CountHealthCheck(self.cfg, check_spread=not calibrations))
         hook_list[at:at] = calibrations
         return hook_list
 

@@ -12,11 +12,12 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
+from ..data.datasets.metadata import thing_classes_of
 from .gather import gather_predictions
 
 __all__ = ["CountingEvaluator", "counting_metrics", "load_count_ground_truth"]
@@ -105,7 +106,7 @@ def load_count_ground_truth(dataset_name: str) -> Dict[object, tuple]:
     Returns:
         {image_id: (index in the dataset, (C,) float64 counts)}.
     """
-    num_classes = len(MetadataCatalog.get(dataset_name).thing_classes)
+    num_classes = len(thing_classes_of(dataset_name))
     gt = {}
     for index, record in enumerate(DatasetCatalog.get(dataset_name)):
         where = f"dataset '{dataset_name}', file {record.get('file_name', '?')}"
@@ -168,12 +169,9 @@ class CountingEvaluator(DatasetEvaluator):
         self._dataset_name = dataset_name
         self._distributed = distributed
         self._output_dir = output_dir
-        metadata = MetadataCatalog.get(dataset_name)
-        if not hasattr(metadata, "thing_classes"):
-            raise ValueError(f"metadata of dataset '{dataset_name}' has no field 'thing_classes'")
-        self._class_names = list(metadata.thing_classes)
+        self._class_names = thing_classes_of(dataset_name)
         if baseline_dataset is not None:
-            names = getattr(MetadataCatalog.get(baseline_dataset), "thing_classes", None)
+            names = thing_classes_of(baseline_dataset, required=False)
             if names is None or list(names) != self._class_names:
                 raise ValueError(
                     f"CountingEvaluator: baseline dataset '{baseline_dataset}' has classes "
@@ -216,6 +214,11 @@ class CountingEvaluator(DatasetEvaluator):
                 raise ValueError(
                     f"CountingEvaluator: 'counts' of image_id {inp['image_id']!r} has shape "
                     f"{counts.shape}, expected ({len(self._class_names)},)"
+                )
+            if not np.isfinite(counts).all():
+                raise ValueError(
+                    f"CountingEvaluator: 'counts' of image_id {inp['image_id']!r} "
+                    f"({inp.get('file_name', '?')}) must be finite, got {counts.tolist()}"
                 )
             self._predictions.append((inp["image_id"], counts))
 

@@ -18,6 +18,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
+from ..utils.checks import check_array, check_finite, check_number
 from .gather import gather_predictions
 
 __all__ = ["DensityEvaluator", "game", "count_errors", "GAME_LEVELS"]
@@ -55,7 +56,12 @@ def game(
     Returns:
         the image's GAME(L), averaged over the C classes.
     """
+    where = "game"
     density = np.asarray(density, dtype=np.float64)
+    check_array("density", density, ndim=(2, 3), where=where)
+    check_finite("density", density, where)
+    check_number("level", int(level) if isinstance(level, np.integer) else level, low=0,
+                 integer=True, where=where)  # fmt: skip
     if density.ndim == 2:
         density = density[None]
     num_classes, height, width = density.shape
@@ -71,9 +77,23 @@ def game(
     )  # (C, cells, cells)
 
     true = np.zeros_like(pred)
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    points = np.asarray(points, dtype=np.float64)
+    if points.size:  # an empty list stands for no points
+        check_array("points", points, (None, 2), where)
+        check_finite("points", points, where)
+    points = points.reshape(-1, 2)
+    if classes is not None:
+        classes = np.asarray(classes)
+        check_array("classes", classes, (len(points),), where)
+        if len(classes) and not np.issubdtype(classes.dtype, np.integer):
+            raise TypeError(f"{where}: 'classes' must have an integer dtype, got {classes.dtype}")
+        if len(classes) and (classes.min() < 0 or classes.max() >= num_classes):
+            raise ValueError(
+                f"{where}: 'classes' must lie in 0..{num_classes - 1} (C of density), got "
+                f"{classes.min()}..{classes.max()}"
+            )
     if len(points):
-        classes = np.zeros(len(points), dtype=np.int64) if classes is None else np.asarray(classes)
+        classes = np.zeros(len(points), dtype=np.int64) if classes is None else classes
         row = np.clip(np.floor(points[:, 1]), 0, height - 1)
         col = np.clip(np.floor(points[:, 0]), 0, width - 1)
         cell_r = np.clip(np.searchsorted(row_edges, row, side="right") - 1, 0, cells - 1)
@@ -101,8 +121,13 @@ def count_errors(pred: np.ndarray, gt: np.ndarray) -> Dict[str, object]:
     gt = np.asarray(gt, dtype=np.float64)
     if pred.ndim != 2 or pred.shape != gt.shape or pred.shape[0] == 0:
         raise ValueError(
-            f"count_errors: pred and gt must be equal (N, C), got {pred.shape}, {gt.shape}"
+            f"count_errors: 'pred' and 'gt' must be equal (N, C), N > 0, got {pred.shape}, "
+            f"{gt.shape}"
         )
+    check_finite("pred", pred, "count_errors")
+    check_finite("gt", gt, "count_errors")
+    if (gt < 0).any():
+        raise ValueError(f"count_errors: 'gt' must be >= 0, got {gt.min()}")
     err = pred - gt
     mae_c = np.abs(err).mean(axis=0)
     rmse_c = np.sqrt((err**2).mean(axis=0))
@@ -215,6 +240,15 @@ class DensityEvaluator(DatasetEvaluator):
                 counts = counts.detach().to("cpu", torch.float64).numpy()
             counts = np.asarray(counts, dtype=np.float64).reshape(-1)
             num_classes = density.shape[0]
+            where = f"DensityEvaluator: image_id {image_id!r} ({record['file_name']})"
+            # a NaN density would give NaN errors that drop out of the means
+            check_finite("density", density, where)
+            check_finite("counts", counts, where)
+            if counts.shape != (num_classes,):
+                raise ValueError(
+                    f"{where}: 'counts' must have shape ({num_classes},) like the density's C, "
+                    f"got {counts.shape}"
+                )
             points = np.asarray(record["points"], dtype=np.float64).reshape(-1, 2)
             classes = np.asarray(
                 record.get("point_classes", np.zeros(len(points))), dtype=np.int64

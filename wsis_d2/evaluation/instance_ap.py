@@ -26,12 +26,14 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
+from ..utils.checks import check_array, check_finite, check_number
+from ..data.datasets.metadata import thing_classes_of
 from .gather import gather_predictions
 
 __all__ = [
@@ -55,18 +57,32 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
         AP = sum_k (r_k - r_{k-1}) * max_{k' >= k} p_{k'},   r_0 = 0
 
     Args:
-        recall: (D,) recall after each ranked detection, non-decreasing.
-        precision: (D,) precision after each ranked detection.
+        recall: (D,) recall after each ranked detection: in [0, 1], non-decreasing.
+        precision: (D,) precision after each ranked detection, in [0, 1].
 
     Returns:
         AP in [0, 1]; 0 for D = 0.
     """
-    recall = np.asarray(recall, dtype=np.float64).reshape(-1)
-    precision = np.asarray(precision, dtype=np.float64).reshape(-1)
+    recall = np.asarray(recall, dtype=np.float64)
+    precision = np.asarray(precision, dtype=np.float64)
+    check_array("recall", recall, ndim=1, where="voc_ap")
     if recall.shape != precision.shape:
         raise ValueError(
-            f"recall and precision must have the same shape, got {recall.shape} and "
+            f"voc_ap: 'recall' and 'precision' must have the same shape, got {recall.shape} and "
             f"{precision.shape}"
+        )
+    for name, values in (("recall", recall), ("precision", precision)):
+        check_finite(name, values, "voc_ap")
+        outside = (values < 0) | (values > 1)
+        if outside.any():
+            k = int(np.argmax(outside))
+            raise ValueError(f"voc_ap: '{name}' must lie in [0, 1], got {float(values[k])} at {k}")
+    drops = np.diff(recall) < 0
+    if drops.any():
+        k = int(np.argmax(drops))
+        raise ValueError(
+            f"voc_ap: 'recall' must be non-decreasing (recall after each ranked detection), got "
+            f"{float(recall[k])} then {float(recall[k + 1])} at {k}, {k + 1}"
         )
     if recall.size == 0:
         return 0.0
@@ -89,8 +105,12 @@ def pairwise_box_iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
     Returns:
         (D, G) float64 IoU; 0 where the union is empty.
     """
-    a = np.asarray(boxes1, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(boxes2, dtype=np.float64).reshape(-1, 4)
+    a, b = np.asarray(boxes1, dtype=np.float64), np.asarray(boxes2, dtype=np.float64)
+    for name, boxes in (("boxes1", a), ("boxes2", b)):
+        if boxes.size:  # an empty list stands for no boxes
+            check_array(name, boxes, (None, 4), "pairwise_box_iou")
+            check_finite(name, boxes, "pairwise_box_iou")
+    a, b = a.reshape(-1, 4), b.reshape(-1, 4)
     area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
     area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
@@ -113,8 +133,19 @@ def match_detections(ious: np.ndarray, gt_ignore: np.ndarray, iou_threshold: flo
     Returns:
         (D,) int8 labels: 1 true positive, 0 false positive, -1 ignored (best GT is a crowd).
     """
+    where = "match_detections"
+    check_number("iou_threshold", iou_threshold, 0.0, 1.0, where=where)
     ious = np.asarray(ious, dtype=np.float64)
+    check_array("ious", ious, ndim=2, where=where)
+    check_finite("ious", ious, where)
+    if ((ious < 0) | (ious > 1)).any():
+        raise ValueError(f"{where}: 'ious' must lie in [0, 1], got {ious.min()}..{ious.max()}")
     num_dets, num_gt = ious.shape
+    if np.asarray(gt_ignore).size != num_gt:
+        raise ValueError(
+            f"{where}: 'gt_ignore' must have G = {num_gt} entries (columns of ious), got shape "
+            f"{np.asarray(gt_ignore).shape}"
+        )
     labels = np.zeros(num_dets, dtype=np.int8)
     if num_dets == 0 or num_gt == 0:
         return labels
@@ -146,10 +177,24 @@ def average_precision(scores: np.ndarray, labels: np.ndarray, num_positives: int
     Returns:
         AP in [0, 1]; NaN if ``num_positives == 0``.
     """
-    if num_positives <= 0:
+    where = "average_precision"
+    check_number("num_positives", int(num_positives) if isinstance(num_positives, np.integer)
+                 else num_positives, low=0, integer=True, where=where)  # fmt: skip
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels)
+    check_array("scores", scores, ndim=1, where=where)
+    check_array("labels", labels, scores.shape, where=where)
+    # a NaN score has no rank: sorted last or first by chance, it would decide the AP
+    check_finite("scores", scores, where)
+    if not np.isin(labels, (-1, 0, 1)).all():
+        raise ValueError(f"{where}: 'labels' must be -1, 0 or 1, got {np.unique(labels)}")
+    if (labels == 1).sum() > num_positives:
+        raise ValueError(
+            f"{where}: {(labels == 1).sum()} true positives in 'labels' but num_positives is "
+            f"{num_positives} (recall above 1)"
+        )
+    if num_positives == 0:
         return float("nan")
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    labels = np.asarray(labels).reshape(-1)
     keep = labels >= 0
     scores, labels = scores[keep], labels[keep]
     order = np.argsort(-scores, kind="stable")
@@ -200,7 +245,7 @@ def load_instance_ground_truth(dataset_name: str) -> Dict[object, dict]:
         "classes" (G,) int64, "boxes" (G, 4) float64 XYXY_ABS, "rles" list of G RLE dicts,
         "crowd" (G,) bool}}.
     """
-    num_classes = len(MetadataCatalog.get(dataset_name).thing_classes)
+    num_classes = len(thing_classes_of(dataset_name))
     gt = {}
     for index, record in enumerate(DatasetCatalog.get(dataset_name)):
         where = f"dataset '{dataset_name}', file {record.get('file_name', '?')}"
@@ -273,10 +318,7 @@ class InstanceAPEvaluator(DatasetEvaluator):
         self._output_dir = output_dir
         self._mask_thresholds = tuple(float(t) for t in iou_thresholds)
         self._box_thresholds = tuple(float(t) for t in box_iou_thresholds)
-        metadata = MetadataCatalog.get(dataset_name)
-        if not hasattr(metadata, "thing_classes"):
-            raise ValueError(f"metadata of dataset '{dataset_name}' has no field 'thing_classes'")
-        self._class_names = list(metadata.thing_classes)
+        self._class_names = thing_classes_of(dataset_name)
         self._gt = None  # loaded lazily, on the main process only
         self.reset()
 
@@ -321,6 +363,15 @@ class InstanceAPEvaluator(DatasetEvaluator):
         if masks.dtype != torch.bool:
             masks = masks >= 0.5
         num, height, width = masks.shape
+        scores = instances.scores.numpy().astype(np.float64).reshape(-1)
+        if scores.shape != (num,):
+            raise ValueError(
+                f"{where}: 'scores' must be ({num},) like pred_masks, got {scores.shape}"
+            )
+        if not np.isfinite(scores).all():
+            # NaN scores would sort arbitrarily and could pass as a perfect ranking
+            bad = scores[~np.isfinite(scores)][0]
+            raise ValueError(f"{where}: 'scores' must be finite, got {bad}")
         if num > 0:
             fortran = np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8))
             rles = mask_util.encode(fortran)
@@ -335,7 +386,7 @@ class InstanceAPEvaluator(DatasetEvaluator):
         return {
             "image_id": inp["image_id"],
             "size": (int(height), int(width)),
-            "scores": instances.scores.numpy().astype(np.float64).reshape(-1),
+            "scores": scores,
             "classes": instances.pred_classes.numpy().astype(np.int64).reshape(-1),
             "boxes": boxes,
             "rles": rles,

@@ -13,6 +13,8 @@ import torch
 
 from detectron2.structures import Boxes, pairwise_iou
 
+from ..utils.checks import check_array, check_finite, check_number
+
 __all__ = [
     "proposal_recall",
     "semantic_ground_truth",
@@ -28,7 +30,25 @@ def proposal_recall(
     """
     Fraction of the ground-truth boxes (XYXY) covered at IoU >= ``iou`` by one of the first
     ``top`` proposals of their image (None without ground truth).
+
+    Args:
+        gt_boxes: per image, (G_i, 4) ground-truth boxes. boxes: per image, (R_i, 4) proposals
+            in rank order. top: proposals kept per image (>= 0). iou: threshold in [0, 1].
     """
+    where = "proposal_recall"
+    check_number("top", top, low=0, integer=True, where=where)
+    check_number("iou", iou, 0.0, 1.0, where=where)
+    if len(gt_boxes) != len(boxes):
+        raise ValueError(
+            f"{where}: 'gt_boxes' and 'boxes' must list the same images, got {len(gt_boxes)} and "
+            f"{len(boxes)} entries"
+        )
+    for name, per_image in (("gt_boxes", gt_boxes), ("boxes", boxes)):
+        for i, b in enumerate(per_image):
+            b = np.asarray(b, dtype=np.float64)
+            if b.size:
+                check_array(f"{name}[{i}]", b, (None, 4), where)
+                check_finite(f"{name}[{i}]", b, where)
     hit = total = 0
     for g, b in zip(gt_boxes, boxes):
         if len(g) == 0:
@@ -54,6 +74,23 @@ def _decode(segm, h: int, w: int) -> np.ndarray:
     return mask_util.decode(rle).astype(bool)
 
 
+def _check_record(dataset_dict: Dict, where: str) -> None:
+    """A dataset dict with positive integer 'height' and 'width' and segmented annotations."""
+    if not isinstance(dataset_dict, dict):
+        raise TypeError(
+            f"{where}: 'dataset_dict' must be a dict, got {type(dataset_dict).__name__}"
+        )
+    name = dataset_dict.get("file_name", "?")
+    for key in ("height", "width"):
+        if key not in dataset_dict:
+            raise ValueError(f"{where}: dataset dict of {name} has no field '{key}'")
+        check_number(f"{key} of {name}", dataset_dict[key], low=1, integer=True, where=where)
+    for k, ann in enumerate(dataset_dict.get("annotations", [])):
+        for key in ("category_id", "segmentation"):
+            if key not in ann and not (key == "segmentation" and ann.get("iscrowd", 0)):
+                raise ValueError(f"{where}: {name}, annotation {k} has no field '{key}'")
+
+
 def instance_ground_truth(dataset_dict: Dict):
     """
     The non-crowd instances of an annotated image with masks.
@@ -61,6 +98,7 @@ def instance_ground_truth(dataset_dict: Dict):
     Returns:
         classes (G,) int64, boxes (G, 4) float64 XYXY, masks (G, H, W) bool.
     """
+    _check_record(dataset_dict, "instance_ground_truth")
     h, w = int(dataset_dict["height"]), int(dataset_dict["width"])
     anns = [
         a for a in dataset_dict.get("annotations", [])
@@ -84,6 +122,8 @@ def semantic_ground_truth(dataset_dict: Dict, num_classes: int) -> np.ndarray:
     masks (RLE or polygons), ``num_classes`` (background) elsewhere; later annotations win where
     masks overlap.
     """
+    _check_record(dataset_dict, "semantic_ground_truth")
+    check_number("num_classes", num_classes, 1, 254, integer=True, where="semantic_ground_truth")
     h, w = int(dataset_dict["height"]), int(dataset_dict["width"])
     out = np.full((h, w), num_classes, dtype=np.uint8)
     for ann in dataset_dict.get("annotations", []):
@@ -98,6 +138,8 @@ class SemanticConfusion:
     """
 
     def __init__(self, num_labels: int, ignore: int = 255):
+        check_number("num_labels", num_labels, low=1, integer=True, where="SemanticConfusion")
+        check_number("ignore", ignore, integer=True, where="SemanticConfusion")
         self.k = int(num_labels)
         self.ignore = int(ignore)
         self.matrix = np.zeros((self.k, self.k), dtype=np.int64)
@@ -105,9 +147,25 @@ class SemanticConfusion:
         self.total = 0
 
     def add(self, pred: np.ndarray, gt: np.ndarray) -> None:
-        """pred, gt: (H, W) integer maps of the same size."""
+        """pred, gt: (H, W) integer maps of the same size, labels in 0..K-1 (pred also ignore)."""
+        where = "SemanticConfusion.add"
+        pred, gt = np.asarray(pred), np.asarray(gt)
         if pred.shape != gt.shape:
-            raise ValueError(f"label map {pred.shape} and ground truth {gt.shape} differ in size")
+            raise ValueError(
+                f"{where}: label map 'pred' {pred.shape} and ground truth 'gt' {gt.shape} differ "
+                "in size"
+            )
+        for name, m in (("pred", pred), ("gt", gt)):
+            if not np.issubdtype(m.dtype, np.integer):
+                raise TypeError(f"{where}: '{name}' must have an integer dtype, got {m.dtype}")
+        labelled = pred[pred != self.ignore]
+        for name, m in (("pred", labelled), ("gt", gt)):
+            if m.size and (m.min() < 0 or m.max() >= self.k):
+                raise ValueError(
+                    f"{where}: '{name}' must hold labels in 0..{self.k - 1}"
+                    + (f" or ignore {self.ignore}" if name == "pred" else "")
+                    + f", got {m.min()}..{m.max()}"
+                )
         keep = pred != self.ignore
         self.total += pred.size
         self.ignored += int((~keep).sum())

@@ -78,6 +78,10 @@ def fuse_frozen_batchnorm(module: nn.Module) -> nn.Module:
     Returns:
         ``module``.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"fuse_frozen_batchnorm: 'module' must be an nn.Module, got {type(module).__name__}"
+        )
     for m in module.modules():
         if type(m) is FrozenBatchNorm2d:
             m.__class__ = FusedFrozenBatchNorm2d

@@ -42,6 +42,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..utils.checks import check_number, check_tensor
 from ._ext import compiled_ops_available
 from .box_score import IntegralImage
 
@@ -68,12 +69,23 @@ def _prepare(integral, boxes, classes, peaks, own_peaks):
         raise ValueError(f"classes must be in [0, {integral.shape[1]})")
     if peaks is None:
         peaks = torch.zeros(0, 3, device=device)
-    peaks = torch.as_tensor(peaks, device=device)[:, :3].double().reshape(-1, 3)
+    peaks = torch.as_tensor(peaks, device=device)
+    if peaks.numel() and (peaks.dim() != 2 or peaks.shape[1] < 3):
+        raise ValueError(
+            f"peaks must be (P, >=3) rows (class, x, y, ...), got {tuple(peaks.shape)}"
+        )
+    peaks = peaks[:, :3].reshape(-1, 3) if peaks.numel() else peaks.new_zeros(0, 3)
+    peaks = peaks.double()
     if own_peaks is None:
         own_peaks = torch.full((k,), -1, dtype=torch.long, device=device)
     own_peaks = torch.as_tensor(own_peaks, device=device).long().reshape(-1)
     if own_peaks.shape[0] != k:
         raise ValueError(f"own_peaks must be (K,) with K = {k}, got {tuple(own_peaks.shape)}")
+    if k and (int(own_peaks.min()) < -1 or int(own_peaks.max()) >= peaks.shape[0]):
+        raise ValueError(
+            f"own_peaks must be -1 or rows of peaks in [0, {peaks.shape[0]}), got "
+            f"{int(own_peaks.min())}..{int(own_peaks.max())}"
+        )
     if k and not bool(torch.isfinite(boxes).all()):
         raise ValueError("boxes must be finite")
     return boxes.to(device), classes, peaks, own_peaks
@@ -131,6 +143,13 @@ def refine_context_gap(
     """
     if context_scale < 1:
         raise ValueError(f"context_scale must be >= 1, got {context_scale}")
+    check_number("lr", lr, low=0.0, low_open=True, where="refine_context_gap")
+    check_number("min_size", min_size, low=0.0, where="refine_context_gap")
+    check_number("steps", steps, low=0, integer=True, where="refine_context_gap")
+    if not isinstance(integral, IntegralImage):
+        kind = type(integral).__name__
+        raise TypeError(f"refine_context_gap: 'integral' must be an IntegralImage, got {kind}")
+    check_tensor("boxes", boxes, (None, 4), where="refine_context_gap")
     if steps < 0 or any(not 0 <= int(s) <= steps for s in snapshots):
         raise ValueError(f"steps must be >= 0 and snapshots in [0, steps], got {steps}, {snapshots}")
     dtype = boxes.dtype if boxes.is_floating_point() else torch.float32

@@ -33,6 +33,7 @@ from typing import Tuple
 
 import torch
 
+from ..utils.checks import check_number, check_tensor
 from ._ext import compiled_ops_available
 
 
@@ -231,7 +232,9 @@ def box_mean(
 
 
 def context_boxes(boxes: torch.Tensor, context_scale: float = 1.5) -> torch.Tensor:
-    """(K, 5) boxes scaled by ``context_scale`` about their centres (not clipped)."""
+    """(K, 5) boxes scaled by ``context_scale`` (>= 1) about their centres (not clipped)."""
+    check_tensor("boxes", boxes, (None, 5), where="context_boxes")
+    check_number("context_scale", context_scale, low=1.0, where="context_boxes")
     cx = (boxes[:, 1] + boxes[:, 3]) / 2
     cy = (boxes[:, 2] + boxes[:, 4]) / 2
     hw = (boxes[:, 3] - boxes[:, 1]) * (context_scale / 2)

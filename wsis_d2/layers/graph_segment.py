@@ -280,7 +280,10 @@ def graph_segment_scales(
     """
     _check_image(image)
     if len(min_sizes) != len(scales):
-        raise ValueError(f"{len(scales)} scales but {len(min_sizes)} min_sizes")
+        raise ValueError(
+            f"graph_segment_scales: 'min_sizes' must have one entry per scale ({len(scales)}), "
+            f"got {len(min_sizes)}"
+        )
     for scale, min_size in zip(scales, min_sizes):
         _check_number("scale", scale)
         _check_number("min_size", min_size, integer=True)

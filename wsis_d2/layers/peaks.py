@@ -20,9 +20,11 @@ device compaction and stable radix sorts. The reference is max-pool + nonzero + 
 import numbers
 from typing import NamedTuple, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..utils.checks import check_finite, check_integer_dtype, check_number, check_tensor
 from ._ext import compiled_ops_available
 
 Threshold = Optional[Union[float, str]]
@@ -47,7 +49,9 @@ def _check(maps: torch.Tensor, radius: int) -> None:
         raise ValueError(f"maps must be a (N, C, H, W) tensor, got {getattr(maps, 'shape', maps)}")
     if not maps.is_floating_point():
         raise ValueError(f"maps must be floating point, got {maps.dtype}")
-    if int(radius) != radius or radius < 0:
+    if isinstance(radius, bool) or not isinstance(radius, numbers.Real) or int(radius) != radius:
+        raise TypeError(f"radius must be a non-negative integer, got {radius!r}")
+    if radius < 0:
         raise ValueError(f"radius must be a non-negative integer, got {radius}")
 
 
@@ -137,16 +141,23 @@ def kth_peak_value(
 
     Args:
         maps: (N, C, H, W).
-        k: (N, C) long, 1-based ranks.
+        k: (N, C) integer tensor (or array), 1-based ranks; a float k is a TypeError (a rank
+            such as 2.5 has no meaning, and truncating it would hide a caller's mistake).
 
     Returns:
         (N, C) tensor of values of ``maps``' dtype, no gradient.
     """
-    peaks = find_peaks(maps, radius, threshold)
+    _check(maps, radius)
     n, c = maps.shape[:2]
-    k = torch.as_tensor(k, device=maps.device).long()
-    if k.shape != (n, c):
-        raise ValueError(f"k must have shape {(n, c)}, got {tuple(k.shape)}")
+    if not isinstance(k, torch.Tensor):
+        k = torch.as_tensor(np.asarray(k))
+    check_integer_dtype("k", k, "kth_peak_value")
+    if tuple(k.shape) != (n, c):
+        raise ValueError(
+            f"kth_peak_value: 'k' must have shape {(n, c)} (N, C of maps), got {tuple(k.shape)}"
+        )
+    k = k.to(maps.device).long()
+    peaks = find_peaks(maps, radius, threshold)
     counts = peaks.counts.to(maps.device)
     starts = torch.cumsum(counts.flatten(), 0) - counts.flatten()
     rank = torch.minimum(k.flatten(), counts.flatten()) - 1
@@ -179,6 +190,20 @@ def prominent_peaks(
     from scipy import ndimage
     from skimage.morphology import h_maxima
 
+    where = "prominent_peaks"
+    check_tensor("peak_map", peak_map, ndim=2, where=where)
+    check_finite("peak_map", peak_map, where, allow_inf=True)
+    check_tensor("yx", yx, (None, 2), where)
+    check_integer_dtype("yx", yx, where)
+    check_tensor("values", values, (yx.shape[0],), where)
+    check_number("height", float(height) if isinstance(height, torch.Tensor) else height,
+                 low=0.0, low_open=True, where=where)  # fmt: skip
+    h_map, w_map = peak_map.shape
+    if yx.numel() and (
+        int(yx[:, 0].min()) < 0 or int(yx[:, 0].max()) >= h_map
+        or int(yx[:, 1].min()) < 0 or int(yx[:, 1].max()) >= w_map
+    ):  # fmt: skip
+        raise ValueError(f"{where}: 'yx' must lie inside the (H, W) = {(h_map, w_map)} peak_map")
     keep = torch.zeros(yx.shape[0], dtype=torch.bool)
     if yx.shape[0] == 0:
         return keep

@@ -30,6 +30,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
+from ..utils.checks import check_tensor
 from ._ext import compiled_ops_available
 
 __all__ = [
@@ -96,6 +97,9 @@ def hierarchical_grouping(
         info: (B, 3) int64 (strategy, region id, hierarchy level): the R_s initial regions of
         each strategy (level 0), then its merged regions in merge order.
     """
+    for name, value in (("labels", labels), ("colour_bins", colour_bins),
+                        ("texture_bins", texture_bins), ("weights", weights)):  # fmt: skip
+        check_tensor(name, value, where="hierarchical_grouping")
     labels = labels.cpu()
     colour_bins = colour_bins.cpu()
     texture_bins = texture_bins.cpu()
@@ -235,6 +239,8 @@ def box_straddling(
     Returns:
         (B,) float32 in [0, 1] (1: no segment crosses the box edge); 0 for an empty box.
     """
+    check_tensor("labels", labels, ndim=2, where="box_straddling")
+    check_tensor("boxes", boxes, (None, 4), where="box_straddling")
     labels = labels.cpu()
     boxes = boxes.cpu()
     if not use_reference and compiled_ops_available(torch.device("cpu")):

@@ -376,6 +376,10 @@ def register_coco_counts_instances(
 ) -> None:
     """
     Register a COCO-format user dataset (see :func:`load_coco_counts_json`) under ``name``.
+    When ``json_file`` exists, its categories fill ``thing_classes`` and
+    ``thing_dataset_id_to_contiguous_id`` now (the json is read once), so that tools and
+    evaluators that read the metadata before loading the split find them; otherwise loading the
+    split fills them.
 
     Args:
         name: dataset name, e.g. "my_cells_train".
@@ -396,3 +400,28 @@ def register_coco_counts_instances(
         json_file=json_file,
         image_root=image_root,
     )
+    if PathManager.isfile(json_file):
+        cat_ids, thing_classes = _read_categories(json_file)
+        given = metadata.get("thing_classes")
+        if given is not None and list(given) != thing_classes:
+            raise ValueError(
+                f"dataset {name!r}: metadata 'thing_classes' {list(given)} differ from the "
+                f"categories of {json_file}: {thing_classes}"
+            )
+        MetadataCatalog.get(name).set(
+            thing_classes=thing_classes,
+            thing_dataset_id_to_contiguous_id={c: i for i, c in enumerate(cat_ids)},
+        )
+
+
+def _read_categories(json_file: str) -> Tuple[List[int], List[str]]:
+    """The sorted category ids and their names of a COCO json (ValueError naming the file)."""
+    chk = _Checker(json_file)
+    with PathManager.open(json_file, "r") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{json_file}: not a valid json file: {e}") from e
+    if not isinstance(data, dict) or "categories" not in data:
+        chk.fail("top level", "missing field 'categories'")
+    return _parse_categories(data, chk)

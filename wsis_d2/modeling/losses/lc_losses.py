@@ -21,6 +21,16 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ...utils.checks import (
+    check_binary,
+    check_disjoint,
+    check_finite,
+    check_floating_dtype,
+    check_nonnegative,
+    check_number,
+    check_tensor,
+)
+
 __all__ = [
     "lc_class_loss",
     "estimate_counts",
@@ -38,6 +48,26 @@ def _check_mode(mode: str, field: str) -> None:
         raise ValueError(f"{field} must be one of {_MODES}, got {mode!r}")
 
 
+def _check_maps(name: str, maps: torch.Tensor, where: str) -> None:
+    """(N, C, H, W) floating point."""
+    check_tensor(name, maps, ndim=4, where=where)
+    check_floating_dtype(name, maps, where)
+
+
+def _check_per_class(name: str, value: torch.Tensor, like: torch.Tensor, where: str) -> None:
+    """(N, C) with the N, C of ``like`` (first two dimensions)."""
+    check_tensor(name, value, (like.shape[0], like.shape[1]), where)
+
+
+def _check_valid(valid: Optional[torch.Tensor], maps: torch.Tensor, where: str) -> None:
+    """None or an (N, 1, H, W) 0/1 mask matching ``maps`` (N, C, H, W)."""
+    if valid is None:
+        return
+    n, _, h, w = maps.shape
+    check_tensor("valid", valid, (n, 1, h, w), where)
+    check_binary("valid", valid, where)
+
+
 def lc_class_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     Image-classification loss (paper Sec. 3.1, the multi-label soft-margin loss of PRM):
@@ -53,6 +83,10 @@ def lc_class_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Returns:
         scalar.
     """
+    where = "lc_class_loss"
+    check_tensor("scores", scores, ndim=2, where=where)
+    check_tensor("labels", labels, tuple(scores.shape), where)
+    check_binary("labels", labels, where)
     return F.multilabel_soft_margin_loss(scores, labels.to(scores.dtype))
 
 
@@ -74,6 +108,9 @@ def estimate_counts(
         (N, C) t̂.
     """
     _check_mode(mode, "MODEL.LC.COUNT_MODE")
+    # an integer density would sum to integer counts and cannot carry a gradient
+    _check_maps("density", density, "estimate_counts")
+    _check_valid(valid, density, "estimate_counts")
     if valid is None:
         valid = density.new_ones((density.shape[0], 1) + tuple(density.shape[2:]))
     valid = valid.to(density.dtype)
@@ -108,6 +145,15 @@ def hard_spatial_guidance(
     Returns:
         (N, C, H, W) float 0/1 B.
     """
+    where = "hard_spatial_guidance"
+    _check_maps("class_maps", class_maps, where)
+    check_tensor("peak_mask", peak_mask, tuple(class_maps.shape), where)
+    check_binary("peak_mask", peak_mask, where)
+    _check_per_class("kth_values", kth_values, class_maps, where)
+    # +inf is the documented "no peak"; NaN would silently select nothing
+    check_finite("kth_values", kth_values, where, allow_inf=True)
+    _check_per_class("select", select, class_maps, where)
+    check_binary("select", select, where)
     with torch.no_grad():
         above = class_maps.detach() >= kth_values[:, :, None, None]
         guidance = peak_mask & above & select[:, :, None, None]
@@ -146,6 +192,17 @@ def lc_spatial_loss(
         (L_sp+, L_sp−) scalars.
     """
     _check_mode(mode, "MODEL.LC.SPATIAL_MODE")
+    where = "lc_spatial_loss"
+    _check_maps("density", density, where)
+    check_tensor("guidance", guidance, tuple(density.shape), where)
+    check_binary("guidance", guidance, where)
+    _check_per_class("positive", positive, density, where)
+    _check_per_class("negative", negative, density, where)
+    check_binary("positive", positive, where)
+    check_binary("negative", negative, where)
+    check_disjoint("positive", positive, "negative", negative, where)
+    _check_valid(valid, density, where)
+    positive, negative = positive.bool(), negative.bool()
     n = density.shape[0]
     if valid is None:
         valid = density.new_ones((n, 1) + tuple(density.shape[2:]))
@@ -199,6 +256,18 @@ def lc_count_loss(
     Returns:
         scalar.
     """
+    where = "lc_count_loss"
+    check_tensor("counts_hat", counts_hat, ndim=2, where=where)
+    check_tensor("counts", counts, tuple(counts_hat.shape), where)
+    check_nonnegative("counts", counts, where)
+    check_finite("counts", counts, where)
+    check_tensor("select", select, tuple(counts_hat.shape), where)
+    check_binary("select", select, where)
+    if weights is not None:
+        check_tensor("weights", weights, (counts_hat.shape[0],), where)
+        check_nonnegative("weights", weights, where)
+        check_finite("weights", weights, where)
+    select = select.bool()
     sq = (counts_hat - counts.to(counts_hat.dtype)) ** 2
     sq = torch.where(select, sq, torch.zeros_like(sq))
     num = select.sum(dim=1).to(counts_hat.dtype)
@@ -229,10 +298,19 @@ def lc_ranking_loss(
     Returns:
         scalar.
     """
+    where = "lc_ranking_loss"
+    check_tensor("counts_hat", counts_hat, ndim=2, where=where)
+    check_tensor("select", select, tuple(counts_hat.shape), where)
+    check_binary("select", select, where)
+    select = select.bool()
     if isinstance(lower_count, torch.Tensor):
+        check_tensor("lower_count", lower_count, tuple(counts_hat.shape), where)
         bound = lower_count.to(counts_hat.dtype)
     else:
+        check_number("lower_count", lower_count, low=0.0, where=where)
         bound = torch.full_like(counts_hat, float(lower_count))
+    check_nonnegative("lower_count", bound, where)
+    check_finite("lower_count", bound, where)
     hinge = F.relu(bound - counts_hat)
     hinge = torch.where(select, hinge, torch.zeros_like(hinge))
     num = select.sum(dim=1).to(counts_hat.dtype)

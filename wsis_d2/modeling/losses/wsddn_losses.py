@@ -14,6 +14,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ...utils.checks import check_finite, check_integer_dtype, check_tensor
+
 __all__ = ["wsddn_bag_scores", "wsddn_loss"]
 
 
@@ -35,6 +37,9 @@ def wsddn_bag_scores(
         K is ``phi``; the member with the largest contribution to the bag's class is the MIL
         branch's box.
     """
+    where = "wsddn_bag_scores"
+    check_tensor("bags", bags, where=where)
+    check_integer_dtype("bags", bags, where)
     if bags.dim() != 2:
         raise ValueError(f"bags must be (B, K), got {tuple(bags.shape)}")
     if cls_logits.shape != det_logits.shape or cls_logits.dim() != 2:
@@ -49,6 +54,11 @@ def wsddn_bag_scores(
     valid = bags >= 0
     if not bool(valid[:, 0].all()) or not bool(valid.any(dim=1).all()):
         raise ValueError("every bag needs at least one proposal, listed first in its row")
+    if int(bags.max()) >= cls_logits.shape[0]:
+        raise ValueError(
+            f"{where}: 'bags' must index the R = {cls_logits.shape[0]} proposal rows of "
+            f"cls_logits, got row {int(bags.max())}"
+        )
     rows = bags.clamp_min(0)
     # at least float32 also under bfloat16 autocast: bfloat16 rounds 1 − ε to 1, and log(1 − φ)
     # with it (float64 inputs stay float64)
@@ -91,8 +101,18 @@ def wsddn_loss(
         )
     if not 0.0 < eps < 0.5:
         raise ValueError(f"MODEL.WSDDN.EPS must be in (0, 0.5), got {eps}")
+    where = "wsddn_loss"
+    check_tensor("phi", phi, ndim=2, where=where)
+    check_tensor("bag_labels", bag_labels, (phi.shape[0],), where)
+    check_integer_dtype("bag_labels", bag_labels, where)
     if phi.shape[0] == 0:
         return phi.sum() * 0.0
+    check_finite("phi", phi, where)
+    if int(bag_labels.min()) < 0 or int(bag_labels.max()) >= phi.shape[1]:
+        raise ValueError(
+            f"{where}: 'bag_labels' must lie in 0..{phi.shape[1] - 1} (C of phi), got "
+            f"{int(bag_labels.min())}..{int(bag_labels.max())}"
+        )
     target = F.one_hot(bag_labels.long(), phi.shape[1]).to(phi.dtype)
     p = phi.clamp(eps, 1.0 - eps)
     per_bag = -(target * torch.log(p) + (1.0 - target) * torch.log1p(-p)).sum(dim=1)

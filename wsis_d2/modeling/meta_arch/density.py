@@ -21,6 +21,14 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
+from ...utils.checks import (
+    check_finite,
+    check_floating_dtype,
+    check_integer_dtype,
+    check_number,
+    check_tensor,
+)
+
 __all__ = [
     "DensityCounter",
     "gaussian_density_map",
@@ -61,6 +69,17 @@ def adaptive_sigmas(
     Returns:
         (P,) σ_i.
     """
+    where = "adaptive_sigmas"
+    check_tensor("points", points, (None, 2), where)
+    check_floating_dtype("points", points, where)
+    check_finite("points", points, where)
+    check_number("k", k, low=0, integer=True, where=where)
+    check_number("beta", beta, low=0.0, low_open=True, where=where)
+    check_number("default_sigma", default_sigma, low=0.0, low_open=True, where=where)
+    if len(sigma_range) != 2 or not 0 < sigma_range[0] <= sigma_range[1]:
+        raise ValueError(
+            f"{where}: 'sigma_range' must be (min, max) with 0 < min <= max, got {sigma_range!r}"
+        )
     num = points.shape[0]
     if num <= k or k <= 0:
         return points.new_full((num,), float(default_sigma))
@@ -102,27 +121,53 @@ def gaussian_density_map(
     Args:
         points: (P, 2) x, y in continuous pixel coordinates (pixel j covers [j, j + 1)).
         image_size: (H, W).
-        sigma: a float σ or a (P,) tensor of σ_i.
+        sigma: a float σ or a (P,) tensor (or list) of σ_i.
         classes: (P,) int64 in 0..C-1, or None (all 0).
         num_classes: C.
 
     Returns:
         (C, H, W) float32 on the device of ``points``.
     """
+    where = "gaussian_density_map"
+    check_tensor("points", points, (None, 2), where)
+    check_finite("points", points, where)
+    if len(image_size) != 2 or any(int(v) != v or v < 0 for v in image_size):
+        raise ValueError(
+            f"{where}: 'image_size' must be (H, W), two integers >= 0, got {image_size!r}"
+        )
+    check_number("num_classes", num_classes, low=1, integer=True, where=where)
     height, width = int(image_size[0]), int(image_size[1])
     device = points.device
     num = points.shape[0]
+    if isinstance(sigma, (list, tuple)):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=device)
+    if torch.is_tensor(sigma):
+        check_tensor("sigma", sigma, ndim=(0, 1), where=where)
+        if sigma.dim() == 1 and sigma.shape[0] != num:
+            raise ValueError(
+                f"{where}: 'sigma' must be a number or a (P,) tensor with P = {num} (the rows of "
+                f"points), got shape {tuple(sigma.shape)}"
+            )
+    else:
+        check_number("sigma", sigma, where=where)
+    if classes is not None:
+        check_tensor("classes", classes, (num,), where)
+        check_integer_dtype("classes", classes, where)
     if num == 0:
         return torch.zeros((num_classes, height, width), device=device)
     sigmas = sigma if torch.is_tensor(sigma) else torch.full((num,), float(sigma), device=device)
-    if torch.any(sigmas <= 0):
-        raise ValueError("Gaussian kernel widths σ must be positive")
+    sigmas = sigmas.expand(num)
+    if not bool(torch.all(sigmas > 0)):
+        raise ValueError(f"{where}: Gaussian kernel widths 'sigma' must be positive, got {sigma}")
     gx = _pixel_masses(points[:, 0], sigmas, width)  # (P, W)
     gy = _pixel_masses(points[:, 1], sigmas, height)  # (P, H)
     if classes is None:
         classes = torch.zeros(num, dtype=torch.long, device=device)
     if classes.numel() and (classes.min() < 0 or classes.max() >= num_classes):
-        raise ValueError(f"point classes must lie in 0..{num_classes - 1}")
+        raise ValueError(
+            f"{where}: 'classes' must lie in 0..{num_classes - 1} (num_classes {num_classes}), "
+            f"got {classes.min().item()}..{classes.max().item()}"
+        )
     onehot = F.one_hot(classes.long(), num_classes).double()  # (P, C)
     # D[c, y, x] = Σ_i onehot[i, c] gy[i, y] gx[i, x]: a (C·H, P) x (P, W) product
     left = (onehot[:, :, None] * gy[:, None, :]).reshape(num, num_classes * height)
@@ -148,6 +193,11 @@ def density_mse_loss(
     Returns:
         scalar loss.
     """
+    check_tensor("pred", pred, ndim=4, where="density_mse_loss")
+    check_tensor("target", target, tuple(pred.shape), where="density_mse_loss")
+    if valid is not None:
+        n, _, h, w = pred.shape
+        check_tensor("valid", valid, (n, 1, h, w), where="density_mse_loss")
     err = (pred - target) ** 2
     if valid is None:
         return err.mean()
@@ -475,6 +525,14 @@ class DensityCounter(nn.Module):
                 storage = get_event_storage()
                 storage.put_scalar("density/count_mae", (pred_counts - true_counts).abs().mean())
                 storage.put_scalar("density/true_count", true_counts.mean())
+                # the loss of the best constant output (per class the mean target over Ω): a
+                # loss that stays at it means a collapsed model (engine.health.CountHealthCheck)
+                mean_c = (target * valid).sum(dim=(0, 2, 3)) / valid.sum().clamp_min(1.0)
+                constant = mean_c[None, :, None, None].expand_as(target)
+                storage.put_scalar(
+                    "density/loss_constant",
+                    self.loss_weight * float(density_mse_loss(constant, target, valid)),
+                )
             losses = {"loss_density": self.loss_weight * loss}
             if self.count_loss_weight > 0:
                 losses["loss_density_count"] = self.count_loss_weight * density_window_count_loss(
