@@ -421,7 +421,8 @@ def add_ccgr_config(cfg):
     _C.CCGR.HEALTH.MIN_ITERS = 200
     # classifier: final loss / the label prior's entropy (a stalled run sits near 1)
     _C.CCGR.HEALTH.MAX_CLASSIFIER_LOSS_OVER_PRIOR = 0.6
-    # training stages: final / initial loss (about 1: learnt nothing)
+    # training stages: final / initial loss (about 1: learnt nothing); a stage fine-tuned from the
+    # previous round (FINETUNE, IS_FINETUNE) starts near its final loss: there only NaN / inf stops
     _C.CCGR.HEALTH.MAX_LOSS_DROP = 0.9
     # peaks (round 1), seed boxes (k >= 2) and pseudo instances per (image, present class)
     _C.CCGR.HEALTH.MIN_PER_POSITIVE = 0.5

@@ -191,6 +191,20 @@ class TestCCGRRounds(unittest.TestCase):
         # the stage is not marked finished: --resume checks it again
         self.assertFalse(os.path.isfile(os.path.join(out, "round1", "classifier", STAGE_FILE)))
 
+    def test_health_ranges_of_fine_tuned_stages(self):
+        cfg = _cfg(os.path.join(self.tmp.name, "ranges"), ["CCGR.HEALTH.MIN_ITERS", "100"])
+        cfg.freeze()
+        rounds = CCGRRounds(cfg)
+        flat = {"health_loss_drop": 0.95}
+        rounds._check("round2/mil_ss", flat, 500, finetuned=True)  # starts near its final loss
+        rounds._check("round2/mil_ss", flat, 50)  # too short a schedule to judge
+        with self.assertRaisesRegex(StageHealthError, "round2/mil_ss: health_loss_drop = 0.95"):
+            rounds._check("round2/mil_ss", flat, 500)
+        with self.assertRaisesRegex(StageHealthError, "health_loss_drop = nan"):
+            rounds._check("round2/is", {"health_loss_drop": float("nan")}, 500, finetuned=True)
+        with self.assertRaisesRegex(StageHealthError, "health_pseudo_per_positive = 0.2"):
+            rounds._check("round1/pseudo_labels", {"health_pseudo_per_positive": 0.2}, 500)
+
     def test_round_without_pseudo_instances(self):
         out = os.path.join(self.tmp.name, "empty")
         # no image-level label says any class is present: no peak, no bag, no pseudo instance

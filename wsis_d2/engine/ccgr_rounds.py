@@ -265,7 +265,9 @@ class CCGRRounds:
                 return json.load(f)
         return None
 
-    def _check(self, stage: str, figures: Dict[str, float], iters: int) -> None:
+    def _check(
+        self, stage: str, figures: Dict[str, float], iters: int, finetuned: bool = False
+    ) -> None:
         """Stop (:class:`StageHealthError`) when a health figure of ``stage`` is out of its
         ``CCGR.HEALTH`` range; not checked when the model behind the figures trained fewer than
         ``CCGR.HEALTH.MIN_ITERS`` iterations (a smoke-test schedule learns too little to judge)."""
@@ -283,7 +285,9 @@ class CCGRRounds:
             ),
             "health_loss_drop": (
                 0.0,
-                h.MAX_LOSS_DROP,
+                # a model fine-tuned from the previous round starts near its final loss: only
+                # a NaN / inf (diverged) is out of range there
+                float("inf") if finetuned else h.MAX_LOSS_DROP,
                 "Its training loss did not fall (or diverged): check the learning rate and "
                 f"the stage's inputs (the previous stage's outputs). {retrain}.",
             ),
@@ -438,7 +442,9 @@ class CCGRRounds:
             cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.MAX_ITER // 10)
         self._train(cfg)
         figures = from_main(lambda: training_health(os.path.join(folder, "metrics.json")))
-        self._check(f"round{k}/mil_ss", figures, cfg.SOLVER.MAX_ITER)
+        self._check(
+            f"round{k}/mil_ss", figures, cfg.SOLVER.MAX_ITER, k > 1 and self.cfg.CCGR.FINETUNE
+        )
         return figures
 
     def _pseudo_labels(self, k: int, folder: str) -> Dict:
@@ -533,7 +539,9 @@ class CCGRRounds:
             cfg.MODEL.WEIGHTS = self._dir(f"round{k - 1}", "is", "model_final.pth")
         model = self._train(cfg)  # frozen from here
         metrics = from_main(lambda: training_health(os.path.join(folder, "metrics.json")))
-        self._check(f"round{k}/is", metrics, cfg.SOLVER.MAX_ITER)
+        self._check(
+            f"round{k}/is", metrics, cfg.SOLVER.MAX_ITER, k > 1 and self.cfg.CCGR.IS_FINETUNE
+        )
         tests = tuple(cfg.DATASETS.TEST)
         for name in tests:
             for m, value in instance_ap(cfg, model, name).items():
