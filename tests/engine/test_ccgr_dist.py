@@ -120,6 +120,10 @@ class _Trainer(StageTrainer):
 
 def _run(root, out, resume=False, until="round2/cues"):
     """One process's part: register the split, seed as default_setup does, run the stages."""
+    # one thread in every process of both runs: the thread count changes the order of float sums
+    # (launch gives cores / N threads when OMP_NUM_THREADS is unset), and identical files need
+    # identical arithmetic
+    torch.set_num_threads(1)
     _register(root)
     cfg = _cfg(out)
     seed_all_rng(cfg.SEED + comm.get_rank())
