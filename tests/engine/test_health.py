@@ -111,7 +111,11 @@ class TestCollapsedDensityTraining(unittest.TestCase):
         cfg.DATALOADER.NUM_WORKERS = 0
         cfg.SOLVER.IMS_PER_BATCH = 2
         cfg.SOLVER.MAX_ITER = 3
+        # the model stays at its constant head; a constant schedule: upstream's cosine one
+        # divides by BASE_LR
         cfg.SOLVER.BASE_LR = 0.0
+        cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
+        cfg.SOLVER.STEPS = ()
         cfg.SOLVER.WARMUP_ITERS = 0
         cfg.SOLVER.CHECKPOINT_PERIOD = 1000
         cfg.MODEL.DENSITY.CALIBRATION.MODE = calibration
