@@ -17,32 +17,34 @@ import json
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VGG_IMAGES = ["101cell.png", "150cell.png", "200cell.png"]
+FRUIT_IMAGES = ["train_apple_1.png", "train_banana_1.jpg", "train_orange_1.png"]
 # name -> (config, images folder under the datasets root, images, extra options)
 MODELS = {
     "unet": (
         "configs/density_unet_vgg_cells.yaml",
         "vgg_cells",
-        ["101cell.png", "150cell.png", "200cell.png"],
+        VGG_IMAGES,
     ),
     "fcrn_a": (
         "configs/density_fcrn_a_vgg_cells.yaml",
         "vgg_cells",
-        ["101cell.png", "150cell.png", "200cell.png"],
+        VGG_IMAGES,
     ),
     "fcrn_b": (
         "configs/density_fcrn_b_cells.yaml",
         "vgg_cells",
-        ["101cell.png", "150cell.png", "200cell.png"],
+        VGG_IMAGES,
     ),
     "lc": (
         "configs/real/lc_mnv2_real.yaml",
         "fruits3_train/images",
-        ["train_apple_1.png", "train_banana_1.jpg", "train_orange_1.png"],
+        FRUIT_IMAGES,
     ),
     "mask_rcnn": (
         "configs/real/mask_rcnn_mnv2_fpn_real.yaml",
         "fruits3_train/images",
-        ["train_apple_1.png", "train_banana_1.jpg", "train_orange_1.png"],
+        FRUIT_IMAGES,
     ),
 }
 # one forward per image: the VGG configs average 8 flips / transposes at test time

@@ -303,11 +303,7 @@ def load_coco_counts_json(
         :func:`wsis_d2.data.mappers.lc_mapper.image_labels_of`).
     """
     chk = _Checker(json_file)
-    with PathManager.open(json_file, "r") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{json_file}: not a valid json file: {e}") from e
+    data = _load_json(json_file)
     if not isinstance(data, dict):
         chk.fail("top level", f"must be a json object, got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
@@ -414,14 +410,19 @@ def register_coco_counts_instances(
         )
 
 
+def _load_json(json_file: str):
+    """The parsed json file (ValueError naming the file when it is not valid json)."""
+    with PathManager.open(json_file, "r") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{json_file}: not a valid json file: {e}") from e
+
+
 def _read_categories(json_file: str) -> Tuple[List[int], List[str]]:
     """The sorted category ids and their names of a COCO json (ValueError naming the file)."""
     chk = _Checker(json_file)
-    with PathManager.open(json_file, "r") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{json_file}: not a valid json file: {e}") from e
+    data = _load_json(json_file)
     if not isinstance(data, dict) or "categories" not in data:
         chk.fail("top level", "missing field 'categories'")
     return _parse_categories(data, chk)
