@@ -2,7 +2,7 @@
 """
 Benchmark of CCGR end to end (CCGR part 2) on the embedded synthetic scenes, on this 2-core CPU:
 
-1. CCGR from image-level labels, all rounds (``wsis_d2.engine.ccgr_rounds.CCGRRounds``, the code of
+1. CCGR from image-level labels, all rounds (``wsis_d2.ccgr.rounds.CCGRRounds``, the code of
    ``tools/train_ccgr.py``): proposals, the image-level classifier and its round-1 cues, then per
    round the MIL + SS model, the CCGR pseudo labels (scored against the training set's ground
    truth, which the method never sees) and the IS branch (the stock Mask R-CNN of
@@ -15,8 +15,8 @@ Benchmark of CCGR end to end (CCGR part 2) on the embedded synthetic scenes, on 
 
 Schedules are shortened to fit 90 minutes (``--cls-iters``, ``--mil-ss-iters``, ``--is-iters``:
 each config's schedule rescaled, steps at the same fractions); rounds after the first fine-tune the
-MIL + SS model for ``CCGR.FINETUNE_FRACTION`` of its schedule and start the IS branch from the
-previous round's (``CCGR.IS_FINETUNE``; the supervised bound trains once, as round 1's IS branch),
+MIL + SS model for ``MODEL.CCGR.ROUNDS.FINETUNE_FRACTION`` of its schedule and start the IS branch from the
+previous round's (``MODEL.CCGR.ROUNDS.IS_FINETUNE``; the supervised bound trains once, as round 1's IS branch),
 as ``train_ccgr.py`` does. The last
 line printed is one JSON object: per round ``mAP_r25``, ``mAP_r50``, ``mAP_r75``, ``mAP_b50`` on
 the test set and the pseudo labels' ``pseudo_mAP_r25/r50/b50`` on the training set,
@@ -44,9 +44,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wsis_d2  # noqa: E402,F401  (registers datasets, models and mappers)
 from wsis_d2 import get_wsis_cfg  # noqa: E402
-from wsis_d2.engine.ccgr_rounds import CCGRRounds, instance_ap  # noqa: E402
+from wsis_d2.ccgr.rounds import CCGRRounds, instance_ap  # noqa: E402
+from wsis_d2.engine import WSISTrainer  # noqa: E402
 
-from benchmark_utils import ROOT, bench_cfg, load_trainer_class, rescale_schedule  # noqa: E402
+from benchmark_utils import ROOT, bench_cfg, rescale_schedule  # noqa: E402
 
 CCGR_CONFIG = os.path.join(ROOT, "configs", "ccgr_mnv2_synthetic.yaml")
 CLS_CONFIG = os.path.join(ROOT, "configs", "demo", "ccgr_cls_mnv2_synthetic.yaml")
@@ -77,7 +78,7 @@ def schedule_opts(config_file, iters):
 def train_or_load(cfg, resume):
     """Train ``cfg`` (frozen) without periodic evaluation, or, with ``resume`` and a finished
     run in its folder, load its model_final.pth. Returns (model, seconds of training)."""
-    trainer_cls = load_trainer_class()
+    trainer_cls = WSISTrainer
     final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     if resume and os.path.isfile(final):
         model = trainer_cls.build_model(cfg)
@@ -87,7 +88,7 @@ def train_or_load(cfg, resume):
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
         f.write(cfg.dump())
-    trainer = trainer_cls(cfg)
+    trainer = trainer_cls(cfg, evaluate=False)
     trainer.resume_or_load(resume=resume)
     start = time.perf_counter()
     trainer.train()
@@ -101,13 +102,13 @@ def run_ccgr(args):
     opts = schedule_opts(CCGR_CONFIG, args.mil_ss_iters) + [
         "OUTPUT_DIR", os.path.join(args.output, "ccgr"),
         "DATASETS.TRAIN", f"('{args.train_set}',)",
-        "CCGR.ROUNDS", str(args.rounds),
-        "CCGR.CLASSIFIER_CONFIG", CLS_CONFIG,
-        "CCGR.IS_CONFIG", IS_CONFIG,
-        "CCGR.CLASSIFIER_OPTS", cls_opts,
-        "CCGR.IS_OPTS", is_opts,
-        "CCGR.FINETUNE", str(args.finetune),
-        "CCGR.IS_FINETUNE", str(args.is_finetune),
+        "MODEL.CCGR.ROUNDS.NUM", str(args.rounds),
+        "MODEL.CCGR.ROUNDS.CLASSIFIER_CONFIG", CLS_CONFIG,
+        "MODEL.CCGR.ROUNDS.IS_CONFIG", IS_CONFIG,
+        "MODEL.CCGR.ROUNDS.CLASSIFIER_OPTS", cls_opts,
+        "MODEL.CCGR.ROUNDS.IS_OPTS", is_opts,
+        "MODEL.CCGR.ROUNDS.FINETUNE", str(args.finetune),
+        "MODEL.CCGR.ROUNDS.IS_FINETUNE", str(args.is_finetune),
     ] + list(args.opts)  # fmt: skip
     cfg = get_wsis_cfg(CCGR_CONFIG, opts)
     cfg.MODEL.DEVICE = "cpu"
@@ -140,7 +141,7 @@ def run_lc(args):
             raise ValueError(f"--lc-weights: no such file {args.lc_weights}")
         cfg.MODEL.WEIGHTS = args.lc_weights
         cfg.freeze()
-        model = load_trainer_class().build_model(cfg)
+        model = WSISTrainer.build_model(cfg)
         DetectionCheckpointer(model).load(args.lc_weights)
         seconds = 0.0
     else:
@@ -162,7 +163,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cls-iters", type=int, default=800, help="image-level classifier")
     parser.add_argument("--mil-ss-iters", type=int, default=1000,
-                        help="MIL + SS model of round 1 (later rounds: CCGR.FINETUNE_FRACTION)")
+                        help="MIL + SS model of round 1 (later rounds: MODEL.CCGR.ROUNDS.FINETUNE_FRACTION)")
     parser.add_argument("--is-iters", type=int, default=1000,
                         help="IS branch of every round and the supervised bound")
     parser.add_argument("--no-finetune", dest="finetune", action="store_false",

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """
-Per-stage throughput of CCGR's rounds (``wsis_d2.engine.ccgr_rounds``, the code of
+Per-stage throughput of CCGR's rounds (``wsis_d2.ccgr.rounds``, the code of
 ``tools/train_ccgr.py``) with 1 and with N processes (``wsis_d2.engine.launch``; gloo on CPU), and
 what one round writes per 1,000 training images.
 
 On ``--images`` synthetic scenes (``--sizes``: 128-320 px), every training stage ``--iters``
-iterations at ``--batch`` images in all, ``CCGR.ROUNDS 2`` up to round 2's cues (so every kind of
+iterations at ``--batch`` images in all, ``MODEL.CCGR.ROUNDS.NUM 2`` up to round 2's cues (so every kind of
 stage runs once).
 One JSON line per (processes, stage): seconds, images/s (inference stages) or iterations/s
 (training stages), and for inference stages the seconds spent on the main process alone (gathering
@@ -31,8 +31,8 @@ import wsis_d2  # noqa: F401  (registers datasets, models and mappers)
 from wsis_d2 import get_wsis_cfg
 from wsis_d2.data.datasets import SyntheticSpec, register_synthetic_split
 from wsis_d2.engine import launch
-from wsis_d2.engine.ccgr_dist import seed_stage
-from wsis_d2.engine.ccgr_rounds import STAGE_FILE, CCGRRounds
+from wsis_d2.ccgr.dist import seed_stage
+from wsis_d2.ccgr.rounds import STAGE_FILE, CCGRRounds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING = ("classifier", "mil_ss", "is")
@@ -56,13 +56,13 @@ def _cfg(args, train_set, out):
             "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu"]  # fmt: skip
     return get_wsis_cfg(os.path.join(REPO, "configs", "ccgr_mnv2_synthetic.yaml"), fast + [
         "OUTPUT_DIR", out, "SEED", "1", "DATASETS.TRAIN", f"('{train_set}',)",
-        "CCGR.ROUNDS", "2", "CCGR.WORKERS", "0", "CCGR.HEALTH.ENABLED", "False",
-        "CCGR.CLASSIFIER_CONFIG",
+        "MODEL.CCGR.ROUNDS.NUM", "2", "MODEL.CCGR.ROUNDS.WORKERS", "0", "MODEL.CCGR.HEALTH.ENABLED", "False",
+        "MODEL.CCGR.ROUNDS.CLASSIFIER_CONFIG",
         os.path.join(REPO, "configs", "demo", "ccgr_cls_mnv2_synthetic.yaml"),
-        "CCGR.IS_CONFIG", os.path.join(REPO, "configs", "mask_rcnn_mnv2_fpn_synthetic.yaml"),
-        "CCGR.CLASSIFIER_OPTS", fast,
-        "CCGR.IS_OPTS", fast + ["DATASETS.TEST", f"('{train_set}',)"],
-        "CCGR.IS_SCORE_THRESHOLD", "0.0",
+        "MODEL.CCGR.ROUNDS.IS_CONFIG", os.path.join(REPO, "configs", "mask_rcnn_mnv2_fpn_synthetic.yaml"),
+        "MODEL.CCGR.ROUNDS.CLASSIFIER_OPTS", fast,
+        "MODEL.CCGR.ROUNDS.IS_OPTS", fast + ["DATASETS.TEST", f"('{train_set}',)"],
+        "MODEL.CCGR.ROUNDS.IS_SCORE_THRESHOLD", "0.0",
     ])  # fmt: skip
 
 

@@ -51,9 +51,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wsis_d2  # noqa: E402,F401  (registers datasets, models and mappers)
 from wsis_d2.data import build_dataset_mapper  # noqa: E402
-from wsis_d2.data.ccgr_files import write_cues, write_pseudo_label_json  # noqa: E402
+from wsis_d2.ccgr.files import write_cues, write_pseudo_label_json  # noqa: E402
 from wsis_d2.data.proposals import SelectiveSearchProposals, load_proposal_file  # noqa: E402
-from wsis_d2.engine.ccgr import (  # noqa: E402
+from wsis_d2.ccgr.stages import (  # noqa: E402
     compute_cues,
     cue_parameters,
     make_proposal_file,
@@ -65,13 +65,13 @@ from wsis_d2.evaluation import (  # noqa: E402
     proposal_recall,
     semantic_ground_truth,
 )
-from wsis_d2.modeling.ccgr import component_instances  # noqa: E402
+from wsis_d2.ccgr.labels import component_instances  # noqa: E402
+from wsis_d2.engine import WSISTrainer  # noqa: E402
 
 from benchmark_utils import (  # noqa: E402
     ROOT,
     bench_cfg,
     cpu_time,
-    load_trainer_class,
     rescale_schedule,
 )
 
@@ -260,7 +260,7 @@ def main(argv=None):
     dicts = DatasetCatalog.get(dataset)
     meta = MetadataCatalog.get(dataset)
     num_classes = len(meta.thing_classes)
-    trainer_cls = load_trainer_class()
+    trainer_cls = WSISTrainer
     times, out = {}, {}
 
     prop_file = os.path.join(args.output_dir, "proposals", f"{dataset}.pkl")
@@ -277,7 +277,7 @@ def main(argv=None):
         rescale_schedule(cls_cfg, args.cls_iters)
     cls_cfg.freeze()
     start = time.perf_counter()
-    cls_trainer = trainer_cls(cls_cfg)
+    cls_trainer = trainer_cls(cls_cfg, evaluate=False)
     cls_trainer.resume_or_load(resume=False)
     cls_trainer.train()
     times["time_classifier_s"] = time.perf_counter() - start
@@ -303,7 +303,7 @@ def main(argv=None):
     write_cues(cues_file, chosen, num_classes)
 
     # CCGRNet
-    ccgr_cfg.MODEL.CCGR.CUES_FILE = cues_file
+    ccgr_cfg.INPUT.CCGR.CUES_FILE = cues_file
     ccgr_cfg.DATASETS.PROPOSAL_FILES_TRAIN = (prop_file,)
     ccgr_cfg.DATASETS.PROPOSAL_FILES_TEST = (prop_file,)
     rescale_schedule(ccgr_cfg, args.ccgr_iters or ccgr_cfg.SOLVER.MAX_ITER)  # final checkpoint only
@@ -311,7 +311,7 @@ def main(argv=None):
         ccgr_cfg.MODEL.CCGR.REFINE_STEPS = args.steps
     ccgr_cfg.freeze()
     start = time.perf_counter()
-    trainer = trainer_cls(ccgr_cfg)
+    trainer = trainer_cls(ccgr_cfg, evaluate=False)
     trainer.resume_or_load(resume=False)
     trainer.train()
     times["time_ccgr_train_s"] = time.perf_counter() - start

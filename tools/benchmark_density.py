@@ -69,13 +69,13 @@ from wsis_d2.data.datasets.point_datasets import (  # noqa: E402
     register_point_dataset,
     vgg_cells_draw,
 )
-from wsis_d2.data.mappers.density_mapper import DensityDatasetMapper  # noqa: E402
+from wsis_d2.density.mapper import DensityDatasetMapper  # noqa: E402
 from wsis_d2.evaluation import DensityEvaluator  # noqa: E402
-from wsis_d2.engine import (  # noqa: E402
+from wsis_d2.density.calibration import (  # noqa: E402
     build_calibration_loader,
-    build_train_loop,
     calibrate_density_counts,
 )
+from wsis_d2.engine import build_train_loop  # noqa: E402
 from wsis_d2.solver import build_optimizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -51,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wsis_d2  # noqa: E402,F401  (registers datasets, models and mappers)
 from wsis_d2.data import build_dataset_mapper  # noqa: E402
 from wsis_d2.evaluation import (  # noqa: E402
+from wsis_d2.engine import WSISTrainer  # noqa: E402
     CountingEvaluator,
     InstanceAPEvaluator,
     counting_metrics,
@@ -66,7 +67,6 @@ from benchmark_utils import (  # noqa: E402
     VAL_SET,
     bench_cfg,
     cpu_time,
-    load_trainer_class,
     rescale_schedule,
 )
 
@@ -103,7 +103,7 @@ def _evaluate(cfg, model, num_images):
 
 def train_and_evaluate(trainer_cls, cfg, eval_images):
     """Train with the trainer (no periodic evaluation) and evaluate the final model."""
-    trainer = trainer_cls(cfg)
+    trainer = trainer_cls(cfg, evaluate=False)
     trainer.resume_or_load(resume=False)
     start = time.perf_counter()
     trainer.train()
@@ -308,7 +308,7 @@ def main():
     setup_logger(name="benchmark_lc")
     torch.manual_seed(0)
     os.makedirs(args.output_dir, exist_ok=True)
-    trainer_cls = load_trainer_class()
+    trainer_cls = WSISTrainer
 
     cfg = _cfg(args.config_file, args.opts, os.path.join(args.output_dir, "lc"), args.train_set)
     rescale_schedule(cfg, args.lc_iters)

@@ -39,12 +39,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wsis_d2  # noqa: E402,F401  (registers datasets, models and mappers)
 from wsis_d2.data import build_dataset_mapper  # noqa: E402
 from wsis_d2.evaluation import FastCOCOEvaluator, InstanceAPEvaluator  # noqa: E402
+from wsis_d2.engine import WSISTrainer  # noqa: E402
 
 from benchmark_utils import (  # noqa: E402
     ROOT,
     VAL_SET,
     bench_cfg,
-    load_trainer_class,
     rescale_schedule,
 )
 
@@ -108,7 +108,7 @@ def train_mask_rcnn(config_file, opts, iters, output_dir, train_set=TRAIN_SET):
         rescale_schedule(cfg, iters)
     cfg.SOLVER.CHECKPOINT_PERIOD = cfg.SOLVER.MAX_ITER + 1  # model_final.pth only
     cfg.freeze()
-    trainer = load_trainer_class()(cfg)
+    trainer = WSISTrainer(cfg, evaluate=False)
     trainer.resume_or_load(resume=False)
     start = time.perf_counter()
     trainer.train()
@@ -121,7 +121,7 @@ def load_mask_rcnn(config_file, opts, weights, output_dir):
         raise ValueError(f"--weights: no such file {weights}")
     cfg = bench_cfg(config_file, opts, output_dir, TRAIN_SET)
     cfg.freeze()
-    model = load_trainer_class().build_model(cfg)
+    model = WSISTrainer.build_model(cfg)
     DetectionCheckpointer(model).load(weights)
     return cfg, model
 

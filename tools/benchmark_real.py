@@ -13,7 +13,7 @@ masks, plus the image-level ``"image_labels"`` / ``"image_counts"`` that
    count calibration on them): counting errors on the validation images (mRMSE, mRMSE-nz,
    m-relRMSE, MAE) next to the mean-count baseline (each class's mean training count), mAP^r;
 4. ``ccgr``: CCGR from the training images' image-level labels, all rounds
-   (``wsis_d2.engine.ccgr_rounds.CCGRRounds``, the code of ``tools/train_ccgr.py``): per round the
+   (``wsis_d2.ccgr.rounds.CCGRRounds``, the code of ``tools/train_ccgr.py``): per round the
    pseudo labels' quality on the training images (their masks are read only to score them) and
    the IS branch's mAP^r_25/50/75 and mAP^b_50 on the validation images.
 
@@ -51,7 +51,7 @@ import wsis_d2  # noqa: E402,F401  (registers datasets, models and mappers)
 from wsis_d2 import get_wsis_cfg  # noqa: E402
 from wsis_d2.data import build_dataset_mapper  # noqa: E402
 from wsis_d2.data.datasets import register_coco_counts_instances  # noqa: E402
-from wsis_d2.engine.ccgr_rounds import CCGRRounds, instance_ap  # noqa: E402
+from wsis_d2.ccgr.rounds import CCGRRounds, instance_ap  # noqa: E402
 from wsis_d2.evaluation import (  # noqa: E402
     CountingEvaluator,
     InstanceAPEvaluator,
@@ -205,11 +205,11 @@ def run_ccgr(args, train_set, val_set, num_classes, is_opts):
     opts = schedule_opts(args.ccgr_config, args.mil_ss_iters) + copts["ccgr"] + [
         "OUTPUT_DIR", os.path.join(args.output, "ccgr"),
         "DATASETS.TRAIN", f"('{train_set}',)",
-        "CCGR.ROUNDS", str(args.rounds),
-        "CCGR.CLASSIFIER_CONFIG", args.cls_config,
-        "CCGR.IS_CONFIG", args.is_config,
-        "CCGR.CLASSIFIER_OPTS", cls_opts,
-        "CCGR.IS_OPTS", is_opts,
+        "MODEL.CCGR.ROUNDS.NUM", str(args.rounds),
+        "MODEL.CCGR.ROUNDS.CLASSIFIER_CONFIG", args.cls_config,
+        "MODEL.CCGR.ROUNDS.IS_CONFIG", args.is_config,
+        "MODEL.CCGR.ROUNDS.CLASSIFIER_OPTS", cls_opts,
+        "MODEL.CCGR.ROUNDS.IS_OPTS", is_opts,
     ] + list(args.opts)  # fmt: skip
     cfg = get_wsis_cfg(args.ccgr_config, opts)
     cfg.MODEL.DEVICE = "cpu"

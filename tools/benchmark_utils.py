@@ -1,36 +1,18 @@
 """
 Helpers shared by the benchmark scripts in tools/: the configuration they all start from, the
-schedule rescaling, the training loop without periodic evaluation, and CPU-time measurement.
+schedule rescaling and CPU-time measurement. They train with ``WSISTrainer(cfg, evaluate=False)``:
+a benchmark evaluates the trained model itself, on a chosen number of images.
 """
 
-import importlib.util
 import os
 import time
-
-from detectron2.engine import hooks
 
 from wsis_d2 import get_wsis_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VAL_SET = "wsis_synth_val"
 
-__all__ = ["ROOT", "VAL_SET", "load_trainer_class", "bench_cfg", "rescale_schedule", "cpu_time"]
-
-
-def load_trainer_class():
-    """``Trainer`` of tools/train_net.py (its mappers and evaluators) without the final
-    evaluation hook: a benchmark evaluates the trained model itself, on a chosen number of
-    images."""
-    path = os.path.join(ROOT, "tools", "train_net.py")
-    spec = importlib.util.spec_from_file_location("wsis_train_net", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
-    class BenchmarkTrainer(module.Trainer):
-        def build_hooks(self):
-            return [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
-
-    return BenchmarkTrainer
+__all__ = ["ROOT", "VAL_SET", "bench_cfg", "rescale_schedule", "cpu_time"]
 
 
 def bench_cfg(config_file, opts, output_dir, train_set, val_set=VAL_SET):

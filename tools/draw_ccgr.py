@@ -90,7 +90,7 @@ def main(argv=None):
     cfg = get_wsis_cfg(args.config_file)
     dataset = args.dataset or cfg.DATASETS.TRAIN[0]
     cfg.merge_from_list([
-        "MODEL.WEIGHTS", args.weights, "MODEL.CCGR.CUES_FILE", args.cues,
+        "MODEL.WEIGHTS", args.weights, "INPUT.CCGR.CUES_FILE", args.cues,
         "DATASETS.TEST", f"('{dataset}',)", "DATASETS.PROPOSAL_FILES_TEST", f"('{args.proposals}',)",
         "MODEL.DEVICE", "cpu",
     ])

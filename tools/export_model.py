@@ -31,7 +31,7 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 
 import wsis_d2  # noqa: F401  (registers the meta-architectures and backbones)
 from wsis_d2 import get_wsis_cfg
-from wsis_d2.modeling.meta_arch.lc import ImageLevelCounter
+from wsis_d2.lc.meta_arch import ImageLevelCounter
 from wsis_d2.export import (
     FORMATS,
     METHODS,

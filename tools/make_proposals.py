@@ -42,7 +42,7 @@ from wsis_d2.data.proposals import (  # noqa: E402
     save_proposal_file,
     score_to_logit,
 )
-from wsis_d2.engine.ccgr import make_proposal_file  # noqa: E402
+from wsis_d2.ccgr.stages import make_proposal_file  # noqa: E402
 
 logger = logging.getLogger("make_proposals")
 

@@ -5,16 +5,16 @@ CCGR from image-level labels to the final IS branch (Mask R-CNN), all rounds, on
     python tools/train_ccgr.py --config-file configs/ccgr_mnv2_synthetic.yaml
     python tools/train_ccgr.py --config-file configs/ccgr_mnv2_synthetic.yaml --resume
         # continue at the first unfinished stage (inside it, from its last checkpoint)
-    python tools/train_ccgr.py --config-file configs/ccgr_mnv2_synthetic.yaml CCGR.ROUNDS 5
+    python tools/train_ccgr.py --config-file configs/ccgr_mnv2_synthetic.yaml MODEL.CCGR.ROUNDS.NUM 5
     python tools/train_ccgr.py --config-file configs/ccgr_mnv2_synthetic.yaml \
         --until round1/pseudo_labels      # stop there, e.g. to look at the first pseudo labels
     python tools/train_ccgr.py --config-file ... --num-gpus 4     # every stage on 4 processes
     python tools/train_ccgr.py --config-file ... --num-gpus 4 --num-machines 2 \
         --machine-rank 0 --dist-url tcp://<host of rank 0>:29500   # and rank 1 on the other machine
 
-Each stage writes into its own folder under OUTPUT_DIR (see wsis_d2.engine.ccgr_rounds); the
+Each stage writes into its own folder under OUTPUT_DIR (see wsis_d2.ccgr.rounds); the
 final model is OUTPUT_DIR/round<ROUNDS>/is/model_final.pth, a stock Mask R-CNN for
-DefaultPredictor and tools/demo.py with CCGR.IS_CONFIG. With several processes (detectron2's
+DefaultPredictor and tools/demo.py with MODEL.CCGR.ROUNDS.IS_CONFIG. With several processes (detectron2's
 launch; gloo on CPU) SOLVER.IMS_PER_BATCH is the total batch of all of them, inference stages split
 the images, and OUTPUT_DIR must be on a file system all machines share.
 """
@@ -28,7 +28,7 @@ from detectron2.utils.logger import setup_logger
 import wsis_d2  # noqa: F401  (registers datasets, models and mappers)
 from wsis_d2 import get_wsis_cfg
 from wsis_d2.engine import check_device, launch
-from wsis_d2.engine.ccgr_rounds import CCGRRounds
+from wsis_d2.ccgr.rounds import CCGRRounds
 
 
 def load_config(args):
@@ -49,7 +49,7 @@ def main(args):
     """One process's part of the run (all stages); called by :func:`launch` in every process."""
     if args.eval_only:
         raise SystemExit("tools/train_ccgr.py has no --eval-only: evaluate the IS branch with "
-                         "tools/train_net.py --eval-only --config-file <CCGR.IS_CONFIG>")
+                         "tools/train_net.py --eval-only --config-file <MODEL.CCGR.ROUNDS.IS_CONFIG>")
     cfg = setup(args)
     metrics = CCGRRounds(cfg).run(resume=args.resume, until=getattr(args, "until", "") or None)
     if comm.is_main_process():

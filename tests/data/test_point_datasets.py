@@ -27,7 +27,7 @@ from wsis_d2.data.datasets.point_datasets import (
     vgg_cells_draw,
     register_all_density,
 )
-from wsis_d2.data.mappers.density_mapper import (
+from wsis_d2.density.mapper import (
     DensityDatasetMapper,
     ElasticTransform,
     ImageCache,

@@ -24,7 +24,7 @@ from wsis_d2.data.datasets.voc_counting import (
     register_voc_counting,
     register_voc_instance_segmentation,
 )
-from wsis_d2.data.mappers.lc_mapper import LCDatasetMapper, class_counts_of
+from wsis_d2.lc.mapper import LCDatasetMapper, class_counts_of
 
 # the standard VOC class order, written out independently of the code under test
 VOC = (

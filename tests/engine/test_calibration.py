@@ -1,4 +1,4 @@
-"""wsis_d2.engine.calibration: the count calibration of density and LC models fitted after
+"""wsis_d2.lc.calibration and wsis_d2.density.calibration: the count calibration of density and LC models fitted after
 training."""
 
 import os
@@ -12,16 +12,15 @@ from detectron2.modeling import build_model
 
 import wsis_d2  # noqa: F401  (registers models)
 from wsis_d2 import add_wsis_config
-from wsis_d2.data.mappers.lc_mapper import image_level_targets
-from wsis_d2.engine import (
-    DensityCountCalibration,
+from wsis_d2.lc.mapper import image_level_targets
+from wsis_d2.density.calibration import DensityCountCalibration, calibrate_density_counts
+from wsis_d2.lc.calibration import (
     LCCountCalibration,
     build_lc_calibration_loader,
-    calibrate_density_counts,
     calibrate_lc_counts,
 )
-from wsis_d2.modeling.meta_arch.density import fit_count_calibration
-from wsis_d2.modeling.meta_arch.lc import fit_lower_count_gain
+from wsis_d2.density.meta_arch import fit_count_calibration
+from wsis_d2.lc.meta_arch import fit_lower_count_gain
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
 

@@ -19,6 +19,7 @@ from wsis_d2 import add_wsis_config
 from wsis_d2.data.datasets.cells import GENERATOR_SPEC, prepare_synthetic_cells
 from wsis_d2.data.datasets.point_datasets import load_point_json, register_point_dataset
 from wsis_d2.engine import CountHealthCheck, WSISTrainer, collapsed_classes
+from wsis_d2.lc.calibration import lc_trainer_hooks
 from wsis_d2.engine.health import loss_at_constant_output
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
@@ -57,7 +58,7 @@ class TestCollapseMeasures(unittest.TestCase):
         cfg = get_cfg()
         add_wsis_config(cfg)
         for losses, warned in (([2.0] * 5, True), ([0.5] * 5, False)):
-            hook = CountHealthCheck(cfg, check_spread=False, window=5)
+            hook = CountHealthCheck(cfg, None, "density training", window=5)
             with EventStorage() as storage:
                 for it, value in enumerate(losses):
                     storage.iter = it
@@ -190,7 +191,7 @@ class TestCollapsedLCModel(unittest.TestCase):
         cfg.INPUT.MIN_SIZE_TEST = 0  # the images' own sizes
         torch.manual_seed(0)
         model = build_model(cfg)
-        hook = CountHealthCheck(cfg)
+        hook = next(h for h in lc_trainer_hooks(cfg) if isinstance(h, CountHealthCheck))
         hook.trainer = SimpleNamespace(model=model, iter=0, max_iter=1, storage=EventStorage())
         hook.after_step()
         self.assertEqual(hook.report["collapsed_classes"], [])  # random weights: not constant

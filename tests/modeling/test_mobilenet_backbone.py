@@ -16,7 +16,7 @@ from detectron2.modeling import build_backbone, build_model
 import wsis_d2  # noqa: F401  (registers the backbone)
 from wsis_d2 import add_wsis_config
 from wsis_d2.layers import FusedFrozenBatchNorm2d
-from wsis_d2.modeling.backbone.mobilenet import convert_torchvision_mobilenet_v2
+from wsis_d2.modeling.mobilenet import convert_torchvision_mobilenet_v2
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

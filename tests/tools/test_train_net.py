@@ -17,21 +17,13 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.evaluation import DatasetEvaluators
 
+from wsis_d2.engine import WSISTrainer
 from wsis_d2.utils.testing import datasets_root, device_under_test
 from wsis_d2.evaluation import CountingEvaluator, FastCOCOEvaluator, InstanceAPEvaluator
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MASK_RCNN = os.path.join(REPO, "configs", "mask_rcnn_mnv2_fpn_synthetic.yaml")
 LC_DEMO = os.path.join(REPO, "configs", "demo", "lc_mnv2_synthetic_demo.yaml")
-
-
-def _load_train_net():
-    spec = importlib.util.spec_from_file_location(
-        "wsis_train_net", os.path.join(REPO, "tools", "train_net.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class _Args:
@@ -46,7 +38,11 @@ class _Args:
 class TestTrainNet(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.train_net = _load_train_net()
+        spec = importlib.util.spec_from_file_location(
+            "wsis_train_net", os.path.join(REPO, "tools", "train_net.py")
+        )
+        cls.train_net = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cls.train_net)
         cls.tmp = tempfile.TemporaryDirectory()
         # tiny splits are generated into this temporary data root
         cls.enterClassContext(datasets_root(os.path.join(cls.tmp.name, "data")))
@@ -85,7 +81,7 @@ class TestTrainNet(unittest.TestCase):
 
         # --resume continues from the saved iteration instead of starting over
         cfg = self.train_net.setup(_Args(cfg_file, self._opts(out, 3), resume=True))
-        trainer = self.train_net.Trainer(cfg)
+        trainer = WSISTrainer(cfg)
         trainer.resume_or_load(resume=True)
         self.assertEqual(trainer.start_iter, 2)
 
@@ -100,23 +96,23 @@ class TestTrainNet(unittest.TestCase):
         self.assertEqual(tuple(instances.pred_masks.shape[1:]), (97, 131))
 
     def test_lc_count_calibration_lands_in_the_final_checkpoint(self):
-        from wsis_d2.data.mappers.lc_mapper import image_level_targets
-        from wsis_d2.engine import build_lc_calibration_loader
-        from wsis_d2.modeling.meta_arch.lc import fit_lower_count_gain
+        from wsis_d2.lc.mapper import image_level_targets
+        from wsis_d2.lc.calibration import build_lc_calibration_loader
+        from wsis_d2.lc.meta_arch import fit_lower_count_gain
 
         out = os.path.join(self.tmp.name, "lc")
         opts = self._opts(out, 2) + ["MODEL.LC.CALIBRATION.MAX_IMAGES", "5"]
         # a 2-iteration model's counts are proportional to the image area (a collapsed model,
         # which the calibration refuses: tests/engine/test_calibration.py); here the fit itself
         # must land in the checkpoint
-        with mock.patch("wsis_d2.engine.calibration.collapsed_classes", return_value=[]):
+        with mock.patch("wsis_d2.lc.calibration.collapsed_classes", return_value=[]):
             self.train_net.main(_Args(LC_DEMO, opts))
         saved = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu")["model"]
         gain = saved["count_gain"].double()
         self.assertEqual(tuple(gain.shape), (8,))
         # the same fit, redone on the saved model's raw counts of those 5 training images
         cfg = self.train_net.setup(_Args(LC_DEMO, opts + ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth")]))
-        trainer_model = self.train_net.Trainer.build_model(cfg)
+        trainer_model = WSISTrainer.build_model(cfg)
         from detectron2.checkpoint import DetectionCheckpointer
 
         DetectionCheckpointer(trainer_model).load(cfg.MODEL.WEIGHTS)
@@ -136,7 +132,7 @@ class TestTrainNet(unittest.TestCase):
         cfg_file = MASK_RCNN
         out = os.path.join(self.tmp.name, "evals")
         cfg = self.train_net.setup(_Args(cfg_file, self._opts(out, 1) + ["TEST.WSIS_COCO_EVAL", "True"]))
-        evaluator = self.train_net.Trainer.build_evaluator(cfg, "wsis_synth_mini_val")
+        evaluator = WSISTrainer.build_evaluator(cfg, "wsis_synth_mini_val")
         self.assertIsInstance(evaluator, DatasetEvaluators)
         kinds = {type(e) for e in evaluator._evaluators}
         self.assertEqual(kinds, {InstanceAPEvaluator, CountingEvaluator, FastCOCOEvaluator})
@@ -146,7 +142,7 @@ class TestTrainNet(unittest.TestCase):
         MetadataCatalog.get(name).set(evaluator_type="no_such_type")
         try:
             with self.assertRaisesRegex(ValueError, "no_such_type"):
-                self.train_net.Trainer.build_evaluator(cfg, name)
+                WSISTrainer.build_evaluator(cfg, name)
         finally:
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)

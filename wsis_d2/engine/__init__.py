@@ -1,29 +1,21 @@
-from .calibration import (
-    DensityCountCalibration,
-    LCCountCalibration,
-    build_calibration_loader,
-    build_lc_calibration_loader,
-    calibrate_density_counts,
-    calibrate_lc_counts,
-)
+"""Shared training glue: the trainer, evaluator selection, method hooks, launch and the loop."""
 from .defaults import WSISTrainer
+from .evaluators import build_evaluator
 from .health import CountHealthCheck, collapsed_classes
+from .hooks import TRAINER_HOOK_REGISTRY, build_method_hooks
 from .launch import check_device, launch
 from .train_loop import AutocastTrainer, amp_dtype, build_train_loop
 
 __all__ = [
     "AutocastTrainer",
     "CountHealthCheck",
-    "DensityCountCalibration",
-    "LCCountCalibration",
+    "TRAINER_HOOK_REGISTRY",
     "WSISTrainer",
     "amp_dtype",
-    "build_calibration_loader",
-    "build_lc_calibration_loader",
+    "build_evaluator",
+    "build_method_hooks",
     "build_train_loop",
     "check_device",
     "collapsed_classes",
-    "calibrate_density_counts",
-    "calibrate_lc_counts",
     "launch",
 ]

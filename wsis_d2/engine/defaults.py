@@ -1,7 +1,9 @@
 """
 ``WSISTrainer``: detectron2's ``DefaultTrainer`` with wsis_d2's optimizer choice
-(``SOLVER.OPTIMIZER``) and training loop (``SOLVER.AMP.DTYPE``). ``tools/train_net.py`` derives its
-``Trainer`` from it and only adds data loaders and evaluators.
+(``SOLVER.OPTIMIZER``), training loop (``SOLVER.AMP.DTYPE``), dataset mappers
+(``INPUT.DATASET_MAPPER``), an evaluator per dataset ``evaluator_type`` and the hooks that the
+method packages register (:mod:`wsis_d2.engine.hooks`). ``tools/train_net.py``, the CCGR stages and
+the benchmarks all train with it.
 """
 
 import logging
@@ -13,9 +15,12 @@ from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, hoo
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+
+from ..data.mapper_registry import build_dataset_mapper
 from ..solver import build_optimizer
-from .calibration import DensityCountCalibration, LCCountCalibration, check_lc_calibration_mode
-from .health import CountHealthCheck
+from .evaluators import build_evaluator
+from .hooks import build_method_hooks
 from .train_loop import build_train_loop
 
 __all__ = ["WSISTrainer"]
@@ -26,12 +31,20 @@ class WSISTrainer(DefaultTrainer):
     DefaultTrainer whose optimizer is :func:`wsis_d2.solver.build_optimizer` (SGD or AdamW) and
     whose loop is :func:`wsis_d2.engine.build_train_loop`: with ``SOLVER.AMP.ENABLED`` and
     ``SOLVER.AMP.DTYPE`` "bfloat16" it runs autocast also on CPU (detectron2's own AMPTrainer is
-    CUDA float16 only). Density and LC models get their count calibration fitted after the
-    last iteration (``MODEL.DENSITY.CALIBRATION``, ``MODEL.LC.CALIBRATION``). Several processes (:func:`wsis_d2.engine.launch`)
-    train with DistributedDataParallel on CUDA and on CPU (gloo).
+    CUDA float16 only). Data loaders use the mapper named by ``INPUT.DATASET_MAPPER``; the
+    evaluators are chosen by :func:`wsis_d2.engine.build_evaluator`; the method packages add
+    their hooks (e.g. LC's and density's count calibration after the last iteration). Several
+    processes (:func:`wsis_d2.engine.launch`) train with DistributedDataParallel on CUDA and on CPU
+    (gloo).
+
+    Args:
+        cfg: the training config.
+        evaluate: False leaves out detectron2's evaluation hook (CCGR stages and benchmarks
+            evaluate what they need themselves).
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, evaluate: bool = True):
+        self._evaluate = bool(evaluate)
         # DefaultTrainer.__init__ (the same in detectron2 v0.6 and main) with two changes: the loop
         # is build_train_loop's, and DistributedDataParallel gets device_ids only on CUDA (both
         # versions pass [local_rank], which DDP rejects for a CPU module)
@@ -58,30 +71,33 @@ class WSISTrainer(DefaultTrainer):
 
     def build_hooks(self):
         """
-        detectron2's hooks, plus :class:`DensityCountCalibration` (``MODEL.DENSITY.CALIBRATION``)
-        or :class:`LCCountCalibration` (``MODEL.LC.CALIBRATION``) before the checkpointer when
-        their MODE is not "none" (so that ``model_final.pth`` and the final evaluation have the
-        calibration), and :class:`CountHealthCheck` for density and LC models (a WARNING when the
-        model collapsed to a constant output; the calibrations check their own images, so the
-        hook runs the model on training images only without one).
+        detectron2's hooks (without its ``EvalHook`` when ``evaluate`` is False), and the hooks
+        that the method packages register for this config, before the checkpointer (so that
+        ``model_final.pth`` and the final evaluation have e.g. a count calibration).
         """
         hook_list = super().build_hooks()
-        calibrations = []
-        if self.cfg.MODEL.DENSITY.CALIBRATION.MODE != "none":
-            calibrations.append(DensityCountCalibration(self.cfg))
-        if check_lc_calibration_mode(self.cfg.MODEL.LC.CALIBRATION.MODE) != "none":
-            calibrations.append(LCCountCalibration(self.cfg))
+        if not self._evaluate:
+            hook_list = [h for h in hook_list if not isinstance(h, hooks.EvalHook)]
         at = next(
             (i for i, h in enumerate(hook_list) if isinstance(h, hooks.PeriodicCheckpointer)),
             len(hook_list),
         )
-        arch = self.cfg.MODEL.META_ARCHITECTURE
-        if arch in ("DensityCounter", "ImageLevelCounter"):
-            calibrations.append(CountHealthCheck(self.cfg, check_spread=not calibrations))
-        hook_list[at:at] = calibrations
+        hook_list[at:at] = build_method_hooks(self.cfg)
         return hook_list
 
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)  # SOLVER.OPTIMIZER: SGD (detectron2's) or AdamW
 
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        mapper = build_dataset_mapper(cfg, is_train=False)
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)

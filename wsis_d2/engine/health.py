@@ -6,11 +6,11 @@ every image counted 168.2). Its loss then stays at the loss of the best constant
 predicted counts on the training images have no spread, and a count calibration fitted on them
 maps the constant to the mean training count, which gives an ordinary-looking MAE. This module
 tells such a model apart at the end of training and logs a WARNING saying what to try; the count
-calibrations (:mod:`wsis_d2.engine.calibration`) refuse to calibrate a collapsed class.
+calibrations (:mod:`wsis_d2.lc.calibration`, :mod:`wsis_d2.density.calibration`) refuse to calibrate a collapsed class.
 """
 
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -130,23 +130,34 @@ def warn_collapsed(what: str, classes: Sequence[int], pred: torch.Tensor, true: 
 
 class CountHealthCheck(HookBase):
     """
-    After the last training iteration of a density or LC model: a WARNING when the loss of the
-    last iterations sits at the loss of the best constant output (density models, from
-    ``density/loss_constant``), and, unless a count calibration already checks it on its own
-    images, when the predicted counts on up to ``max_images`` training images have no spread.
+    After the last training iteration of a counting model: a WARNING when the loss of the last
+    iterations sits at the loss of the best constant output (models that log
+    ``density/loss_constant``), and when the counts predicted on up to ``max_images`` training
+    images have no spread. The method package that adds the hook says how its model counts.
     """
 
-    def __init__(self, cfg, check_spread: bool = True, max_images: int = 32, window: int = 20):
+    def __init__(
+        self,
+        cfg,
+        count_predictions: Optional[Callable] = None,
+        what: str = "training",
+        max_images: int = 32,
+        window: int = 20,
+    ):
         """
         Args:
-            cfg: the training config (a DensityCounter or ImageLevelCounter model).
-            check_spread: run the model on training images (False where a count calibration
-                does it).
+            cfg: the training config.
+            count_predictions: ``fn(net, cfg, max_images) -> (pred, true, areas)``, per-image
+                lists of predicted (C,) and true (C,) counts and of the count of a unit density
+                (a constant output's counts grow with it); None: no spread check (a count
+                calibration checks its own images).
+            what: the name of the run in the warning, e.g. "LC training".
             max_images: training images of the spread check, evenly spaced.
             window: last iterations of the loss check.
         """
         self._cfg = cfg.clone()
-        self._check_spread = bool(check_spread)
+        self._count_predictions = count_predictions
+        self._what = what
         self._max_images = int(max_images)
         self._window = int(window)
         self.report: Dict[str, object] = {}
@@ -161,9 +172,10 @@ class CountHealthCheck(HookBase):
         self.report["loss_at_constant"] = collapsed
         if collapsed:
             logger.warning(
-                "density training: the loss of the last %d iterations (median %.4g) sits at the "
-                "loss of the best constant output (median %.4g): the model has COLLAPSED to a "
-                "constant output; %s",
+                "%s: the loss of the last %d iterations (median %.4g) sits at the loss of the "
+                "best constant output (median %.4g): the model has COLLAPSED to a constant "
+                "output; %s",
+                self._what,
                 len(losses),
                 float(np.median(losses)),
                 float(np.median(floor)),
@@ -171,36 +183,20 @@ class CountHealthCheck(HookBase):
             )
 
     def _spread_check(self) -> None:
-        from .calibration import (
-            build_calibration_loader,
-            build_lc_calibration_loader,
-            density_count_predictions,
-            lc_count_predictions,
-        )
-
         model = self.trainer.model
         net = model.module if hasattr(model, "module") else model
-        if hasattr(net, "set_count_calibration"):
-            loader = build_calibration_loader(self._cfg, max_images=self._max_images)
-            pred, areas, true = density_count_predictions(net, loader)
-            what = "density training"
-        elif hasattr(net, "raw_counts") and not self._cfg.MODEL.LC.IMAGE_LABELS_ONLY:
-            loader = build_lc_calibration_loader(self._cfg, max_images=self._max_images)
-            pred, true, _, areas = lc_count_predictions(net, loader)
-            what = "LC training"
-        else:
-            return
+        pred, true, areas = self._count_predictions(net, self._cfg, self._max_images)
         if not pred:
             return
         p, t = torch.stack(pred), torch.stack(true).double()
         collapsed = collapsed_classes(p, t, torch.tensor(areas, dtype=torch.float64))
         self.report["collapsed_classes"] = collapsed
         if collapsed:
-            warn_collapsed(what, collapsed, p, t)
+            warn_collapsed(self._what, collapsed, p, t)
 
     def after_step(self):
         if self.trainer.iter + 1 < self.trainer.max_iter:
             return
         self._loss_check()
-        if self._check_spread:
+        if self._count_predictions is not None:
             self._spread_check()

@@ -24,9 +24,9 @@ from detectron2.modeling import GeneralizedRCNN
 from detectron2.structures import Boxes, ImageList
 
 from ..layers.peaks import peak_mask_reference
-from ..modeling.losses.lc_losses import estimate_counts
-from ..modeling.meta_arch.density import DensityCounter
-from ..modeling.meta_arch.lc import ImageLevelCounter
+from ..lc.losses import estimate_counts
+from ..density.meta_arch import DensityCounter
+from ..lc.meta_arch import ImageLevelCounter
 
 __all__ = [
     "density_inference",

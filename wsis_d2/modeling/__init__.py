@@ -1,1 +1,2 @@
-from . import backbone, heads, meta_arch, roi_heads  # noqa: F401  (register into detectron2's registries)
+"""Parts shared by the methods: the MobileNetV2 backbone (and FPN on it)."""
+from .mobilenet import MobileNetV2Backbone  # noqa: F401  (registers the MobileNetV2 backbones)
