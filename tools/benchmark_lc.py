@@ -50,8 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wsis_d2  # noqa: E402,F401  (registers datasets, models and mappers)
 from wsis_d2.data import build_dataset_mapper  # noqa: E402
-from wsis_d2.evaluation import (  # noqa: E402
 from wsis_d2.engine import WSISTrainer  # noqa: E402
+from wsis_d2.evaluation import (  # noqa: E402
     CountingEvaluator,
     InstanceAPEvaluator,
     counting_metrics,

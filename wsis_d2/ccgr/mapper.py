@@ -21,7 +21,7 @@ from detectron2.data import transforms as T
 from .files import load_cues
 from ..data.proposals import check_proposals, load_proposal_file
 from ..data.mapper_registry import DATASET_MAPPER_REGISTRY
-from ..lc.mapper import _num_classes_of, image_labels_of
+from ..data.image_labels import image_labels_of, num_classes_of
 
 __all__ = ["CCGRDatasetMapper"]
 
@@ -98,7 +98,7 @@ class CCGRDatasetMapper:
         # detectron2's loader would stop with a KeyError: name the file and the image here
         for name, path in zip(names, files):
             check_proposals(path, load_proposal_file(path), DatasetCatalog.get(name))
-        num_classes = _num_classes_of(names) or cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        num_classes = num_classes_of(names) or cfg.MODEL.ROI_HEADS.NUM_CLASSES
         cues = load_cues(cfg.INPUT.CCGR.CUES_FILE) if cfg.INPUT.CCGR.CUES_FILE else None
         if cues is not None and cues["num_classes"] != num_classes:
             raise ValueError(

@@ -36,8 +36,6 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
-from detectron2.data import build_detection_train_loader
-from detectron2.engine import hooks
 from detectron2.evaluation import inference_on_dataset
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage, JSONWriter, TensorboardXWriter
@@ -52,7 +50,7 @@ from .files import (
     write_pseudo_label_json,
 )
 from ..data.datasets import register_coco_counts_instances
-from ..lc.mapper import image_labels_of
+from ..data.image_labels import image_labels_of
 from ..data.proposals import SelectiveSearchProposals, check_proposals, load_proposal_file
 from ..evaluation import CCGRStageDiagnostics, InstanceAPEvaluator
 from .labels import semantic_labels_from_instances
@@ -69,7 +67,7 @@ from .dist import (
     unwrap,
 )
 from ..engine.defaults import WSISTrainer
-from .health import StageHealthError, check_health, positive_pairs, prior_bce, training_health
+from .health import check_health, positive_pairs, prior_bce, training_health
 
 __all__ = ["CCGRRounds", "seed_cues_from_instances"]
 

@@ -5,7 +5,7 @@ objects through one round's steps (peaks, bags, MIL boxes, refined boxes, pseudo
 pseudo instances are scored like predictions, by :class:`InstanceAPEvaluator`.)
 """
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import pycocotools.mask as mask_util

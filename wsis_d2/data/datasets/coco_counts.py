@@ -300,7 +300,7 @@ def load_coco_counts_json(
         of the json ids. Crowd annotations are kept (``iscrowd=1``) but not counted. Annotations
         with neither "bbox" nor "segmentation" (point-only data) have neither key. An image with
         "image_labels" gets ``"image_labels"``: their contiguous ids (see
-        :func:`wsis_d2.lc.mapper.image_labels_of`).
+        :func:`wsis_d2.data.image_labels.image_labels_of`).
     """
     chk = _Checker(json_file)
     data = _load_json(json_file)
