@@ -261,7 +261,7 @@ def save_example(cfg, model, path: str):
     with torch.no_grad():
         out = model([inp])[0]
     points = torch.as_tensor(record["points"])
-    target = model.target_density(points, None, (record["height"], record["width"]))[0]
+    target = model.targets.density(points, None, (record["height"], record["width"]))[0]
     image = inp["image"].permute(1, 2, 0).numpy()[:, :, ::-1]  # BGR -> RGB
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.3))
     axes[0].imshow(image)
@@ -269,7 +269,7 @@ def save_example(cfg, model, path: str):
     axes[0].set_title(f"{cfg.DATASETS.TEST[0]}, {len(points)} points")
     vmax = float(target.max())
     axes[1].imshow(target.numpy(), cmap="magma", vmin=0, vmax=vmax)
-    axes[1].set_title(f"target density, sigma={model.sigma:g} (sum {float(target.sum()):.1f})")
+    axes[1].set_title(f"target density, sigma={model.targets.sigma:g} (sum {float(target.sum()):.1f})")
     axes[2].imshow(out["density"][0].numpy(), cmap="magma", vmin=0, vmax=vmax)
     axes[2].set_title(f"U-Net density (sum {float(out['counts'][0]):.1f})")
     for ax in axes:

@@ -21,7 +21,7 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch
 torch.set_num_threads(1)
-from wsis_d2.density.meta_arch import adaptive_sigmas
+from wsis_d2.density.targets import adaptive_sigmas
 method, num, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 pts = torch.from_numpy(np.random.default_rng(0).uniform(0, 1024, (num, 2)))
 

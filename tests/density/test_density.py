@@ -19,13 +19,10 @@ from scipy.special import erf
 import wsis_d2  # noqa: F401  (registers models)
 from wsis_d2 import add_wsis_config
 from wsis_d2.density.fcrn import block_norm
-from wsis_d2.density.meta_arch import (
-    adaptive_sigmas,
-    density_mse_loss,
-    density_window_count_loss,
-    fit_count_calibration,
-    gaussian_density_map,
-)
+from wsis_d2.density.calibration import fit_count_calibration
+from wsis_d2.density.losses import DensityLoss, density_mse_loss, density_window_count_loss
+from wsis_d2.density.postprocessing import DensityPointDetector, build_point_detector
+from wsis_d2.density.targets import DensityTargets, adaptive_sigmas, gaussian_density_map
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
 
@@ -410,7 +407,7 @@ class TestDensityCounter(unittest.TestCase):
         images = model.preprocess_image(inputs)
         with torch.no_grad(), EventStorage():
             pred = model.predict_raw(images)
-            target, valid = model.prepare_targets(inputs, images)
+            target, valid = model.targets(inputs, images)
             losses = model(inputs)
         self.assertEqual(set(losses), {"loss_density", "loss_density_count"})
         expected = 0.5 * density_window_count_loss(pred, target, valid, 8, 100.0)
@@ -424,7 +421,7 @@ class TestDensityCounter(unittest.TestCase):
         self.assertEqual(cfg.MODEL.DENSITY.ADAPTIVE_K, 3)
         model = build_model(cfg)
         points = torch.tensor([[1.0, 1.0], [3.0, 1.0], [30.0, 20.0], [31.0, 22.0], [10.0, 5.0]])
-        target = model.target_density(points, None, (24, 32))
+        target = model.targets.density(points, None, (24, 32))
         self.assertAlmostEqual(float(target.sum()), 5.0, places=4)
         sigmas = adaptive_sigmas(points, 3, 0.3, 4.0, (2.0, 12.0))
         np.testing.assert_allclose(
@@ -517,6 +514,50 @@ def _reference_find_peaks(maps, radius=1, threshold=None):
     return SimpleNamespace(mask=mask, indices=idx[order], values=vals[order])
 
 
+class TestComponents(unittest.TestCase):
+    """DensityCounter is built from its components (targets, loss, point detector), each from its
+    own from_config; a variant is built from a config clone, not by mutating the model."""
+
+    def test_built_from_config(self):
+        cfg = small_cfg()
+        cfg.MODEL.DENSITY.SIGMA = 2.5
+        cfg.MODEL.DENSITY.SCALE = 50.0
+        cfg.MODEL.DENSITY.COUNT_LOSS_WEIGHT = 0.25
+        model = build_model(cfg)
+        self.assertIsInstance(model.targets, DensityTargets)
+        self.assertEqual((model.targets.sigma, model.targets.scale), (2.5, 50.0))
+        self.assertEqual((model.loss.count_loss_weight, model.loss.scale), (0.25, 50.0))
+        self.assertIsNone(model.point_detector)
+        cfg.MODEL.DENSITY.PEAKS.ENABLED = True
+        cfg.MODEL.DENSITY.PEAKS.RADIUS = 3
+        detector = build_point_detector(cfg)
+        self.assertEqual((detector.radius, detector.sigma), (3, 2.5))
+
+    def test_variant_from_a_config_clone(self):
+        cfg = small_cfg()
+        model = build_model(cfg).eval()
+        wide = cfg.clone()
+        wide.MODEL.DENSITY.SIGMA = 4.0
+        points = torch.tensor([[16.0, 12.0]])
+        narrow_map = model.targets.density(points, None, (24, 32))
+        model.targets = DensityTargets(wide)
+        wide_map = model.targets.density(points, None, (24, 32))
+        # the same single count, spread wider
+        self.assertAlmostEqual(float(narrow_map.sum()), float(wide_map.sum()), places=4)
+        self.assertGreater(float(narrow_map.max()), 1.5 * float(wide_map.max()))
+        image = {"image": torch.zeros(3, 16, 24, dtype=torch.uint8)}
+        with torch.no_grad():
+            self.assertNotIn("instances", model([image])[0])
+            model.point_detector = DensityPointDetector(wide)
+            self.assertIn("instances", model([image])[0])
+
+    def test_bad_options_name_the_key(self):
+        cfg = small_cfg()
+        cfg.MODEL.DENSITY.COUNT_LOSS_WINDOW = 0
+        with self.assertRaisesRegex(ValueError, "MODEL.DENSITY.COUNT_LOSS_WINDOW"):
+            DensityLoss(cfg)
+
+
 class TestInference(unittest.TestCase):
     def _model(self):
         cfg = small_cfg()
@@ -528,14 +569,14 @@ class TestInference(unittest.TestCase):
 
     def _fake_prediction(self, model, points, size):
         """Replace the network by a map equal to s * (target density of ``points``)."""
-        density = model.density_scale * gaussian_density_map(points, size, 1.0)
+        density = model.targets.scale * gaussian_density_map(points, size, 1.0)
         return mock.patch.object(model, "predict_raw", return_value=density[None])
 
     def test_point_detections_from_peaks(self):
         model = self._model()
         points = torch.tensor([[4.5, 5.5], [15.5, 10.5], [1.5, 1.5]])
         with self._fake_prediction(model, points, (16, 24)), mock.patch(
-            "wsis_d2.layers.find_peaks", _reference_find_peaks, create=True
+            "wsis_d2.density.postprocessing.find_peaks", _reference_find_peaks
         ):
             out = model([{"image": torch.zeros(3, 16, 24, dtype=torch.uint8)}])[0]
         inst = out["instances"]

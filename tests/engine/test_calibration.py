@@ -19,7 +19,7 @@ from wsis_d2.lc.calibration import (
     build_lc_calibration_loader,
     calibrate_lc_counts,
 )
-from wsis_d2.density.meta_arch import fit_count_calibration
+from wsis_d2.density.calibration import fit_count_calibration
 from wsis_d2.lc.meta_arch import fit_lower_count_gain
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")

@@ -18,6 +18,7 @@ from PIL import Image
 from detectron2.modeling import build_model
 
 from wsis_d2 import get_wsis_cfg
+from wsis_d2.density.postprocessing import DensityPointDetector
 from wsis_d2.export import (
     compare_outputs,
     export_model,
@@ -119,7 +120,7 @@ class TestExport(unittest.TestCase):
 
     def test_density_peaks_refused(self):
         model = _model(*DENSITY["fcrn_a"])
-        model.peaks_enabled = True
+        model.point_detector = DensityPointDetector()
         with self.assertRaisesRegex(ValueError, "PEAKS.ENABLED"):
             export_model(model, _image(32, 32, 0), "torchscript", self.tmp.name)
 

@@ -7,7 +7,10 @@ from .config import add_density_config
 from .fcrn import FCRN, FCRN_A, FCRN_B
 from .unet import UNet
 from .mapper import DensityDatasetMapper
+from .losses import DensityLoss
 from .meta_arch import DensityCounter
+from .postprocessing import DensityPointDetector
+from .targets import DensityTargets
 from .calibration import (  # also registers density_trainer_hooks
     DensityCountCalibration,
     calibrate_density_counts,
@@ -17,6 +20,9 @@ __all__ = [
     "DensityCountCalibration",
     "DensityCounter",
     "DensityDatasetMapper",
+    "DensityLoss",
+    "DensityPointDetector",
+    "DensityTargets",
     "FCRN",
     "FCRN_A",
     "FCRN_B",

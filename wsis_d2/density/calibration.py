@@ -4,12 +4,12 @@ Count calibration of density models after training (``MODEL.DENSITY.CALIBRATION`
 A density regressor's count error has a part that is the same on every image of a training run:
 a gain (mass per object a little too high or low) and a background density (a count error growing
 with the image area). Both change from one run (seed, CPU, schedule) to the next. Fitted by least
-squares on the full training images (:func:`wsis_d2.density.meta_arch.fit_count_calibration`) and
+squares on the full training images (:func:`fit_count_calibration`) and
 stored in the model's ``count_gain`` / ``count_offset`` buffers, they are removed at inference.
 """
 
 import logging
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Tuple
 
 import numpy as np
 import torch
@@ -22,16 +22,90 @@ from ..engine.health import CountHealthCheck, collapsed_classes, warn_collapsed
 from ..engine.hooks import TRAINER_HOOK_REGISTRY
 from ..utils.progress import progress
 from .mapper import DensityDatasetMapper
-from .meta_arch import check_calibration_mode, fit_count_calibration
 
 __all__ = [
+    "CALIBRATION_MODES",
     "DensityCountCalibration",
+    "check_calibration_mode",
+    "fit_count_calibration",
     "build_calibration_loader",
     "calibrate_density_counts",
     "density_count_predictions",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+CALIBRATION_MODES = ("none", "gain", "affine")
+
+
+def check_calibration_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`CALIBRATION_MODES`, else a ValueError naming the field."""
+    if mode not in CALIBRATION_MODES:
+        raise ValueError(
+            f"MODEL.DENSITY.CALIBRATION.MODE must be one of {CALIBRATION_MODES}, got {mode!r}"
+        )
+    return mode
+
+
+def fit_count_calibration(
+    pred_counts: torch.Tensor,
+    areas: torch.Tensor,
+    true_counts: torch.Tensor,
+    mode: str = "affine",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Least-squares count calibration of a trained density regressor on images with known counts:
+
+        "affine": min_{α_c, β_c} Σ_i (α_c·ĉ_ic + β_c·|Ω_i| − t_ic)²,
+        "gain":   the same with β_c = 0,
+
+    where ĉ_ic = ∫ D̂_c is the predicted count of class c in image i, |Ω_i| its number of counted
+    pixels (image or ROI) and t_ic the true count. The calibrated density is α_c·D̂_c + β_c: α
+    corrects a global over/under-estimate of the mass per object, β a constant background density
+    (a count error that grows with the image area, not with the number of objects). Both vary
+    from one training run to another; fitted on the training images they carry over to new images
+    of the same kind as long as the network does not fit its training counts much better than
+    others (the benchmark's U-Net: training-image MAE about the test MAE).
+
+    "affine" falls back to "gain" for a class whose normal equations are singular (e.g. one image,
+    or all images of one size with counts proportional to their area), "gain" to the identity for
+    a class predicted empty everywhere.
+
+    Args:
+        pred_counts: (N, C) uncalibrated ĉ_ic.
+        areas: (N,) |Ω_i| in pixels of the network input.
+        true_counts: (N, C) t_ic.
+        mode: "gain" or "affine" ("none" returns the identity).
+
+    Returns:
+        gain (C,) α and offset (C,) β (density per pixel), float64.
+    """
+    check_calibration_mode(mode)
+    p = torch.as_tensor(pred_counts, dtype=torch.float64)
+    t = torch.as_tensor(true_counts, dtype=torch.float64)
+    a = torch.as_tensor(areas, dtype=torch.float64).reshape(-1)
+    if p.dim() != 2 or p.shape != t.shape or a.shape[0] != p.shape[0]:
+        raise ValueError(
+            f"count calibration needs pred (N, C), true (N, C) and areas (N,); got "
+            f"{tuple(p.shape)}, {tuple(t.shape)} and {tuple(a.shape)}"
+        )
+    num_classes = p.shape[1]
+    gain = torch.ones(num_classes, dtype=torch.float64)
+    offset = torch.zeros(num_classes, dtype=torch.float64)
+    if mode == "none" or p.shape[0] == 0:
+        return gain, offset
+    for c in range(num_classes):
+        pc, tc = p[:, c], t[:, c]
+        spp, spa, saa = (pc * pc).sum(), (pc * a).sum(), (a * a).sum()
+        spt, sat = (pc * tc).sum(), (a * tc).sum()
+        det = spp * saa - spa * spa
+        if mode == "affine" and det > 1e-9 * spp * saa:
+            gain[c] = (saa * spt - spa * sat) / det
+            offset[c] = (spp * sat - spa * spt) / det
+        elif spp > 0:
+            gain[c] = spt / spp
+    return gain, offset
 
 
 def _density_model(model, mode: str):

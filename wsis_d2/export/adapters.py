@@ -47,7 +47,7 @@ def density_inference(model: DensityCounter, batched_inputs: List[Dict]) -> List
     Returns:
         [{"counts": (C,), "density": (C, H, W)}] per image, calibrated (as ``model(inputs)``).
     """
-    if model.peaks_enabled:
+    if model.point_detector is not None:
         raise ValueError(
             "MODEL.DENSITY.PEAKS.ENABLED must be False for export: the peak detections have a "
             "data-dependent number of boxes (export the density and find its peaks afterwards)"
