@@ -40,9 +40,10 @@ from wsis_d2.density.mapper import (
     build_density_augmentation,
     crop_edge_mask,
 )
+from wsis_d2.utils.testing import config_path, repo_root
 
 LOGGER = "wsis_d2.data.datasets.point_datasets"
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = repo_root()
 
 
 def _save_image(path, height, width, mode="RGB", value=30):
@@ -609,7 +610,7 @@ class TestMapper(unittest.TestCase):
         # gives the same crops as without the cache
         cfg = get_cfg()
         add_wsis_config(cfg)
-        cfg.merge_from_file(os.path.join(ROOT, "configs", "density_unet_cells.yaml"))
+        cfg.merge_from_file(config_path("density_unet_cells.yaml"))
         cfg.INPUT.CROP.SIZE = [12, 12]
         cfg.INPUT.DENSITY.CHANNEL_GAIN = (0.7, 1.4)
         cfg.INPUT.DENSITY.BLUR_PROB = 1.0

@@ -1,7 +1,6 @@
 """Proposals: the selective-search generator, the proposal files and their converters, and
 tools/make_proposals.py on a registered dataset (the file loads with detectron2's loader)."""
 
-import importlib.util
 import os
 import pickle
 import tempfile
@@ -14,7 +13,7 @@ from detectron2.data.build import load_proposals_into_dataset
 from detectron2.structures import BoxMode
 
 import wsis_d2  # noqa: F401  (registers the synthetic datasets)
-from wsis_d2.utils.testing import datasets_root
+from wsis_d2.utils.testing import datasets_root, load_tool, repo_root
 from wsis_d2.data.proposals import (
     SelectiveSearchProposals,
     check_proposals,
@@ -26,15 +25,11 @@ from wsis_d2.data.proposals import (
 )
 from wsis_d2.evaluation import proposal_recall
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = repo_root()
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "make_proposals", os.path.join(REPO, "tools", "make_proposals.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_tool("make_proposals")
     return module
 
 

@@ -2,7 +2,6 @@
 
 import importlib
 import math
-import os
 import unittest
 from types import SimpleNamespace
 from unittest import mock
@@ -23,8 +22,8 @@ from wsis_d2.density.calibration import fit_count_calibration
 from wsis_d2.density.losses import DensityLoss, density_mse_loss, density_window_count_loss
 from wsis_d2.density.postprocessing import DensityPointDetector, build_point_detector
 from wsis_d2.density.targets import DensityTargets, adaptive_sigmas, gaussian_density_map
+from wsis_d2.utils.testing import config_path
 
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
 
 
 def _reference_density(points, height, width, sigmas):
@@ -44,7 +43,7 @@ def _reference_density(points, height, width, sigmas):
 def small_cfg(config="density_unet_cells.yaml"):
     cfg = get_cfg()
     add_wsis_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, config))
+    cfg.merge_from_file(config_path(config))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.FCRN.CHANNELS = [4, 8, 8]
     cfg.MODEL.FCRN.MID_CHANNELS = 8

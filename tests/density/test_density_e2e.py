@@ -3,7 +3,6 @@ training steps in the config's loop (bfloat16 autocast) -> inference_on_dataset 
 DensityEvaluator (odd sizes, an empty image); and the same config through WSISTrainer."""
 
 import copy
-import importlib.util
 import os
 import tempfile
 import unittest
@@ -30,8 +29,8 @@ from wsis_d2.data.datasets.cells import GENERATOR_SPEC, prepare_synthetic_cells
 from wsis_d2.data.datasets.point_datasets import load_point_json, register_point_dataset
 from wsis_d2.engine import AutocastTrainer, WSISTrainer, build_train_loop
 from wsis_d2.evaluation import DensityEvaluator
+from wsis_d2.utils.testing import config_path
 
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
 
 
 class TestDensityPipeline(unittest.TestCase):
@@ -73,7 +72,7 @@ class TestDensityPipeline(unittest.TestCase):
     def _demo_cfg(self):
         cfg = get_cfg()
         add_wsis_config(cfg)
-        cfg.merge_from_file(os.path.join(CONFIGS, "demo", "density_unet_cells_demo.yaml"))
+        cfg.merge_from_file(config_path("demo", "density_unet_cells_demo.yaml"))
         cfg.MODEL.UNET.CHANNELS = [4, 8, 8]
         cfg.MODEL.UNET.MID_CHANNELS = 8
         cfg.INPUT.CROP.SIZE = [32, 32]

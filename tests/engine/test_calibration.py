@@ -21,14 +21,14 @@ from wsis_d2.lc.calibration import (
 )
 from wsis_d2.density.calibration import fit_count_calibration
 from wsis_d2.lc.meta_arch import fit_lower_count_gain
+from wsis_d2.utils.testing import config_path
 
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
 
 
 def _model():
     cfg = get_cfg()
     add_wsis_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, "density_unet_cells.yaml"))
+    cfg.merge_from_file(config_path("density_unet_cells.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.UNET.CHANNELS = [4, 8, 8]
     cfg.MODEL.UNET.MID_CHANNELS = 8
@@ -128,7 +128,7 @@ class TestCalibrateDensityCounts(unittest.TestCase):
 def _lc_cfg():
     cfg = get_cfg()
     add_wsis_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, "Base-LC.yaml"))
+    cfg.merge_from_file(config_path("Base-LC.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.RESNETS.DEPTH = 18
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64

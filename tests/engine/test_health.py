@@ -21,8 +21,8 @@ from wsis_d2.data.datasets.point_datasets import load_point_json, register_point
 from wsis_d2.engine import CountHealthCheck, WSISTrainer, collapsed_classes
 from wsis_d2.lc.calibration import lc_trainer_hooks
 from wsis_d2.engine.health import loss_at_constant_output
+from wsis_d2.utils.testing import config_path
 
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
 HEALTH_LOGGER = "wsis_d2.engine.health"
 
 
@@ -103,7 +103,7 @@ class TestCollapsedDensityTraining(unittest.TestCase):
     def _trainer(self, calibration: str) -> WSISTrainer:
         cfg = get_cfg()
         add_wsis_config(cfg)
-        cfg.merge_from_file(os.path.join(CONFIGS, "demo", "density_unet_cells_demo.yaml"))
+        cfg.merge_from_file(config_path("demo", "density_unet_cells_demo.yaml"))
         cfg.MODEL.UNET.CHANNELS = [4, 8, 8]
         cfg.MODEL.UNET.MID_CHANNELS = 8
         cfg.INPUT.CROP.SIZE = [32, 32]
@@ -180,7 +180,7 @@ class TestCollapsedLCModel(unittest.TestCase):
         self.addCleanup(MetadataCatalog.remove, name)
         cfg = get_cfg()
         add_wsis_config(cfg)
-        cfg.merge_from_file(os.path.join(CONFIGS, "Base-LC.yaml"))
+        cfg.merge_from_file(config_path("Base-LC.yaml"))
         cfg.MODEL.DEVICE = "cpu"
         cfg.MODEL.RESNETS.DEPTH = 18
         cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64

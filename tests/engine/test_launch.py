@@ -10,7 +10,6 @@ aspect-ratio grouping. detectron2's TrainingSampler then feeds rank r the images
 the same shuffled stream, so the two processes' batches of 2 are the 1-process batch of 4, and the
 all-reduced gradient is its gradient up to float summation order.
 """
-import importlib.util
 import json
 import os
 import tempfile
@@ -21,9 +20,10 @@ from detectron2.data import DatasetCatalog
 
 from wsis_d2.data.datasets import SyntheticSpec, register_synthetic_split
 from wsis_d2.engine import check_device, launch
+from wsis_d2.utils.testing import config_path, load_tool, repo_root
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = os.path.join(REPO, "configs", "demo", "ccgr_cls_mnv2_synthetic.yaml")
+REPO = repo_root()
+CONFIG = config_path("demo", "ccgr_cls_mnv2_synthetic.yaml")
 DATASET = "wsis_launch_test_128"
 
 
@@ -45,11 +45,7 @@ class _Args:
 def _train(root, out):
     """Run in every process: register the test split, then tools/train_net.py's main."""
     _register(root)
-    spec = importlib.util.spec_from_file_location(
-        "wsis_train_net", os.path.join(REPO, "tools", "train_net.py")
-    )
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
+    train_net = load_tool("train_net")
     opts = [
         "OUTPUT_DIR", out, "SEED", "3",
         "DATASETS.TRAIN", f"('{DATASET}',)", "DATASETS.TEST", f"('{DATASET}',)",

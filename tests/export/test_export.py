@@ -27,9 +27,9 @@ from wsis_d2.export import (
     load_exported,
     reference_outputs,
 )
+from wsis_d2.utils.testing import config_path, load_tool, repo_root
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIGS = os.path.join(REPO, "configs")
+REPO = repo_root()
 HAS_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
 
@@ -46,7 +46,7 @@ def _image(h, w, seed):
 
 def _model(config, opts):
     torch.manual_seed(0)
-    cfg = get_wsis_cfg(os.path.join(CONFIGS, config), opts + ["MODEL.DEVICE", "cpu"])
+    cfg = get_wsis_cfg(config_path(config), opts + ["MODEL.DEVICE", "cpu"])
     cfg.MODEL.WEIGHTS = ""
     return build_model(cfg).eval()
 
@@ -206,11 +206,7 @@ class TestExport(unittest.TestCase):
 
 class TestExportTool(unittest.TestCase):
     def _tool(self):
-        spec = importlib.util.spec_from_file_location(
-            "wsis_export_model", os.path.join(REPO, "tools", "export_model.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_tool("export_model")
         return module
 
     def test_cli_checks_images_and_writes_report(self):
@@ -226,7 +222,7 @@ class TestExportTool(unittest.TestCase):
             args = tool.argument_parser().parse_args(
                 [
                     "--config-file",
-                    os.path.join(CONFIGS, "density_fcrn_a_cells.yaml"),
+                    config_path("density_fcrn_a_cells.yaml"),
                     "--format",
                     "torchscript",
                     "--output",

@@ -17,8 +17,9 @@ import wsis_d2  # noqa: F401  (registers the backbone)
 from wsis_d2 import add_wsis_config
 from wsis_d2.layers import FusedFrozenBatchNorm2d
 from wsis_d2.modeling.mobilenet import convert_torchvision_mobilenet_v2
+from wsis_d2.utils.testing import config_path, repo_root
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = repo_root()
 
 
 def _cfg(out_features=("m1", "m2", "m3", "m4", "m5"), **mobilenet):
@@ -98,7 +99,7 @@ class TestMobileNetV2Backbone(unittest.TestCase):
             cfg = get_cfg()
             add_wsis_config(cfg)
             cfg.merge_from_file(
-                os.path.join(REPO, "configs", "demo", "lc_mnv2_synthetic_demo.yaml")
+                config_path("demo", "lc_mnv2_synthetic_demo.yaml")
             )
             cfg.MODEL.DEVICE = "cpu"
             model = build_model(cfg).eval()
@@ -143,7 +144,7 @@ def _fpn_cfg(**mobilenet):
     """The MobileNetV2-FPN Mask R-CNN config of the benchmark (no weights, CPU)."""
     cfg = get_cfg()
     add_wsis_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "mask_rcnn_mnv2_fpn_synthetic.yaml"))
+    cfg.merge_from_file(config_path("mask_rcnn_mnv2_fpn_synthetic.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     for key, value in mobilenet.items():

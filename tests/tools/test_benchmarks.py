@@ -6,7 +6,9 @@ import sys
 import tempfile
 import unittest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from wsis_d2.utils.testing import repo_root
+
+ROOT = repo_root()
 
 
 def _run(*args, env=None):

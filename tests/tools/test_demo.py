@@ -5,7 +5,6 @@ counts.json. A real LC model is exercised too when a CPU demo config for it exis
 """
 
 import glob
-import importlib.util
 import json
 import os
 import tempfile
@@ -20,7 +19,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, Instances
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from wsis_d2.utils.testing import config_path, load_tool
+
 H, W = 120, 160
 CLASSES = ["apple", "bean", "cherry"]
 META = "_test_demo_fruit"
@@ -32,12 +32,7 @@ SEEN_INPUT_SIZES = []  # (h, w) of the images the fake models received
 
 
 def _load_demo():
-    spec = importlib.util.spec_from_file_location(
-        "wsis_demo", os.path.join(REPO, "tools", "demo.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("demo")
 
 
 def _fake_instances(h, w):
@@ -315,7 +310,7 @@ class TestDemo(unittest.TestCase):
             self.demo.main(args)
 
 
-_LC_DEMO_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "demo", "lc_*.yaml")))
+_LC_DEMO_CONFIGS = sorted(glob.glob(config_path("demo", "lc_*.yaml")))
 
 
 @unittest.skipIf(

@@ -5,7 +5,6 @@ splits, evaluates it with the evaluators chosen by evaluator_type, saves, resume
 model loads in detectron2's DefaultPredictor; the main job's LC config fits its count calibration
 after the last iteration into the final checkpoint.
 """
-import importlib.util
 import os
 import tempfile
 import unittest
@@ -18,12 +17,11 @@ from detectron2.engine import DefaultPredictor
 from detectron2.evaluation import DatasetEvaluators
 
 from wsis_d2.engine import WSISTrainer
-from wsis_d2.utils.testing import datasets_root, device_under_test
+from wsis_d2.utils.testing import config_path, datasets_root, device_under_test, load_tool
 from wsis_d2.evaluation import CountingEvaluator, FastCOCOEvaluator, InstanceAPEvaluator
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MASK_RCNN = os.path.join(REPO, "configs", "mask_rcnn_mnv2_fpn_synthetic.yaml")
-LC_DEMO = os.path.join(REPO, "configs", "demo", "lc_mnv2_synthetic_demo.yaml")
+MASK_RCNN = config_path("mask_rcnn_mnv2_fpn_synthetic.yaml")
+LC_DEMO = config_path("demo", "lc_mnv2_synthetic_demo.yaml")
 
 
 class _Args:
@@ -38,11 +36,7 @@ class _Args:
 class TestTrainNet(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        spec = importlib.util.spec_from_file_location(
-            "wsis_train_net", os.path.join(REPO, "tools", "train_net.py")
-        )
-        cls.train_net = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(cls.train_net)
+        cls.train_net = load_tool("train_net")
         cls.tmp = tempfile.TemporaryDirectory()
         # tiny splits are generated into this temporary data root
         cls.enterClassContext(datasets_root(os.path.join(cls.tmp.name, "data")))

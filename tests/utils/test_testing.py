@@ -1,10 +1,18 @@
-"""wsis_d2.utils.testing.datasets_root sets $DETECTRON2_DATASETS and restores it, also on error."""
+"""wsis_d2.utils.testing: datasets_root sets $DETECTRON2_DATASETS and restores it, also on error;
+the checkout's configs and tools; the device of the end-to-end tests."""
 
 import os
 import unittest
 from unittest import mock
 
-from wsis_d2.utils.testing import datasets_root, device_under_test
+from wsis_d2.utils.testing import (
+    config_path,
+    datasets_root,
+    device_under_test,
+    get_config,
+    load_tool,
+    repo_root,
+)
 
 
 class TestDatasetsRoot(unittest.TestCase):
@@ -36,6 +44,25 @@ class TestDeviceUnderTest(unittest.TestCase):
             with mock.patch("torch.cuda.is_available", return_value=False):
                 with self.assertRaisesRegex(RuntimeError, "WSIS_TEST_DEVICE.*no GPU"):
                     device_under_test()
+
+
+class TestCheckout(unittest.TestCase):
+    def test_configs_and_tools_of_this_checkout(self):
+        root = repo_root()
+        self.assertEqual(os.path.realpath(root), os.path.realpath(os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), "..", "..")))
+        self.assertTrue(os.path.isfile(config_path("Base-LC.yaml")))
+        cfg = get_config("density_unet_cells.yaml", ["MODEL.DENSITY.SIGMA", "2.5"], device="cpu")
+        self.assertEqual((cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.DENSITY.SIGMA), ("DensityCounter", 2.5))
+        self.assertEqual(cfg.MODEL.DEVICE, "cpu")
+        tool = load_tool("train_net")
+        self.assertTrue(callable(tool.main) and callable(tool.setup))
+        # the checkout's script, not detectron2's tools/train_net.py of the same name
+        self.assertEqual(os.path.realpath(tool.__file__), os.path.realpath(os.path.join(root, "tools", "train_net.py")))
+
+    def test_missing_tool_is_named(self):
+        with self.assertRaisesRegex(FileNotFoundError, "no_such_tool"):
+            load_tool("no_such_tool")
 
 
 if __name__ == "__main__":

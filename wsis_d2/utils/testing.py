@@ -1,9 +1,62 @@
-"""Helpers for wsis_d2's tests (as ``detectron2.utils.testing``)."""
+"""Helpers for wsis_d2's tests (as ``detectron2.utils.testing``): the checkout's configs and tools,
+the datasets root, the device of the end-to-end tests."""
 
 import contextlib
+import importlib.util
 import os
+from types import ModuleType
 
-__all__ = ["datasets_root", "device_under_test"]
+__all__ = [
+    "config_path",
+    "datasets_root",
+    "device_under_test",
+    "get_config",
+    "load_tool",
+    "repo_root",
+]
+
+
+def repo_root() -> str:
+    """
+    The checkout that holds this package, its ``configs/`` and ``tools/`` (the tests run from a
+    checkout; an installed wheel has neither folder, which raises a RuntimeError).
+    """
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not os.path.isdir(os.path.join(root, "configs")):
+        raise RuntimeError(f"{root} is not a wsis_d2 checkout (no configs/ folder)")
+    return root
+
+
+def config_path(*parts: str) -> str:
+    """The path of a config of the checkout, e.g. ``config_path("demo", "lc_demo.yaml")``."""
+    return os.path.join(repo_root(), "configs", *parts)
+
+
+def get_config(config: str, opts=(), device: str = ""):
+    """
+    ``get_wsis_cfg`` of the checkout's ``configs/<config>`` with ``opts`` ("KEY VALUE" list) merged
+    and ``MODEL.DEVICE`` set to ``device`` (default :func:`device_under_test`); not frozen.
+    """
+    from wsis_d2.config import get_wsis_cfg  # the package's config; imported when a test asks
+
+    cfg = get_wsis_cfg(config_path(config), opts)
+    cfg.MODEL.DEVICE = device or device_under_test()
+    return cfg
+
+
+def load_tool(name: str) -> ModuleType:
+    """
+    The checkout's ``tools/<name>.py`` as a module (its ``main``, ``setup``, argument parser …):
+    the tools are scripts, not a package (detectron2's wheel installs a top-level ``tools`` package
+    of its own, so ``import tools`` would find that one).
+    """
+    path = os.path.join(repo_root(), "tools", f"{name}.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no tool {name!r}: {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"wsis_tool_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @contextlib.contextmanager
