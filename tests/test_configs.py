@@ -1,6 +1,7 @@
 """Every YAML under configs/ loads with add_wsis_config and builds its model without weights."""
 import glob
 import os
+import tempfile
 import unittest
 
 import torch
@@ -10,7 +11,23 @@ from detectron2.modeling import build_model
 import wsis_d2  # noqa: F401  (registers models)
 from wsis_d2 import add_wsis_config
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+from wsis_d2.utils.testing import config_path
+
+CONFIG_DIR = config_path()
+
+# keys of earlier versions and their names now: a user's old YAML or opts must fail naming the new
+RENAMED = {
+    "CCGR.ROUNDS": "MODEL.CCGR.ROUNDS.NUM",
+    "CCGR.IS_CONFIG": "MODEL.CCGR.ROUNDS.IS_CONFIG",
+    "CCGR.HEALTH.MIN_ITERS": "MODEL.CCGR.HEALTH.MIN_ITERS",
+    "MODEL.WSDDN.EPS": "MODEL.CCGR.WSDDN.EPS",
+    "MODEL.PSP.BINS": "MODEL.CCGR.PSP.BINS",
+    "MODEL.CCGR.CUES_FILE": "INPUT.CCGR.CUES_FILE",
+    "MODEL.CCGR.SEGMENT_SCALE": "MODEL.SEGMENTS.SCALE",
+    "MODEL.LC.PRM.SEGMENT_MIN_SIZE": "MODEL.SEGMENTS.MIN_SIZE",
+    "MODEL.LC.MOSAIC_PROB": "INPUT.LC.MOSAIC_PROB",
+    "MODEL.LC.LOWER_COUNT_SUPERVISION": "INPUT.LC.LOWER_COUNT_SUPERVISION",
+}
 
 
 def load_config(path):
@@ -37,6 +54,30 @@ class TestConfigs(unittest.TestCase):
                     from detectron2.data import DatasetCatalog
 
                     self.assertIn(name, DatasetCatalog.list(), f"{path}: unknown dataset {name}")
+
+    def test_old_keys_name_their_new_names(self):
+        values = {"CCGR.IS_CONFIG": "x.yaml", "MODEL.CCGR.CUES_FILE": "c.pkl",
+                  "MODEL.WSDDN.EPS": "1e-5", "MODEL.PSP.BINS": "[1, 2]",
+                  "MODEL.CCGR.SEGMENT_SCALE": "100.0", "MODEL.LC.MOSAIC_PROB": "0.5",
+                  "MODEL.LC.LOWER_COUNT_SUPERVISION": "False"}
+        for old, new in RENAMED.items():
+            value = values.get(old, "1")
+            with self.subTest(opts=old):
+                cfg = add_wsis_config(get_cfg())
+                with self.assertRaisesRegex(KeyError, f"{old} was renamed to {new}"):
+                    cfg.merge_from_list([old, value])
+                # the new name takes the value
+                cfg.merge_from_list([new, values.get(old, "1")])
+            with self.subTest(yaml=old), tempfile.TemporaryDirectory() as d:
+                parts = old.split(".")
+                text = "".join("  " * i + f"{p}:\n" for i, p in enumerate(parts[:-1]))
+                text += "  " * (len(parts) - 1) + f"{parts[-1]}: {value}\n"
+                path = os.path.join(d, "old.yaml")
+                with open(path, "w") as f:
+                    f.write(text)
+                # a whole node that moved is named by the node (e.g. the top-level CCGR)
+                with self.assertRaisesRegex(KeyError, "was renamed to"):
+                    load_config(path)
 
     def test_add_wsis_config_leaves_global_defaults_alone(self):
         before = get_cfg().dump()
