@@ -56,6 +56,7 @@ from wsis_d2.evaluation import (  # noqa: E402
     InstanceAPEvaluator,
     counting_metrics,
 )
+from wsis_d2.lc import PRMInstanceDecoder  # noqa: E402
 
 from benchmark_mask_rcnn import CONFIG as MASK_RCNN_CONFIG  # noqa: E402
 from benchmark_mask_rcnn import JSON_NAME as JSON_MASK_RCNN  # noqa: E402
@@ -186,16 +187,26 @@ def head_overhead(cfg, repeats=7):
     return ratio - 1.0, t_bare, t_full
 
 
-def prm_backward_ratio(model, loader, dicts, max_images, repeats=3):
+def _decoder(cfg, enabled):
+    """The model's instance decoder as ``cfg`` builds it, with the PRMs on or off."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.LC.PRM.ENABLED = enabled
+    return PRMInstanceDecoder(cfg)
+
+
+def prm_backward_ratio(cfg, model, loader, dicts, max_images, repeats=3):
     """
     Σ (CPU time of inference with masks − counts only) / Σ CPU time of counts only (one forward
     and the peak search), over validation images with at least one object. The retained peaks
     are the image's true number of objects per class (``inference_single(..., counts=GT)``), so
     the ratio measures the masks of all the objects of an image whatever the model predicts.
+    Both runs use decoder variants built from ``cfg`` (its mask settings, with PRMs on and off).
     Each image is run once with and once without masks first (so that first-call costs of its
     size are not counted), then ``repeats`` times each, interleaved; the medians are used.
     """
     model.eval()
+    masks_decoder, counts_decoder = _decoder(cfg, True), _decoder(cfg, False)
     gt = {d["image_id"]: torch.as_tensor(d["class_counts"], dtype=torch.float32) for d in dicts}
     t_masks = t_forward = 0.0
     used = peaks = 0
@@ -207,14 +218,12 @@ def prm_backward_ratio(model, loader, dicts, max_images, repeats=3):
         outputs = []
 
         def counts_only():
-            model.prm_enabled = False
             with torch.no_grad():
-                model.inference_single(inp, counts=counts)
+                model.inference_single(inp, counts=counts, decoder=counts_decoder)
 
         def with_masks():
-            model.prm_enabled = True
             with torch.no_grad():
-                outputs.append(model.inference_single(inp, counts=counts))
+                outputs.append(model.inference_single(inp, counts=counts, decoder=masks_decoder))
 
         # warm-up of this image size (oneDNN primitives of the forward and of the backward),
         # then the median of interleaved repeats of each
@@ -231,7 +240,6 @@ def prm_backward_ratio(model, loader, dicts, max_images, repeats=3):
         used += 1
         if used >= max_images:
             break
-    model.prm_enabled = True
     return (t_masks / t_forward if t_forward > 0 else float("nan")), used, peaks
 
 
@@ -322,7 +330,7 @@ def main():
             trainer_cls, cfg, args.eval_images
         )
     counting, instance = results["counting"], results["wsis_instance"]
-    ratio, prm_images, prm_peaks = prm_backward_ratio(model, loader, dicts, args.prm_images)
+    ratio, prm_images, prm_peaks = prm_backward_ratio(cfg, model, loader, dicts, args.prm_images)
     overhead_cfg = _cfg(args.overhead_config, [], os.path.join(args.output_dir, "overhead"))
     overhead, t_bare, t_full = head_overhead(overhead_cfg)
     sup_map, sup_train_time = supervised_map(args)

@@ -1,12 +1,18 @@
-"""LC / ILC losses and the hard spatial guidance against hand-computed / independent values."""
+"""LC / ILC losses and the hard spatial guidance against hand-computed / independent values; the
+loss component LCLoss built from the config."""
 
 import math
 import unittest
 
 import numpy as np
 import torch
+from detectron2.config import get_cfg
+from detectron2.utils.events import EventStorage
 
+from wsis_d2 import add_wsis_config
+from wsis_d2.layers import find_peaks, kth_peak_value
 from wsis_d2.lc.losses import (
+    LCLoss,
     estimate_counts,
     hard_spatial_guidance,
     lc_class_loss,
@@ -303,3 +309,141 @@ class TestBadInputs(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def _lc_cfg(**overrides):
+    cfg = get_cfg()
+    add_wsis_config(cfg)
+    for key, value in overrides.items():
+        cfg.merge_from_list([key, value])
+    return cfg
+
+
+class TestLCLoss(unittest.TestCase):
+    """The loss component: built from MODEL.LC, the loss dict composed of the terms above."""
+
+    def setUp(self):
+        # one image, 3 classes on a 4x5 map: class 0 in S (t = 2), class 1 in S̃ (>= t̃), 2 in S0
+        g = torch.Generator().manual_seed(0)
+        self.maps = torch.randn(1, 3, 4, 5, generator=g)
+        self.density = torch.randn(1, 3, 4, 5, generator=g)
+        peaks = find_peaks(self.maps, 1, "median")
+        self.peak_mask = peaks.mask
+        self.scores = self.maps.flatten(2).amax(dim=2)
+        self.valid = torch.ones(1, 1, 4, 5)
+        self.t_hat = estimate_counts(self.density, self.valid, "paper")
+        self.inputs = [
+            {
+                "labels": torch.tensor([1.0, 1.0, 0.0]),
+                "counts": torch.tensor([2, 5, 0]),
+                "count_ge": torch.tensor([False, True, False]),
+            }
+        ]
+
+    def _kth(self, k):
+        return kth_peak_value(self.maps.detach(), k, 1, "median")
+
+    def _run(self, criterion, iteration=0):
+        with EventStorage(iteration):
+            return criterion(
+                self.inputs,
+                self.maps,
+                self.density,
+                self.peak_mask,
+                self.scores,
+                self.t_hat,
+                self.valid,
+                self._kth,
+            )
+
+    def test_built_from_config(self):
+        cfg = _lc_cfg(
+            **{
+                "MODEL.LC.LOWER_COUNT": "4",
+                "MODEL.LC.CLS_LOSS_WEIGHT": "2.0",
+                "MODEL.LC.SPATIAL_LOSS_WEIGHT": "3.0",
+                "MODEL.LC.COUNT_LOSS_WEIGHT": "0.5",
+                "MODEL.LC.RANK_LOSS_WEIGHT": "0.25",
+                "MODEL.LC.SPATIAL_MODE": "official",
+                "MODEL.LC.COUNT_ABSENT": "False",
+                "MODEL.LC.SPATIAL_START_ITER": "7",
+                "MODEL.LC.DENSITY_START_ITER": "3",
+                "MODEL.LC.IMAGE_LABELS_ONLY": "True",
+            }
+        )
+        criterion = LCLoss(cfg)
+        self.assertEqual(criterion.lower_count, 4)
+        self.assertEqual(
+            (
+                criterion.cls_loss_weight,
+                criterion.spatial_loss_weight,
+                criterion.count_loss_weight,
+                criterion.rank_loss_weight,
+            ),
+            (2.0, 3.0, 0.5, 0.25),
+        )
+        self.assertEqual(criterion.spatial_mode, "official")
+        self.assertFalse(criterion.count_absent)
+        self.assertEqual((criterion.spatial_start_iter, criterion.density_start_iter), (7, 3))
+        self.assertTrue(criterion.image_labels_only)
+        self.assertEqual(list(criterion.state_dict()), [])  # checkpoints are the model's alone
+
+    def test_loss_dict_composes_the_terms(self):
+        losses = self._run(LCLoss(_lc_cfg()))
+        exact = torch.tensor([[True, False, False]])
+        beyond = torch.tensor([[False, True, False]])
+        absent = torch.tensor([[False, False, True]])
+        counts = torch.tensor([[2, 5, 0]])
+        guidance = hard_spatial_guidance(self.maps, self.peak_mask, self._kth(counts), exact)
+        pos, neg = lc_spatial_loss(self.density, guidance, exact, absent, self.valid, "paper")
+        expected = {
+            "loss_cls": lc_class_loss(self.scores, torch.tensor([[1.0, 1.0, 0.0]])),
+            "loss_sp_pos": pos,
+            "loss_sp_neg": neg,
+            "loss_count": lc_count_loss(self.t_hat, counts, exact | absent),
+            "loss_rank": 0.1 * lc_ranking_loss(self.t_hat, 5, beyond),
+        }
+        self.assertEqual(list(losses), list(expected))
+        for key, value in expected.items():
+            torch.testing.assert_close(losses[key], value, msg=key)
+        self.assertGreater(float(losses["loss_rank"]), 0.0)
+
+    def test_variant_from_cfg_clone(self):
+        cfg = _lc_cfg()
+        base = self._run(LCLoss(cfg))
+        weights = {"CLS": 2.0, "SPATIAL": 3.0, "COUNT": 0.5, "RANK": 0.4}
+        variant_cfg = cfg.clone()
+        for name, weight in weights.items():
+            variant_cfg.merge_from_list([f"MODEL.LC.{name}_LOSS_WEIGHT", str(weight)])
+        variant = LCLoss(variant_cfg)
+        self.assertEqual(cfg.MODEL.LC.CLS_LOSS_WEIGHT, 1.0)  # the clone, not the config
+        scaled = self._run(variant)
+        factors = {
+            "loss_cls": 2.0,
+            "loss_sp_pos": 3.0,
+            "loss_sp_neg": 3.0,
+            "loss_count": 0.5,
+            "loss_rank": 4.0,  # λ 0.1 -> 0.4
+        }
+        for key, factor in factors.items():
+            torch.testing.assert_close(scaled[key], factor * base[key], msg=key)
+        # stage 1 of the official schedule and the classification-only start: zeros, in the graph
+        stage1 = self._run(LCLoss(_lc_cfg(**{"MODEL.LC.SPATIAL_START_ITER": "5"})), 4)
+        self.assertEqual(float(stage1["loss_sp_pos"]) + float(stage1["loss_sp_neg"]), 0.0)
+        early = self._run(LCLoss(_lc_cfg(**{"MODEL.LC.DENSITY_START_ITER": "5"})), 4)
+        for key in ("loss_sp_pos", "loss_sp_neg", "loss_count", "loss_rank"):
+            self.assertEqual(float(early[key]), 0.0, key)
+        labels_only = self._run(LCLoss(_lc_cfg(**{"MODEL.LC.IMAGE_LABELS_ONLY": "True"})))
+        self.assertEqual(list(labels_only), ["loss_cls"])
+        torch.testing.assert_close(labels_only["loss_cls"], base["loss_cls"])
+
+    def test_bad_options_name_the_key(self):
+        for key, value in (
+            ("MODEL.LC.LOWER_COUNT", "1"),
+            ("MODEL.LC.SPATIAL_MODE", "mean"),
+        ):
+            with self.subTest(key=key), self.assertRaisesRegex(ValueError, key):
+                LCLoss(_lc_cfg(**{key: value}))
+        self.inputs[0]["counts"] = torch.tensor([2, 5])
+        with self.assertRaisesRegex(ValueError, "'counts' has 2 entries"):
+            self._run(LCLoss(_lc_cfg()))

@@ -1,6 +1,7 @@
 """ImageLevelCounter (LC / ILC) end to end: build from config, train steps, losses against an
 independent NumPy reference, both config switches, two-stage schedule, inference on odd sizes,
-evaluators, DefaultPredictor, proposals, NaN handling and input validation."""
+evaluators, DefaultPredictor, proposals, NaN handling and input validation; its components (loss,
+instance decoder) built from the config, and decoder variants on a trained model's weights."""
 
 import math
 import os
@@ -19,8 +20,9 @@ import wsis_d2  # noqa: F401  (registers models)
 from wsis_d2 import add_wsis_config
 from wsis_d2.evaluation import CountingEvaluator, InstanceAPEvaluator
 from wsis_d2.layers import find_peaks
+from wsis_d2.lc.losses import LCLoss
 from wsis_d2.lc.meta_arch import fit_lower_count_gain
-from wsis_d2.lc.prm import segment_image
+from wsis_d2.lc.prm import PRMInstanceDecoder, segment_image
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
 C = 3
@@ -100,8 +102,8 @@ def reference_losses(model, m, d, batch, image_sizes, iteration=0):
     d = d.detach().double().numpy()
     n = len(batch)
     stride = model.feature_stride / model.head.upsample
-    t_tilde = model.lower_count
-    stage1 = iteration < model.spatial_start_iter
+    t_tilde = model.criterion.lower_count
+    stage1 = iteration < model.criterion.spatial_start_iter
     l_cls = l_pos = l_neg = l_count = l_rank = 0.0
     pooled_pos, pooled_neg = [], []
     for i, inp in enumerate(batch):
@@ -136,12 +138,12 @@ def reference_losses(model, m, d, batch, image_sizes, iteration=0):
             l_pos += np.mean(pos_terms) / n
         if neg_terms:
             l_neg += np.mean(neg_terms) / n
-        sel = (exact | absent) if (model.count_absent and not stage1) else exact
+        sel = (exact | absent) if (model.criterion.count_absent and not stage1) else exact
         if sel.any():
             l_count += np.mean((t_hat[sel] - counts[sel]) ** 2) / n / inp.get("mosaic_tiles", 1)
         if beyond.any():
             l_rank += np.mean(np.maximum(0.0, bound[beyond] - t_hat[beyond])) / n
-    if model.spatial_mode == "official":
+    if model.criterion.spatial_mode == "official":
         l_pos = float(np.mean(pooled_pos)) if pooled_pos else 0.0
         l_neg = float(np.mean(pooled_neg)) if pooled_neg else 0.0
     if stage1:
@@ -151,7 +153,7 @@ def reference_losses(model, m, d, batch, image_sizes, iteration=0):
         "loss_sp_pos": l_pos,
         "loss_sp_neg": l_neg,
         "loss_count": l_count,
-        "loss_rank": model.rank_loss_weight * l_rank,
+        "loss_rank": model.criterion.rank_loss_weight * l_rank,
     }
 
 
@@ -314,6 +316,49 @@ class TestTraining(unittest.TestCase):
                 model([bad])
 
 
+def decoder_variant(cfg, **overrides):
+    """The instance decoder of ``cfg`` with ``overrides`` (KEY=VALUE), built from a clone."""
+    cfg = cfg.clone()
+    for key, value in overrides.items():
+        cfg.merge_from_list([key, value])
+    return PRMInstanceDecoder(cfg)
+
+
+class TestComponents(unittest.TestCase):
+    def test_built_from_config_without_state(self):
+        cfg = small_cfg(
+            **{
+                "MODEL.LC.LOWER_COUNT": "4",
+                "MODEL.LC.SPATIAL_MODE": "official",
+                "MODEL.LC.PRM.MASK_MODE": "segments",
+                "MODEL.LC.PRM.DENSITY_WEIGHT": "0.5",
+                "MODEL.LC.COUNT_MODE": "official",
+            }
+        )
+        model = build_model(cfg)
+        self.assertIsInstance(model.criterion, LCLoss)
+        self.assertIsInstance(model.decoder, PRMInstanceDecoder)
+        self.assertEqual(
+            (model.criterion.lower_count, model.criterion.spatial_mode), (4, "official")
+        )
+        self.assertEqual((model.decoder.mask_mode, model.decoder.density_weight), ("segments", 0.5))
+        self.assertEqual(model.count_mode, "official")
+        # parameterless components: the checkpoint keys are the backbone's, the head's, count_gain
+        roots = {key.split(".")[0] for key in model.state_dict()}
+        self.assertEqual(roots, {"backbone", "head", "count_gain"})
+
+    def test_bad_options_name_the_key(self):
+        for key, value in (
+            ("MODEL.LC.COUNT_MODE", "sum"),
+            ("MODEL.LC.SPATIAL_MODE", "sum"),
+            ("MODEL.LC.LOWER_COUNT", "1"),
+            ("MODEL.LC.PRM.MASK_THRESHOLD", "1.5"),
+            ("MODEL.LC.PRM.PEAK_PROMINENCE", "-0.1"),
+        ):
+            with self.subTest(key=key), self.assertRaisesRegex(ValueError, key):
+                build_model(small_cfg(**{key: value}))
+
+
 def _count_bias(model, value):
     """Make every class present with t̂ = value (official mode: mean of D)."""
     with torch.no_grad():
@@ -417,11 +462,9 @@ class TestInference(unittest.TestCase):
         torch.manual_seed(0)
         inp = make_input(96, 96, [0] * C, seed=7)
         exact = self.model([inp])[0]["instances"]
-        self.model.prm_group_distance = 1e9  # finite but never reached: still one peak per vector
-        try:
-            same = self.model([inp])[0]["instances"]
-        finally:
-            self.model.prm_group_distance = -1.0
+        # finite but never reached: still one peak per vector
+        grouped = decoder_variant(self.cfg, **{"MODEL.LC.PRM.GROUP_DISTANCE": "1e9"})
+        same = self.model.inference([inp], decoder=grouped)[0]["instances"]
         self.assertTrue(torch.equal(exact.pred_masks, same.pred_masks))
 
     def test_peaks_in_output_pixels(self):
@@ -435,11 +478,8 @@ class TestInference(unittest.TestCase):
         torch.testing.assert_close(large["density"], small["density"])
 
     def test_counts_only(self):
-        self.model.prm_enabled = False
-        try:
-            out = self.model([make_input(45, 61, [0] * C)])[0]
-        finally:
-            self.model.prm_enabled = True
+        counts_only = decoder_variant(self.cfg, **{"MODEL.LC.PRM.ENABLED": "False"})
+        out = self.model.inference([make_input(45, 61, [0] * C)], decoder=counts_only)[0]
         self.assertNotIn("instances", out)
         self.assertEqual(out["counts"].tolist(), [2.0] * C)
         self.assertEqual(out["density"].shape[0], C)
@@ -470,35 +510,29 @@ class TestInference(unittest.TestCase):
         maps[0, 0] = bump(8, 6, 1.0, 30) + bump(8, 16, 0.95, 30) + bump(16, 26, 0.8, 4)
         found = find_peaks(maps, 1, None)
         counts = torch.tensor([2.0] + [0.0] * (C - 1))
-        by_value = self.model._retained_peaks(maps, found.indices, counts, (20, 30))
+        by_value = self.model.decoder.retained_peaks(maps, found.indices, counts, (20, 30))
         self.assertEqual(by_value[:, 2:].tolist(), [[8, 6], [8, 15]])  # two parts of one
-        self.model.prm_peak_prominence = 0.2
-        try:
-            kept = self.model._retained_peaks(maps, found.indices, counts, (20, 30))
-            self.assertEqual(kept[:, 2:].tolist(), [[8, 6], [16, 26]])  # two objects
-            # beyond the prominent peaks, the others by value
-            counts[0] = 3.0
-            three = self.model._retained_peaks(maps, found.indices, counts, (20, 30))
-            self.assertEqual(three[:, 2:].tolist(), [[8, 6], [16, 26], [8, 15]])
-        finally:
-            self.model.prm_peak_prominence = 0.0
+        prominent = decoder_variant(self.cfg, **{"MODEL.LC.PRM.PEAK_PROMINENCE": "0.2"})
+        kept = prominent.retained_peaks(maps, found.indices, counts, (20, 30))
+        self.assertEqual(kept[:, 2:].tolist(), [[8, 6], [16, 26]])  # two objects
+        # beyond the prominent peaks, the others by value
+        counts[0] = 3.0
+        three = prominent.retained_peaks(maps, found.indices, counts, (20, 30))
+        self.assertEqual(three[:, 2:].tolist(), [[8, 6], [16, 26], [8, 15]])
 
     def test_segment_masks(self):
         inp = make_input(64, 80, [0] * C, seed=9)
         inp["height"], inp["width"] = 96, 120
-        self.model.prm_mask_mode = "segments"
-        try:
-            out = self.model([inp])[0]
-        finally:
-            self.model.prm_mask_mode = "threshold"
+        segments = decoder_variant(self.cfg, **{"MODEL.LC.PRM.MASK_MODE": "segments"})
+        out = self.model.inference([inp], decoder=segments)[0]
         self._check(inp, out)
         # every mask is a union of whole regions of the input image's segmentation
         seg = torch.nn.functional.interpolate(
             segment_image(
                 inp["image"],
-                self.model.prm_segment_scale,
-                self.model.prm_segment_sigma,
-                self.model.prm_segment_min_size,
+                segments.segment_scale,
+                segments.segment_sigma,
+                segments.segment_min_size,
             )[None, None].float(),
             size=(96, 120),
             mode="nearest",
@@ -512,6 +546,28 @@ class TestInference(unittest.TestCase):
         cfg.MODEL.LC.PRM.MASK_MODE = "blobs"
         with self.assertRaisesRegex(ValueError, "MASK_MODE"):
             build_model(cfg)
+
+    def test_decoder_variant_equals_a_model_built_with_it(self):
+        # a benchmark's other mask settings: a decoder from a cfg clone on the same weights
+        # gives what a model built from that cfg (and the same checkpoint) gives
+        cfg = self.cfg.clone()
+        cfg.MODEL.LC.PRM.MASK_MODE = "segments"
+        cfg.MODEL.LC.PRM.GROUP_DISTANCE = 16.0
+        cfg.MODEL.LC.PRM.PEAK_PROMINENCE = 0.1
+        cfg.MODEL.LC.PRM.DENSITY_WEIGHT = 0.5
+        built = build_model(cfg).eval()
+        built.load_state_dict(self.model.state_dict())
+        inp = make_input(64, 80, [0] * C, seed=9)
+        inp["height"], inp["width"] = 96, 120
+        ours = self.model.inference_single(inp, decoder=PRMInstanceDecoder(cfg))
+        theirs = built.inference_single(inp)
+        self.assertEqual(self.model.decoder.mask_mode, "threshold")  # the model is unchanged
+        self.assertGreater(len(ours["instances"]), 0)
+        for key in ("counts", "density", "peaks"):
+            self.assertTrue(torch.equal(ours[key], theirs[key]), key)
+        for field in ("pred_masks", "scores", "pred_classes"):
+            a, b = ours["instances"].get(field), theirs["instances"].get(field)
+            self.assertTrue(torch.equal(a, b), field)
 
     def test_proposals_choose_boxes(self):
         inp = make_input(64, 80, [0] * C, seed=8)

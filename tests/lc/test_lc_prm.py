@@ -1,12 +1,18 @@
-"""Peak response maps: batched gradients, grouping, masks and proposal scores vs references."""
+"""Peak response maps: batched gradients, grouping, masks and proposal scores vs references; the
+instance decoder PRMInstanceDecoder built from the config."""
 
 import unittest
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from detectron2.config import get_cfg
 from torch import nn
 
+from wsis_d2 import add_wsis_config
+from wsis_d2.layers import find_peaks
 from wsis_d2.lc.prm import (
+    PRMInstanceDecoder,
     batched_peak_gradients,
     gradient_to_prm,
     group_peaks,
@@ -262,3 +268,99 @@ class TestProposals(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def _lc_cfg(**overrides):
+    cfg = get_cfg()
+    add_wsis_config(cfg)
+    for key, value in overrides.items():
+        cfg.merge_from_list([key, value])
+    return cfg
+
+
+class TestPRMInstanceDecoder(unittest.TestCase):
+    """The instance decoder: built from MODEL.LC.PRM / MODEL.SEGMENTS, instances from peaks."""
+
+    def test_built_from_config(self):
+        values = {
+            "MODEL.LC.PRM.ENABLED": ("False", "enabled", False),
+            "MODEL.LC.PRM.SMOOTH_SIGMA": ("1.5", "smooth_sigma", 1.5),
+            "MODEL.LC.PRM.MASK_THRESHOLD": ("0.45", "mask_threshold", 0.45),
+            "MODEL.LC.PRM.MASK_MODE": ("segments", "mask_mode", "segments"),
+            "MODEL.SEGMENTS.SCALE": ("300.0", "segment_scale", 300.0),
+            "MODEL.SEGMENTS.SIGMA": ("0.5", "segment_sigma", 0.5),
+            "MODEL.SEGMENTS.MIN_SIZE": ("7", "segment_min_size", 7),
+            "MODEL.LC.PRM.MAX_BATCH": ("4", "max_batch", 4),
+            "MODEL.LC.PRM.GROUP_DISTANCE": ("12.0", "group_distance", 12.0),
+            "MODEL.LC.PRM.PEAK_PROMINENCE": ("0.1", "peak_prominence", 0.1),
+            "MODEL.LC.PRM.DENSITY_WEIGHT": ("0.5", "density_weight", 0.5),
+            "MODEL.LC.PRM.PROPOSAL_BALANCE": ("2.0", "proposal_balance", 2.0),
+            "MODEL.LC.PRM.PROPOSAL_BG_PENALTY": ("3.0", "proposal_bg_penalty", 3.0),
+            "MODEL.LC.PRM.PROPOSAL_BG_THRESHOLD": ("0.8", "proposal_bg_threshold", 0.8),
+            "MODEL.LC.PRM.PROPOSAL_CONTOUR_WIDTH": ("3", "proposal_contour_width", 3),
+        }
+        cfg = _lc_cfg(**{key: text for key, (text, _, _) in values.items()})
+        decoder = PRMInstanceDecoder(cfg)
+        for key, (_, attr, value) in values.items():
+            self.assertEqual(getattr(decoder, attr), value, key)
+        self.assertEqual(list(decoder.state_dict()), [])  # checkpoints are the model's alone
+
+    def test_variant_from_cfg_clone(self):
+        cfg = _lc_cfg()
+        decoder = PRMInstanceDecoder(cfg)
+        variant_cfg = cfg.clone()
+        variant_cfg.merge_from_list(["MODEL.LC.PRM.MASK_MODE", "segments"])
+        variant = PRMInstanceDecoder(variant_cfg)
+        self.assertEqual((decoder.mask_mode, variant.mask_mode), ("threshold", "segments"))
+        self.assertEqual(cfg.MODEL.LC.PRM.MASK_MODE, "threshold")
+        others = {k: v for k, v in vars(decoder).items() if not k.startswith("_")}
+        self.assertEqual(
+            {k: v for k, v in vars(variant).items() if k in others and k != "mask_mode"},
+            {k: v for k, v in others.items() if k != "mask_mode"},
+        )
+
+    def test_bad_options_name_the_key(self):
+        for key, value in (
+            ("MODEL.LC.PRM.PEAK_PROMINENCE", "1.0"),
+            ("MODEL.LC.PRM.MASK_THRESHOLD", "0.0"),
+            ("MODEL.LC.PRM.MASK_MODE", "blobs"),
+            ("MODEL.SEGMENTS.SCALE", "0.0"),
+            ("MODEL.SEGMENTS.SIGMA", "-1.0"),
+            ("MODEL.SEGMENTS.MIN_SIZE", "0"),
+        ):
+            name = key.replace("MODEL.SEGMENTS.", "")
+            with self.subTest(key=key), self.assertRaisesRegex(ValueError, name):
+                PRMInstanceDecoder(_lc_cfg(**{key: value}))
+
+    def test_instances_from_the_peaks_of_a_small_net(self):
+        # masks of the per-peak gradients (one backward each), scores σ(s_c)·σ(M^c_p)·e^{−β|1−ν|}
+        net = _small_net()
+        x = torch.randn(1, 3, 16, 20, generator=torch.Generator().manual_seed(1))
+        x.requires_grad_(True)
+        image = torch.randint(0, 256, (3, 16, 20), dtype=torch.uint8)
+        maps = net(x)  # (1, 2, 8, 10)
+        peaks = torch.tensor([[0, 0, 2, 3], [0, 1, 5, 7], [0, 0, 6, 1]])
+        points = (peaks[:, [3, 2]].float() + 0.5) * 2.0
+        density = torch.rand(2, 8, 10, generator=torch.Generator().manual_seed(2)) * 0.1
+        probs = torch.tensor([0.9, 0.6])
+        decoder = PRMInstanceDecoder(smooth_sigma=1.0, mask_threshold=0.3, density_weight=0.5)
+        out = decoder(x, maps, peaks, points, image, density, probs, (32, 40))
+        self.assertIsNone(x.grad)  # the PRMs are taken with autograd.grad: no .grad left behind
+        grads = [torch.autograd.grad(net(x)[0, c, y, xx], x)[0] for _, c, y, xx in peaks.tolist()]
+        prms = gradient_to_prm(torch.cat(grads), 1.0)
+        masks = prm_instance_masks(prms, points, 0.3, (32, 40))
+        kept = masks.flatten(1).any(dim=1)
+        self.assertTrue(bool(kept.all()))
+        self.assertEqual(out.image_size, (32, 40))
+        self.assertTrue(torch.equal(out.pred_masks, masks))
+        self.assertEqual(out.pred_classes.tolist(), [0, 1, 0])
+        frac = F.interpolate(masks[:, None].float(), size=(8, 10), mode="area")[:, 0]
+        nu = (frac * density[peaks[:, 1]]).sum(dim=(1, 2))
+        values = maps.detach()[0, peaks[:, 1], peaks[:, 2], peaks[:, 3]]
+        expected = probs[peaks[:, 1]] * torch.sigmoid(values) * torch.exp(-0.5 * (1 - nu).abs())
+        torch.testing.assert_close(out.scores, expected)
+        # the decoder's own choice of peaks: the first counts[c] by value, by class
+        found = find_peaks(maps.detach(), 1, None)
+        keep = decoder.retained_peaks(maps, found.indices, torch.tensor([1.0, 0.0]), (8, 10))
+        self.assertEqual(keep[:, 1].tolist(), [0])
+        self.assertEqual(float(maps.detach()[0, 0, keep[0, 2], keep[0, 3]]), float(found.values[0]))

@@ -27,6 +27,7 @@ from ..layers.peaks import peak_mask_reference
 from ..lc.losses import estimate_counts
 from ..density.meta_arch import DensityCounter
 from ..lc.meta_arch import ImageLevelCounter
+from ..lc.prm import PRMInstanceDecoder
 
 __all__ = [
     "density_inference",
@@ -130,12 +131,8 @@ def lc_counting_vs_model(model: ImageLevelCounter, image: torch.Tensor) -> Dict[
     largest |value| outside that block, 0 by construction).
     """
     ours = lc_counting_inference(model, [{"image": image}])[0]
-    prm = model.prm_enabled
-    model.prm_enabled = False  # the counting part only: the PRMs do not change counts or density
-    try:
-        theirs = model.inference_single({"image": image})
-    finally:
-        model.prm_enabled = prm
+    # the counting part only: the PRMs do not change counts or density
+    theirs = model.inference_single({"image": image}, decoder=PRMInstanceDecoder(enabled=False))
     mh, mw = theirs["density"].shape[-2:]
     outside = ours["density"].clone()
     outside[:, :mh, :mw] = 0

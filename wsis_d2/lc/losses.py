@@ -13,13 +13,18 @@ M: class activation maps (classification branch), M̃: its peak map, D: density 
 the spatial loss and, summed, the count estimate t̂_c).
 
 Where the official code (github.com/GuoleiSun/CountSeg) differs from the paper, ``mode="paper"``
-follows the paper and ``mode="official"`` the code; each docstring says how.
+follows the paper and ``mode="official"`` the code; each docstring says how. :class:`LCLoss` puts
+the terms together into the loss dict of a batch (``MODEL.LC``'s weights, modes and schedule).
 """
 
-from typing import Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.utils.events import get_event_storage
 
 from ..utils.checks import (
     check_binary,
@@ -29,9 +34,11 @@ from ..utils.checks import (
     check_nonnegative,
     check_number,
     check_tensor,
+    value_checks,
 )
 
 __all__ = [
+    "LCLoss",
     "lc_class_loss",
     "estimate_counts",
     "hard_spatial_guidance",
@@ -315,3 +322,257 @@ def lc_ranking_loss(
     hinge = torch.where(select, hinge, torch.zeros_like(hinge))
     num = select.sum(dim=1).to(counts_hat.dtype)
     return (hinge.sum(dim=1) / num.clamp_min(1.0)).sum() / counts_hat.shape[0]
+
+
+def _flag_field(inp: Dict, key: str, like: torch.Tensor) -> torch.Tensor:
+    """The flattened bool field ``key`` of a training input; all False (shape of ``like``) where
+    the input has none."""
+    value = inp.get(key)
+    if value is None:
+        return torch.zeros_like(like, dtype=torch.bool)
+    return torch.as_tensor(value).reshape(-1).to(torch.bool)
+
+
+class LCLoss(nn.Module):
+    """
+    The losses of one LC / ILC batch (paper Sec. 3.2, Eq. 1):
+
+        L = L_class + L_spatial + L_global,    L_global = L_count + λ · L_rank,
+
+    each term weighted by its ``*_loss_weight`` (λ = ``rank_loss_weight``), from the model's
+    outputs (class maps M, peak map M̃, class scores s, density maps D and counts t̂) and the
+    inputs' image-level targets: "labels" (C,) l_c, "counts" (C,) t_c, "count_ge" (C,) bool
+    (t_c only a lower bound), optional "count_exact" (C,) bool (a count >= t̃ that is exact) and
+    "mosaic_tiles" (int, the count MSE of a mosaic divided by it). The class sets per image:
+
+        S  = {c : l_c = 1, 1 <= t_c, and t_c < t̃ or marked exact}
+        S̃  = {c : l_c = 1, t_c >= t̃ (not marked exact) or only a lower bound}
+        S0 = {c : l_c = 0}
+
+    Schedule: before ``density_start_iter`` only L_class trains (the density terms are
+    connected zeros); before ``spatial_start_iter`` (official stage 1) L_spatial is zero and
+    L_count runs over S alone. With ``image_labels_only`` the loss is L_class from "labels"
+    alone (counts are never read). Training diagnostics go to the event storage ("lc/...").
+
+    No parameters or buffers (a model's checkpoint does not depend on it).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        lower_count: int = 5,
+        cls_loss_weight: float = 1.0,
+        spatial_loss_weight: float = 1.0,
+        count_loss_weight: float = 1.0,
+        rank_loss_weight: float = 0.1,
+        spatial_mode: str = "paper",
+        count_absent: bool = True,
+        spatial_start_iter: int = 0,
+        density_start_iter: int = 0,
+        image_labels_only: bool = False,
+    ):
+        """
+        Args:
+            lower_count: t̃.
+            cls_loss_weight, spatial_loss_weight, count_loss_weight: loss weights.
+            rank_loss_weight: λ.
+            spatial_mode: "paper" or "official" normalisation of L_spatial
+                (:func:`lc_spatial_loss`).
+            count_absent: count MSE over S ∪ S0 (True) or S only.
+            spatial_start_iter: first iteration of stage 2 (official two-stage schedule).
+            density_start_iter: iterations before it train L_class alone (the density branch's
+                losses are connected zeros), so that the classification branch starts learning
+                before the count MSE's gradients reach the shared backbone.
+            image_labels_only: L_class alone, from "labels" (``MODEL.LC.IMAGE_LABELS_ONLY``).
+        """
+        super().__init__()
+        self.lower_count = int(lower_count)
+        if self.lower_count < 2:
+            raise ValueError(f"MODEL.LC.LOWER_COUNT (t̃) must be >= 2, got {lower_count}")
+        self.cls_loss_weight = float(cls_loss_weight)
+        self.spatial_loss_weight = float(spatial_loss_weight)
+        self.count_loss_weight = float(count_loss_weight)
+        self.rank_loss_weight = float(rank_loss_weight)
+        if spatial_mode not in _MODES:
+            raise ValueError(
+                f"MODEL.LC.SPATIAL_MODE must be 'paper' or 'official', got {spatial_mode!r}"
+            )
+        self.spatial_mode = spatial_mode
+        self.count_absent = bool(count_absent)
+        self.spatial_start_iter = int(spatial_start_iter)
+        self.density_start_iter = int(density_start_iter)
+        self.image_labels_only = bool(image_labels_only)
+
+    @classmethod
+    def from_config(cls, cfg):
+        lc = cfg.MODEL.LC
+        return {
+            "lower_count": lc.LOWER_COUNT,
+            "cls_loss_weight": lc.CLS_LOSS_WEIGHT,
+            "spatial_loss_weight": lc.SPATIAL_LOSS_WEIGHT,
+            "count_loss_weight": lc.COUNT_LOSS_WEIGHT,
+            "rank_loss_weight": lc.RANK_LOSS_WEIGHT,
+            "spatial_mode": lc.SPATIAL_MODE,
+            "count_absent": lc.COUNT_ABSENT,
+            "spatial_start_iter": lc.SPATIAL_START_ITER,
+            "density_start_iter": lc.DENSITY_START_ITER,
+            "image_labels_only": lc.IMAGE_LABELS_ONLY,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"lower_count={self.lower_count}, spatial_mode={self.spatial_mode!r}, "
+            f"image_labels_only={self.image_labels_only}"
+        )
+
+    @staticmethod
+    def targets(batched_inputs: List[Dict], num_classes: int, device):
+        """
+        The image-level targets of a batch.
+
+        Returns:
+            labels (N, C) float l, counts (N, C) int64 t, count_ge (N, C) bool, count_exact
+            (N, C) bool (never where count_ge) and tiles (N,) float, the mosaics' tile counts.
+        """
+        labels, counts, count_ge, count_exact, tiles = [], [], [], [], []
+        for i, inp in enumerate(batched_inputs):
+            where = inp.get("file_name", f"input {i}")
+            if "labels" not in inp and "counts" not in inp:
+                raise ValueError(f"Training input {where} has neither 'labels' nor 'counts'")
+            cnt = inp.get("counts")
+            if cnt is None:
+                cnt = torch.zeros(num_classes, dtype=torch.long)
+            cnt = torch.as_tensor(cnt).reshape(-1).to(torch.long)
+            lab = inp.get("labels")
+            lab = (cnt > 0).float() if lab is None else torch.as_tensor(lab).reshape(-1).float()
+            ge = _flag_field(inp, "count_ge", cnt)
+            ex = _flag_field(inp, "count_exact", cnt)
+            fields = (("labels", lab), ("counts", cnt), ("count_ge", ge), ("count_exact", ex))
+            for field, t in fields:
+                if t.numel() != num_classes:
+                    raise ValueError(
+                        f"Training input {where}: field '{field}' has {t.numel()} entries, "
+                        f"MODEL.LC.NUM_CLASSES is {num_classes}"
+                    )
+            labels.append(lab)
+            counts.append(cnt)
+            count_ge.append(ge)
+            count_exact.append(ex & ~ge)
+            num_tiles = int(inp.get("mosaic_tiles", 1))
+            if num_tiles < 1:
+                raise ValueError(f"Training input {where}: 'mosaic_tiles' must be >= 1")
+            tiles.append(torch.tensor(float(num_tiles)))
+        fields = (labels, counts, count_ge, count_exact, tiles)
+        return tuple(torch.stack(t).to(device) for t in fields)
+
+    @staticmethod
+    def image_labels(batched_inputs: List[Dict], num_classes: int, device) -> torch.Tensor:
+        """(N, C) float l from the inputs' "labels" alone (``image_labels_only``)."""
+        labels = []
+        for i, inp in enumerate(batched_inputs):
+            if "labels" not in inp:
+                raise ValueError(
+                    f"Training input {inp.get('file_name', i)} has no 'labels' "
+                    "(MODEL.LC.IMAGE_LABELS_ONLY)"
+                )
+            lab = torch.as_tensor(inp["labels"]).reshape(-1).float()
+            if lab.numel() != num_classes:
+                raise ValueError(
+                    f"Training input {inp.get('file_name', i)}: 'labels' has {lab.numel()} "
+                    f"entries, MODEL.LC.NUM_CLASSES is {num_classes}"
+                )
+            labels.append(lab)
+        return torch.stack(labels).to(device)
+
+    def forward(
+        self,
+        batched_inputs: List[Dict],
+        class_maps: torch.Tensor,
+        density_maps: torch.Tensor,
+        peak_mask: torch.Tensor,
+        scores: torch.Tensor,
+        counts_hat: torch.Tensor,
+        valid: torch.Tensor,
+        kth_peak_values: Callable[[torch.Tensor], torch.Tensor],
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            batched_inputs: the N training inputs (targets, see the class docstring).
+            class_maps: (N, C, h, w) M.
+            density_maps: (N, C, h, w) D.
+            peak_mask: (N, C, h, w) bool M̃, the peaks of M inside each image.
+            scores: (N, C) class scores s (mean peak values of M^c).
+            counts_hat: (N, C) t̂ (``estimate_counts``).
+            valid: (N, 1, h, w) 0/1 map cells inside each image.
+            kth_peak_values: k (N, C) int64 -> (N, C) h_c, the k-th highest peak value of each
+                map inside its image (the model's peak finder; ``kth_peak_value``).
+
+        Returns:
+            {"loss_cls"} with ``image_labels_only``, else {"loss_cls", "loss_sp_pos",
+            "loss_sp_neg", "loss_count", "loss_rank"}: weighted scalars.
+        """
+        num_classes = class_maps.shape[1]
+        storage = get_event_storage()
+        if self.image_labels_only:
+            labels = self.image_labels(batched_inputs, num_classes, class_maps.device)
+            with torch.no_grad():
+                pred = torch.sigmoid(scores) > 0.5
+                storage.put_scalar("lc/cls_accuracy", (pred == (labels > 0.5)).float().mean())
+            return {"loss_cls": self.cls_loss_weight * lc_class_loss(scores, labels)}
+        labels, counts, count_ge, count_exact, tiles = self.targets(
+            batched_inputs, num_classes, class_maps.device
+        )
+        present = labels > 0.5
+        t_tilde = self.lower_count
+        # S̃: counts >= t̃, unless marked exact (mosaics of exactly counted tiles, uncensored
+        # counts); its hinge bound is t̃, or the count where that is a larger lower bound
+        beyond = present & (count_ge | ((counts >= t_tilde) & ~count_exact))
+        exact = present & ~beyond & (counts >= 1)  # S
+        bound = torch.where(count_ge, counts.clamp_min(t_tilde), torch.full_like(counts, t_tilde))
+        absent = ~present  # S0
+        stage1 = storage.iter < self.spatial_start_iter
+        # 0.0 before DENSITY_START_ITER: the density losses stay in the graph, as zeros
+        density_on = 0.0 if storage.iter < self.density_start_iter else 1.0
+
+        loss_cls = lc_class_loss(scores, labels)
+        if stage1:
+            zero = density_maps.sum() * 0.0
+            loss_sp_pos, loss_sp_neg = zero, zero
+            guidance = torch.zeros_like(density_maps)
+        else:
+            kth = kth_peak_values(counts.clamp_min(1))  # h_c of t_c (below t̃ unless exact)
+            guidance = hard_spatial_guidance(class_maps, peak_mask, kth, exact)
+            # valid and the guidance are 0/1 maps built here, S and S0 disjoint by construction:
+            # their per-pixel value checks would add ~1.5 ms a step (N=8, C=20, 56x56, CPU)
+            with value_checks(False):
+                loss_sp_pos, loss_sp_neg = lc_spatial_loss(
+                    density_maps, guidance, exact, absent, valid, self.spatial_mode
+                )
+        count_select = exact | absent if (self.count_absent and not stage1) else exact
+        loss_count = lc_count_loss(counts_hat, counts, count_select, weights=1.0 / tiles)
+        loss_rank = lc_ranking_loss(counts_hat, bound, beyond)
+
+        with torch.no_grad():
+            num_peaks = int(peak_mask.sum())
+            storage.put_scalar("lc/stage", 1.0 if stage1 else 2.0)
+            storage.put_scalar("lc/num_peaks_per_map", num_peaks / max(1, labels.numel()))
+            storage.put_scalar(
+                "lc/guidance_per_class", float(guidance.sum()) / max(1, int(exact.sum()))
+            )
+            pred = torch.sigmoid(scores) > 0.5
+            storage.put_scalar("lc/cls_accuracy", (pred == present).float().mean())
+            if bool(exact.any()):
+                err = (counts_hat - counts.to(counts_hat.dtype))[exact].abs().mean()
+                storage.put_scalar("lc/count_mae_S", err)
+            if bool(absent.any()):
+                storage.put_scalar("lc/count_mean_S0", counts_hat[absent].mean())
+            if bool(beyond.any()):
+                storage.put_scalar("lc/count_mean_S_tilde", counts_hat[beyond].mean())
+        return {
+            "loss_cls": self.cls_loss_weight * loss_cls,
+            "loss_sp_pos": self.spatial_loss_weight * loss_sp_pos * density_on,
+            "loss_sp_neg": self.spatial_loss_weight * loss_sp_neg * density_on,
+            "loss_count": self.count_loss_weight * loss_count * density_on,
+            "loss_rank": self.rank_loss_weight * loss_rank * density_on,
+        }

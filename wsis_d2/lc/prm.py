@@ -15,6 +15,8 @@ the members (:func:`split_group_maps`). ``MODEL.LC.PRM.GROUP_DISTANCE`` chooses 
 This is the plain gradient; the official PRM code instead patches every conv's backward with a
 non-negative "peak backpropagation" rule, which gives smoother maps. Here the gradient magnitude
 Σ_rgb |∂M/∂I| is smoothed with a Gaussian instead (:func:`gradient_to_prm`).
+
+:class:`PRMInstanceDecoder` puts these pieces together into LC's instances (``MODEL.LC.PRM``).
 """
 
 import math
@@ -25,10 +27,15 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from skimage.segmentation import watershed
+from torch import nn
 
-from ..layers import graph_segment
+from detectron2.config import configurable
+from detectron2.structures import BitMasks, Boxes, Instances
+
+from ..layers import graph_segment, prominent_peaks
 
 __all__ = [
+    "PRMInstanceDecoder",
     "batched_peak_gradients",
     "group_peaks",
     "split_group_maps",
@@ -445,3 +452,325 @@ def score_box_proposals(
     ok = (area >= size_limits[0]) & (area < size_limits[1])
     score = torch.where(ok[None, :], score, torch.full_like(score, float("-inf")))
     return score.to(prms.dtype)
+
+
+class PRMInstanceDecoder(nn.Module):
+    """
+    LC / ILC's instances from the retained peaks of one image (paper Sec. 3.3; the PRM of Zhou et
+    al.): each retained peak p of class c gets the mask of its peak response map R_p
+    (thresholded, or snapped to image regions: ``mask_mode``), optionally retrieved with box
+    proposals (:func:`score_box_proposals`), and the density-aware score
+
+        score_p = σ(s_c) · σ(M^c_p) · exp(−β · |1 − ν_p|),    ν_p = Σ_{mask_p} D̄^c,
+
+    with D̄^c the density whose sum over the image is t̂_c and β = ``density_weight``.
+
+    The decoder also chooses which peaks are retained (:meth:`retained_peaks`: the first
+    round(t̂_c) of each present class, the prominent ones first with ``peak_prominence``). It has
+    no parameters or buffers: a variant built from another config (e.g. a benchmark's other mask
+    settings) runs on the same trained model (``ImageLevelCounter.inference_single(...,
+    decoder=...)``), and checkpoints are the model's alone.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        enabled: bool = True,
+        smooth_sigma: float = 2.0,
+        mask_threshold: float = 0.3,
+        mask_mode: str = "threshold",
+        segment_scale: float = 1000.0,
+        segment_sigma: float = 0.8,
+        segment_min_size: int = 10,
+        max_batch: int = 32,
+        group_distance: float = -1.0,
+        peak_prominence: float = 0.0,
+        density_weight: float = 1.0,
+        proposal_balance: float = 1.0,
+        proposal_bg_penalty: float = 1.0,
+        proposal_bg_threshold: float = 1.0,
+        proposal_contour_width: int = 5,
+    ):
+        """
+        Args:
+            enabled: compute instances (False: the retained peaks alone, counts only).
+            smooth_sigma: σ of :func:`gradient_to_prm` (input pixels).
+            mask_threshold: τ, fraction of the maximum response (or of the best region's mean)
+                kept in a mask, in (0, 1].
+            mask_mode: "threshold" (PRM thresholded, :func:`prm_instance_masks`) or "segments"
+                (region means of the PRM thresholded, :func:`segment_instance_masks`).
+            segment_scale, segment_sigma, segment_min_size: the graph-based segmentation of
+                "segments" (:func:`segment_image`).
+            max_batch: largest number of backward vectors per pass (:func:`batched_peak_gradients`).
+            group_distance: peaks at least this far apart (input pixels) share a backward
+                vector (:func:`group_peaks`, :func:`split_group_maps`); < 0: one vector per peak
+                (exact PRMs).
+            peak_prominence: the instances of a class are its prominent peaks first
+                (:func:`wsis_d2.layers.prominent_peaks`, h = this · the map's range), then the
+                others, each by value; 0: by value alone (the paper).
+            density_weight: β of the density-aware instance score.
+            proposal_balance, proposal_bg_penalty, proposal_contour_width: α, β and the contour
+                band of the proposal score Q (:func:`score_box_proposals`).
+            proposal_bg_threshold: the background of class c for Q: pixels where M^c is below this
+                fraction of its mean.
+        """
+        super().__init__()
+        self.enabled = bool(enabled)
+        self.peak_prominence = float(peak_prominence)
+        if not 0.0 <= self.peak_prominence < 1.0:
+            raise ValueError(
+                f"MODEL.LC.PRM.PEAK_PROMINENCE must be in [0, 1), got {peak_prominence}"
+            )
+        self.smooth_sigma = float(smooth_sigma)
+        self.mask_threshold = float(mask_threshold)
+        if not 0.0 < self.mask_threshold <= 1.0:
+            raise ValueError(f"MODEL.LC.PRM.MASK_THRESHOLD must be in (0, 1], got {mask_threshold}")
+        if mask_mode not in ("threshold", "segments"):
+            raise ValueError(
+                f"MODEL.LC.PRM.MASK_MODE must be 'threshold' or 'segments', got {mask_mode!r}"
+            )
+        self.mask_mode = mask_mode
+        self.segment_scale = float(segment_scale)
+        self.segment_sigma = float(segment_sigma)
+        self.segment_min_size = int(segment_min_size)
+        if self.segment_scale <= 0 or self.segment_sigma < 0 or self.segment_min_size < 1:
+            raise ValueError(
+                "MODEL.SEGMENTS.SCALE must be > 0, SIGMA >= 0 and MIN_SIZE "
+                f">= 1, got {segment_scale}, {segment_sigma}, {segment_min_size}"
+            )
+        self.max_batch = int(max_batch)
+        self.group_distance = float(group_distance)
+        self.density_weight = float(density_weight)
+        self.proposal_balance = float(proposal_balance)
+        self.proposal_bg_penalty = float(proposal_bg_penalty)
+        self.proposal_bg_threshold = float(proposal_bg_threshold)
+        self.proposal_contour_width = int(proposal_contour_width)
+
+    @classmethod
+    def from_config(cls, cfg):
+        prm = cfg.MODEL.LC.PRM
+        return {
+            "enabled": prm.ENABLED,
+            "smooth_sigma": prm.SMOOTH_SIGMA,
+            "mask_threshold": prm.MASK_THRESHOLD,
+            "mask_mode": prm.MASK_MODE,
+            "segment_scale": cfg.MODEL.SEGMENTS.SCALE,
+            "segment_sigma": cfg.MODEL.SEGMENTS.SIGMA,
+            "segment_min_size": cfg.MODEL.SEGMENTS.MIN_SIZE,
+            "max_batch": prm.MAX_BATCH,
+            "group_distance": prm.GROUP_DISTANCE,
+            "peak_prominence": prm.PEAK_PROMINENCE,
+            "density_weight": prm.DENSITY_WEIGHT,
+            "proposal_balance": prm.PROPOSAL_BALANCE,
+            "proposal_bg_penalty": prm.PROPOSAL_BG_PENALTY,
+            "proposal_bg_threshold": prm.PROPOSAL_BG_THRESHOLD,
+            "proposal_contour_width": prm.PROPOSAL_CONTOUR_WIDTH,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"enabled={self.enabled}, mask_mode={self.mask_mode!r}, "
+            f"mask_threshold={self.mask_threshold}, group_distance={self.group_distance}"
+        )
+
+    def retained_peaks(
+        self,
+        class_maps: torch.Tensor,
+        indices: torch.Tensor,
+        counts: torch.Tensor,
+        map_size: Tuple[int, int],
+    ) -> torch.Tensor:
+        """
+        The first ``counts[c]`` peaks of each class map of one image, by value (with
+        ``peak_prominence``: the prominent ones first).
+
+        Args:
+            class_maps: (1, C, h, w) M.
+            indices: (P, 4) rows n, c, y, x of its peaks (``find_peaks``).
+            counts: (C,) number of peaks kept per class.
+            map_size: (rows, cols) of the map cells inside the image.
+
+        Returns:
+            (P', 4) rows n, c, y, x, by class.
+        """
+        if indices.shape[0] == 0:
+            return indices
+        values = class_maps.detach()[indices[:, 0], indices[:, 1], indices[:, 2], indices[:, 3]]
+        order = torch.argsort(values, descending=True, stable=True)
+        if self.peak_prominence > 0:
+            prominent = torch.zeros_like(values, dtype=torch.bool)
+            mh, mw = map_size
+            for c in torch.unique(indices[:, 1]).tolist():
+                if float(counts[c]) < 1:
+                    continue
+                rows = torch.nonzero(indices[:, 1] == c).flatten()
+                m = class_maps.detach()[0, c, :mh, :mw].float()
+                height = self.peak_prominence * float(m.max() - m.min())
+                if height > 0:
+                    prominent[rows] = prominent_peaks(
+                        m, indices[rows, 2:], values[rows], height
+                    ).to(prominent.device)
+            order = order[torch.argsort((~prominent[order]).to(torch.int8), stable=True)]
+        order = order[torch.argsort(indices[order, 1], stable=True)]  # by class, then as above
+        idx = indices[order]
+        cls = idx[:, 1].contiguous()
+        start = torch.searchsorted(cls, cls, right=False)
+        rank = torch.arange(cls.numel(), device=cls.device) - start
+        return idx[rank < counts.to(torch.long)[cls]]
+
+    def group(self, points: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Backward-vector group of each peak (:func:`group_peaks`, strongest peaks first)."""
+        if self.group_distance < 0:
+            return torch.arange(points.shape[0], device=points.device)
+        order = torch.argsort(values, descending=True, stable=True)
+        groups = torch.empty_like(order)
+        groups[order] = group_peaks(points[order], self.group_distance)
+        return groups
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        class_maps: torch.Tensor,
+        peaks: torch.Tensor,
+        points: torch.Tensor,
+        image: torch.Tensor,
+        density: torch.Tensor,
+        class_probs: torch.Tensor,
+        out_size: Tuple[int, int],
+        proposals: Optional[Instances] = None,
+    ) -> Instances:
+        """
+        Instances of one image from its retained peaks. The PRMs are the gradients of the peak
+        values with respect to ``inputs``, so ``class_maps`` must come from ``inputs`` with
+        autograd on (its graph is consumed here).
+
+        Args:
+            inputs: (1, 3, H', W') the normalised, padded network input, requiring grad.
+            class_maps: (1, C, h', w') M computed from ``inputs``.
+            peaks: (P, 4) retained peaks, rows n, c, y, x (:meth:`retained_peaks`).
+            points: (P, 2) x, y of the peaks in input pixels (map cell centres).
+            image: (3, H, W) the image of the model input ("image"; H x W is the unpadded
+                network input, the pixels of the PRMs and of the segmentation).
+            density: (C, h, w) D̄ over the map cells inside the image, Σ D̄^c = t̂_c.
+            class_probs: (C,) σ(s_c).
+            out_size: (height, width) of the output.
+            proposals: optional Instances with proposal_boxes in input pixels (PRM retrieval).
+
+        Returns:
+            Instances(pred_boxes, pred_masks (K, height, width) bool, scores, pred_classes) at
+            ``out_size``, K <= P: a peak whose value does not depend on the image (e.g. all
+            ReLUs before it inactive) has a zero response and no mask, so gives no instance.
+        """
+        in_h, in_w = image.shape[-2:]
+        out_h, out_w = out_size
+        mh, mw = density.shape[-2:]
+        with torch.enable_grad():
+            values = class_maps[0, peaks[:, 1], peaks[:, 2], peaks[:, 3]]
+            groups = self.group(points, values.detach())
+            num_groups = int(groups.max()) + 1 if groups.numel() else 0
+            combine = groups[None, :] == torch.arange(num_groups, device=groups.device)[:, None]
+            grads = batched_peak_gradients(values, inputs, combine, max_batch=self.max_batch)
+        class_maps = class_maps.detach()
+        group_prms = gradient_to_prm(grads[:, 0, :, :in_h, :in_w], self.smooth_sigma)
+        prms = split_group_maps(group_prms, points, groups)  # (P, in_h, in_w)
+        if self.mask_mode == "segments":
+            # regions of the network input itself (in_h x in_w), the pixels of the PRMs
+            segments = segment_image(
+                image, self.segment_scale, self.segment_sigma, self.segment_min_size
+            )
+            masks = segment_instance_masks(
+                prms, points, segments, self.mask_threshold, (out_h, out_w)
+            )
+        else:
+            masks = prm_instance_masks(prms, points, self.mask_threshold, (out_h, out_w))
+        classes = peaks[:, 1]
+        boxes = BitMasks(masks).get_bounding_boxes()
+        if proposals is not None and len(proposals) > 0 and peaks.shape[0] > 0:
+            masks, boxes = self.retrieve_proposals(
+                prms,
+                class_maps[0, :, :mh, :mw],
+                classes,
+                proposals,
+                masks,
+                (in_h, in_w),
+                (out_h, out_w),
+            )
+        # density inside each mask, on the map grid: ν_p = Σ_cells D̄^c · (fraction of cell in mask)
+        if masks.shape[0] > 0:
+            frac = F.interpolate(masks[:, None].float(), size=(mh, mw), mode="area")[:, 0]
+            nu = (frac * density[classes]).sum(dim=(1, 2))
+        else:
+            nu = density.new_zeros(0)
+        peak_vals = class_maps[0, classes, peaks[:, 2], peaks[:, 3]]
+        scores = (
+            class_probs[classes]
+            * torch.sigmoid(peak_vals)
+            * torch.exp(-self.density_weight * (1.0 - nu).abs())
+        )
+        instances = Instances((out_h, out_w))
+        instances.pred_boxes = boxes
+        instances.pred_masks = masks
+        instances.scores = scores
+        instances.pred_classes = classes
+        return instances[masks.flatten(1).any(dim=1)]
+
+    def retrieve_proposals(
+        self,
+        prms: torch.Tensor,
+        class_maps: torch.Tensor,
+        classes: torch.Tensor,
+        proposals: Instances,
+        masks: torch.Tensor,
+        in_size: Tuple[int, int],
+        out_size: Tuple[int, int],
+    ) -> Tuple[torch.Tensor, Boxes]:
+        """
+        PRM instance retrieval with box proposals (:func:`score_box_proposals`): each peak takes
+        the proposal of highest score Q; its mask becomes the PRM mask inside that box (the whole
+        box where they do not overlap). Peaks without a valid proposal keep their PRM mask.
+
+        Args:
+            prms: (P, H, W) peak response maps over the input pixels (H, W) = ``in_size``.
+            class_maps: (C, h, w) M over the map cells inside the image.
+            classes: (P,) class of each peak.
+            proposals: Instances with proposal_boxes (K, 4) in input pixels.
+            masks: (P, height, width) bool PRM masks at ``out_size``.
+
+        Returns:
+            (P, height, width) bool masks and their Boxes at ``out_size``.
+        """
+        in_h, in_w = in_size
+        out_h, out_w = out_size
+        boxes_in = proposals.proposal_boxes.tensor.to(prms.device)
+        up = F.interpolate(
+            class_maps[None], size=(in_h, in_w), mode="bilinear", align_corners=False
+        )[0]
+        mean = up.flatten(1).mean(dim=1)
+        background = (up < self.proposal_bg_threshold * mean[:, None, None]).to(prms.dtype)
+        q = score_box_proposals(
+            prms,
+            background[classes],
+            boxes_in,
+            balance=self.proposal_balance,
+            penalty=self.proposal_bg_penalty,
+            contour_width=self.proposal_contour_width,
+        )
+        best_q, best = q.max(dim=1)
+        scale = torch.tensor(
+            [out_w / in_w, out_h / in_h, out_w / in_w, out_h / in_h], device=prms.device
+        )
+        chosen = boxes_in[best] * scale
+        new_masks = masks.clone()
+        ys = torch.arange(out_h, device=prms.device)[:, None] + 0.5
+        xs = torch.arange(out_w, device=prms.device)[None, :] + 0.5
+        boxes = BitMasks(masks).get_bounding_boxes().tensor.clone()
+        for i in range(prms.shape[0]):
+            if not torch.isfinite(best_q[i]):
+                continue
+            x1, y1, x2, y2 = chosen[i].tolist()
+            inside = (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)
+            m = masks[i] & inside
+            new_masks[i] = m if bool(m.any()) else inside
+            boxes[i] = chosen[i]
+        return new_masks, Boxes(boxes)
