@@ -4,7 +4,6 @@ evaluators, DefaultPredictor, proposals, NaN handling and input validation; its 
 instance decoder) built from the config, and decoder variants on a trained model's weights."""
 
 import math
-import os
 import unittest
 
 import numpy as np
@@ -23,15 +22,15 @@ from wsis_d2.layers import find_peaks
 from wsis_d2.lc.losses import LCLoss
 from wsis_d2.lc.meta_arch import fit_lower_count_gain
 from wsis_d2.lc.prm import PRMInstanceDecoder, segment_image
+from wsis_d2.utils.testing import config_path
 
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
 C = 3
 
 
 def small_cfg(**overrides):
     cfg = get_cfg()
     add_wsis_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, "Base-LC.yaml"))
+    cfg.merge_from_file(config_path("Base-LC.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.RESNETS.DEPTH = 18
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
