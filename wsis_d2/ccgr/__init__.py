@@ -7,7 +7,7 @@ from .config import add_ccgr_config
 from .mapper import CCGRDatasetMapper
 from .meta_arch import CCGRNet
 from .psp_head import PSPHead
-from .wsddn_head import WSDDNROIHeads
+from .wsddn_head import WSDDNOutputLayers, WSDDNROIHeads
 from .rounds import CCGRRounds
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "CCGRNet",
     "CCGRRounds",
     "PSPHead",
+    "WSDDNOutputLayers",
     "WSDDNROIHeads",
     "add_ccgr_config",
 ]
