@@ -65,6 +65,7 @@ from wsis_d2.evaluation import (  # noqa: E402
     proposal_recall,
     semantic_ground_truth,
 )
+from wsis_d2.ccgr import ContextGapRefiner  # noqa: E402
 from wsis_d2.ccgr.labels import component_instances  # noqa: E402
 from wsis_d2.engine import WSISTrainer  # noqa: E402
 
@@ -131,7 +132,9 @@ def evaluate_variants(args, cfg, model, dataset, dicts):
     """Pseudo labels of every training image: variants (a), (b), (c), the refinement curve and
     the refinement cost; writes the pseudo-label json of (c)."""
     steps = list(range(0, cfg.MODEL.CCGR.REFINE_STEPS + 1, max(1, cfg.MODEL.CCGR.REFINE_STEPS // 5)))
-    model.refine_snapshots = tuple(steps)
+    # the trained model with a refiner that also reports the boxes after each of ``steps``
+    refiner = ContextGapRefiner(cfg, snapshots=steps)
+    model = model.replace(refiner=refiner)
     evals = {k: InstanceAPEvaluator(dataset, distributed=False) for k in ("cc", "mil", "ccgr")}
     step_evals = {s: InstanceAPEvaluator(dataset, distributed=False) for s in steps}
     for e in list(evals.values()) + list(step_evals.values()):
@@ -154,13 +157,11 @@ def evaluate_variants(args, cfg, model, dataset, dicts):
         info = out.get("ccgr")
         if info is None:
             continue
-        mil = model.pseudo_instances_from_boxes(
-            sem, info["mil_boxes"], info["classes"], info["mil_scores"], inp=inp
-        )
+        mil = model.labeller(sem, info["mil_boxes"], info["classes"], info["mil_scores"], inp)
         evals["mil"].process([inp], [{"instances": mil}])
         for s in steps:
-            inst = model.pseudo_instances_from_boxes(
-                sem, info["snapshots"][s], info["classes"], info["mil_scores"], inp=inp
+            inst = model.labeller(
+                sem, info["snapshots"][s], info["classes"], info["mil_scores"], inp
             )
             step_evals[s].process([inp], [{"instances": inst}])
         if n < args.timing_images:
@@ -168,7 +169,7 @@ def evaluate_variants(args, cfg, model, dataset, dicts):
 
             def refine():
                 # as in the model: integral images of the classes with boxes, then all steps
-                model._refine(
+                refiner(
                     sem, info["mil_boxes"], info["classes"], info["peaks"],
                     torch.arange(len(info["classes"])),
                 )
@@ -182,21 +183,20 @@ def evaluate_variants(args, cfg, model, dataset, dicts):
     return res, curve, pseudo, infer_s, t_ss, t_refine
 
 
-def evaluate_other_refinement(cfg, model, dataset, attr):
-    """mAP of variant (c) with the model's boolean refinement setting ``attr`` flipped
-    (``refine_grow_only``: the paper's unconstrained descent when the default grow-only one is in
-    force; ``refine_search``: the paper's descent alone when the default search is on): a second
-    pass over the images."""
+def evaluate_other_refinement(cfg, model, dataset, key):
+    """mAP of variant (c) with the boolean refinement setting ``MODEL.CCGR.<key>`` flipped
+    (``REFINE_GROW_ONLY``: the paper's unconstrained descent when the default grow-only one is in
+    force; ``REFINE_SEARCH``: the paper's descent alone when the default search is on): the
+    trained model with a refiner built from the flipped config, a second pass over the images."""
+    other = cfg.clone()
+    other.defrost()
+    other.MODEL.CCGR[key] = not cfg.MODEL.CCGR[key]
+    variant = model.replace(refiner=ContextGapRefiner(other))
     loader = build_detection_test_loader(cfg, dataset, mapper=build_dataset_mapper(cfg, False))
     evaluator = InstanceAPEvaluator(dataset, distributed=False)
     evaluator.reset()
-    value = getattr(model, attr)
-    setattr(model, attr, not value)
-    try:
-        for inp, out in run_ccgr_inference(model, loader):
-            evaluator.process([inp], [out])
-    finally:
-        setattr(model, attr, value)
+    for inp, out in run_ccgr_inference(variant, loader):
+        evaluator.process([inp], [out])
     return evaluator.evaluate()["wsis_instance"]
 
 
@@ -320,12 +320,12 @@ def main(argv=None):
         args, ccgr_cfg, trainer.model, dataset, dicts
     )
     others = (
-        ("free" if ccgr_cfg.MODEL.CCGR.REFINE_GROW_ONLY else "grow_only", "refine_grow_only"),
-        ("descent" if ccgr_cfg.MODEL.CCGR.REFINE_SEARCH else "search", "refine_search"),
+        ("free" if ccgr_cfg.MODEL.CCGR.REFINE_GROW_ONLY else "grow_only", "REFINE_GROW_ONLY"),
+        ("descent" if ccgr_cfg.MODEL.CCGR.REFINE_SEARCH else "search", "REFINE_SEARCH"),
     )
-    for other, attr in others:
+    for other, key in others:
         start = time.perf_counter()
-        res[other] = evaluate_other_refinement(ccgr_cfg, trainer.model, dataset, attr)
+        res[other] = evaluate_other_refinement(ccgr_cfg, trainer.model, dataset, key)
         times[f"time_pseudo_labels_{other}_s"] = time.perf_counter() - start
     variants = (("cc", "a_cc"), ("mil", "b_mil"), ("ccgr", "c_ccgr")) + tuple(
         (other, f"c_ccgr_{other}") for other, _ in others

@@ -38,6 +38,7 @@ from wsis_d2.ccgr.stages import compute_cues, cue_parameters, make_proposal_file
 from wsis_d2.evaluation import InstanceAPEvaluator
 from wsis_d2.layers import graph_segment
 from wsis_d2.ccgr.labels import assign_pixels, grabcut_masks, pseudo_instances
+from wsis_d2.ccgr import BagBuilder, ContextGapRefiner, PseudoLabeller
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DS = "wsis_synth_mini_train"
@@ -113,8 +114,8 @@ class TestCCGRPart1(unittest.TestCase):
         trainer = WSISTrainer(cfg)
         trainer.resume_or_load(resume=False)
         trainer.train()
-        model = trainer.model
-        model.refine_snapshots = (0, 3, 6)
+        # the trained model with a refiner that also reports the boxes after 0, 3 and 6 steps
+        model = trainer.model.replace(refiner=ContextGapRefiner(cfg, snapshots=(0, 3, 6)))
         loader = build_detection_test_loader(cfg, DS, mapper=build_dataset_mapper(cfg, False))
         evaluator = InstanceAPEvaluator(DS, distributed=False)
         evaluator.reset()
@@ -132,7 +133,7 @@ class TestCCGRPart1(unittest.TestCase):
             self.assertEqual(sorted(info["snapshots"]), [0, 3, 6])
             self.assertTrue(bool(torch.isfinite(info["refined_boxes"]).all()))
             # MODEL.CCGR.REFINE_GROW_ONLY (the default): each refined box holds its MIL box
-            self.assertTrue(model.refine_grow_only)
+            self.assertTrue(model.refiner.grow_only)
             mil = info["mil_boxes"].clone()
             mil[:, 0::2] = mil[:, 0::2].clamp(0, w)
             mil[:, 1::2] = mil[:, 1::2].clamp(0, h)
@@ -162,27 +163,29 @@ class TestCCGRPart1(unittest.TestCase):
         # image's graph regions; "pixels": S itself
         model.eval()
         inp = next(iter(loader))[0]
-        regions = graph_segment(inp["image"].float(), *model.segment_params)
+        regions = graph_segment(inp["image"].float(), *model.labeller.segment_params)
         regions = torch.nn.functional.interpolate(
             regions[None, None].float(), size=(inp["height"], inp["width"]), mode="nearest"
         )[0, 0].long().numpy()
         refined = {}
         # the descent alone (REFINE_SEARCH off), whose boxes follow S at every step: the search
         # ends on the whole image in both modes (this untrained model's MIL boxes nearly cover it)
-        model.refine_search = False
         for mode in ("pixels", "regions"):
-            model.score_mode = mode
-            try:
-                with torch.no_grad():
-                    res = model([inp])[0]
-                if mode == "regions":
-                    with self.assertRaisesRegex(ValueError, "need the input"):
-                        model.pseudo_instances_from_boxes(
-                            res["sem_seg"], res["ccgr"]["mil_boxes"], res["ccgr"]["classes"],
-                            res["ccgr"]["mil_scores"])
-            finally:
-                model.score_mode = "regions"
-                model.refine_search = True
+            other = cfg.clone()
+            other.defrost()
+            other.MODEL.CCGR.REFINE_SEARCH = False
+            other.MODEL.CCGR.SCORE_MODE = mode
+            # the trained model with a refiner and a labeller of those settings
+            variant = model.replace(
+                refiner=ContextGapRefiner(other), labeller=PseudoLabeller(other)
+            )
+            with torch.no_grad():
+                res = variant([inp])[0]
+            if mode == "regions":
+                with self.assertRaisesRegex(ValueError, "need the input"):
+                    variant.labeller(
+                        res["sem_seg"], res["ccgr"]["mil_boxes"], res["ccgr"]["classes"],
+                        res["ccgr"]["mil_scores"])
             s = res["sem_seg"][:8].cpu().numpy().astype(np.float64)
             if mode == "regions":
                 for r in np.unique(regions):
@@ -191,33 +194,33 @@ class TestCCGRPart1(unittest.TestCase):
             refined[mode] = info["refined_boxes"]
             expected = pseudo_instances(torch.tensor(s, dtype=torch.float32), info["refined_boxes"],
                                         info["classes"], info["mil_scores"],
-                                        mask_threshold=model.mask_threshold,
-                                        nms_threshold=model.nms_threshold)
+                                        mask_threshold=model.labeller.mask_threshold,
+                                        nms_threshold=model.labeller.nms_threshold)
             # MASK_REFINE "grabcut" (the default): then GrabCut on the image at the output size
-            self.assertEqual(model.mask_refine, "grabcut")
+            self.assertEqual(model.labeller.mask_refine, "grabcut")
             image = torch.nn.functional.interpolate(
                 inp["image"][None].float(), size=(inp["height"], inp["width"]), mode="bilinear",
                 align_corners=False)[0]
             expected.pred_masks = grabcut_masks(image, expected.pred_boxes.tensor,
-                                                expected.pred_masks, iterations=model.grabcut_iters,
-                                                context_scale=model.context_scale)
+                                                expected.pred_masks,
+                                                iterations=model.labeller.grabcut_iters,
+                                                context_scale=model.labeller.context_scale)
             expected = assign_pixels(expected)
             self.assertGreater(len(expected), 0)
             self.assertEqual(len(res["instances"]), len(expected))
             self.assertTrue(torch.equal(res["instances"].pred_masks.cpu(), expected.pred_masks))
         self.assertFalse(torch.equal(refined["pixels"], refined["regions"]))  # refinement reads it
         # MASK_REFINE "none": the thresholded region scores themselves
-        model.mask_refine = "none"
-        try:
-            with torch.no_grad():
-                res = model([inp])[0]
-        finally:
-            model.mask_refine = "grabcut"
+        other = cfg.clone()
+        other.defrost()
+        other.MODEL.CCGR.MASK_REFINE = "none"
+        with torch.no_grad():
+            res = model.replace(labeller=PseudoLabeller(other))([inp])[0]
         info = {k: v.cpu() for k, v in res["ccgr"].items() if k != "snapshots"}
         plain = pseudo_instances(torch.tensor(s, dtype=torch.float32), info["refined_boxes"],
                                  info["classes"], info["mil_scores"],
-                                 mask_threshold=model.mask_threshold,
-                                 nms_threshold=model.nms_threshold)
+                                 mask_threshold=model.labeller.mask_threshold,
+                                 nms_threshold=model.labeller.nms_threshold)
         self.assertTrue(torch.equal(res["instances"].pred_masks.cpu(), plain.pred_masks))
         # DefaultPredictor-style input without cues: connected components, no crash
         image = torch.randint(0, 255, (3, 97, 131), dtype=torch.uint8)
@@ -319,6 +322,10 @@ class TestCCGRPart1(unittest.TestCase):
         trainer.train()
         model = trainer.model
         loader = build_detection_test_loader(cfg, DS, mapper=build_dataset_mapper(cfg, False))
+        other = cfg.clone()
+        other.defrost()
+        other.MODEL.CCGR.SEED_IN_BAG = False
+        plain_bags = BagBuilder(other)
         checked = 0
         for inp, res in run_ccgr_inference(model, loader):
             info = res["ccgr"]
@@ -337,12 +344,10 @@ class TestCCGRPart1(unittest.TestCase):
                 checked += 1
             # the bags themselves: instance 0 of each bag is its seed box, appended to the proposals
             boxes, objectness, peaks = model._fields(inp, 0)
-            bags, _, rows, _, all_boxes = model._bags(inp, 0, boxes, objectness, peaks, None)
+            bags, _, rows, _, all_boxes = model.bag_builder(inp, boxes, objectness, peaks, None)
             self.assertEqual(len(all_boxes), len(props) + len(sb))
             torch.testing.assert_close(all_boxes.tensor[bags[:, 0]], sb[rows, 1:5])
-            model.seed_in_bag = False
-            bags, _, _, _, plain_boxes = model._bags(inp, 0, boxes, objectness, peaks, None)
-            model.seed_in_bag = True
+            bags, _, _, _, plain_boxes = plain_bags(inp, boxes, objectness, peaks, None)
             self.assertEqual(len(plain_boxes), len(props))
             self.assertTrue(bool((bags < len(props)).all()))
         self.assertGreater(checked, 0)

@@ -1,4 +1,5 @@
-"""WSDDN over bags: bag scores and loss against a NumPy reference, and the ROI heads."""
+"""WSDDN over bags: bag scores and loss against a NumPy reference, the output layers
+(losses() / inference()) and the ROI heads, which load checkpoints of the old layout."""
 
 import unittest
 
@@ -12,6 +13,7 @@ from detectron2.utils.events import EventStorage
 
 import wsis_d2  # noqa: F401  (registers WSDDNROIHeads)
 from wsis_d2 import add_wsis_config
+from wsis_d2.ccgr import WSDDNOutputLayers
 from wsis_d2.ccgr.wsddn_loss import wsddn_bag_scores, wsddn_loss
 
 
@@ -103,8 +105,76 @@ class TestWSDDNLoss(unittest.TestCase):
             wsddn_bag_scores(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([[-1, 0]]))
 
 
+def _wsddn_cfg(**wsddn):
+    cfg = get_cfg()
+    add_wsis_config(cfg)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 4
+    for key, value in wsddn.items():
+        cfg.MODEL.CCGR.WSDDN[key] = value
+    return cfg
+
+
+class TestWSDDNOutputLayers(unittest.TestCase):
+    def setUp(self):
+        torch.manual_seed(0)
+        self.cfg = _wsddn_cfg(LOSS_WEIGHT=0.5)
+        self.layers = WSDDNOutputLayers(self.cfg, ShapeSpec(channels=6))
+        # two images: 5 and 2 proposal rows; bags of K 3 and K 2 (padded to 3 together)
+        self.x = torch.randn(7, 6)
+        self.bags = [torch.tensor([[0, 1, -1], [2, 3, 4]]), torch.tensor([[5, 6]])]
+        self.labels = [torch.tensor([1, 3]), torch.tensor([0])]
+
+    def test_from_config(self):
+        self.assertEqual(self.layers.num_classes, 4)
+        self.assertEqual((self.layers.eps, self.layers.loss_normalization), (1e-6, "bags"))
+        self.assertEqual(self.layers.loss_weight, 0.5)
+        self.assertEqual(tuple(self.layers.cls_score.weight.shape), (4, 6))
+        # a variant from a clone of the config
+        other = self.cfg.clone()
+        other.MODEL.CCGR.WSDDN.LOSS_NORMALIZATION = "none"
+        self.assertEqual(WSDDNOutputLayers(other, 6).loss_normalization, "none")
+        # box features of a head without fully connected layers are flattened
+        conv = WSDDNOutputLayers(self.cfg, ShapeSpec(channels=3, height=2, width=2))
+        cls_logits, det_logits = conv(torch.randn(5, 3, 2, 2))
+        self.assertEqual((cls_logits.shape, det_logits.shape), ((5, 4), (5, 4)))
+
+    def test_losses_and_inference(self):
+        predictions = self.layers(self.x)
+        self.assertEqual([tuple(p.shape) for p in predictions], [(7, 4), (7, 4)])
+        self.assertEqual([p.dtype for p in predictions], [torch.float32, torch.float32])
+        with EventStorage(0) as storage:
+            losses = self.layers.losses(predictions, self.bags, self.labels)
+            latest = storage.latest()
+        self.assertEqual(set(losses), {"loss_mil"})
+        self.assertEqual(losses["loss_mil"].shape, ())
+        padded = torch.tensor([[0, 1, -1], [2, 3, 4], [5, 6, -1]])
+        phi, _ = wsddn_bag_scores(*predictions, padded)
+        expected = 0.5 * wsddn_loss(phi, torch.tensor([1, 3, 0]))
+        torch.testing.assert_close(losses["loss_mil"], expected)
+        self.assertEqual(latest["wsddn/bags_per_image"][0], 1.5)
+        self.assertIn("wsddn/bag_score", latest)
+        losses["loss_mil"].backward()
+        self.assertIsNotNone(self.layers.cls_score.weight.grad)
+        out = self.layers.inference(predictions, self.bags)
+        self.assertEqual(len(out), 2)
+        self.assertEqual([tuple(o["phi"].shape) for o in out], [(2, 4), (1, 4)])
+        self.assertEqual([tuple(o["contributions"].shape) for o in out], [(2, 3, 4), (1, 3, 4)])
+        torch.testing.assert_close(torch.cat([o["phi"] for o in out]), phi)
+        # no bags at all: a zero loss, empty scores
+        empty = [torch.zeros(0, 3, dtype=torch.long)]
+        with EventStorage(0):
+            zero = self.layers.losses(predictions, empty, [torch.zeros(0, dtype=torch.long)])
+        self.assertEqual(float(zero["loss_mil"]), 0.0)
+        self.assertEqual(tuple(self.layers.inference(predictions, empty)[0]["phi"].shape), (0, 4))
+
+    def test_bad_options_name_the_config_key(self):
+        for key, value in (("EPS", 0.7), ("LOSS_NORMALIZATION", "mean"), ("LOSS_WEIGHT", -1.0)):
+            with self.assertRaisesRegex(ValueError, f"MODEL.CCGR.WSDDN.{key}"):
+                WSDDNOutputLayers(_wsddn_cfg(**{key: value}), 6)
+
+
 class TestWSDDNROIHeads(unittest.TestCase):
-    def _heads(self):
+    def _heads(self, seed=0):
         cfg = get_cfg()
         add_wsis_config(cfg)
         cfg.MODEL.ROI_HEADS.NAME = "WSDDNROIHeads"
@@ -115,7 +185,7 @@ class TestWSDDNROIHeads(unittest.TestCase):
         cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 32
         cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlignV2"
         shapes = {"p3": ShapeSpec(channels=8, stride=8), "p4": ShapeSpec(channels=8, stride=16)}
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         return build_roi_heads(cfg, shapes)
 
     def test_train_and_inference(self):
@@ -130,7 +200,7 @@ class TestWSDDNROIHeads(unittest.TestCase):
             losses = heads(feats, boxes, bags, labels)
         losses["loss_mil"].backward()
         self.assertTrue(torch.isfinite(losses["loss_mil"]))
-        self.assertIsNotNone(heads.det_score.weight.grad)
+        self.assertIsNotNone(heads.box_predictor.det_score.weight.grad)
         heads.eval()
         with torch.no_grad():
             out = heads(feats, boxes, bags, labels)
@@ -138,6 +208,18 @@ class TestWSDDNROIHeads(unittest.TestCase):
         self.assertEqual(out[0]["contributions"].shape, (2, 3, 4))
         self.assertEqual(out[1]["phi"].shape, (0, 4))
         torch.testing.assert_close(out[0]["contributions"].sum(1), out[0]["phi"])
+
+    def test_loads_the_old_layout(self):
+        # before WSDDNOutputLayers the heads held "cls_score" and "det_score" themselves
+        heads = self._heads()
+        old = {k.replace("box_predictor.", ""): v for k, v in heads.state_dict().items()}
+        self.assertIn("cls_score.weight", old)
+        fresh = self._heads(seed=1)
+        self.assertFalse(torch.equal(fresh.box_predictor.cls_score.weight,
+                                     heads.box_predictor.cls_score.weight))
+        fresh.load_state_dict(old)  # strict: every old key converted, none missing
+        for k, v in heads.state_dict().items():
+            self.assertTrue(torch.equal(fresh.state_dict()[k], v), k)
 
     def test_batch_without_bags_has_a_connected_zero_loss(self):
         heads = self._heads().train()
