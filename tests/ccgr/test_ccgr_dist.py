@@ -42,8 +42,8 @@ from wsis_d2.ccgr.dist import check_shared_output, from_main, gather_by_id, shar
 from wsis_d2.ccgr.rounds import STAGE_FILE, CCGRRounds
 from wsis_d2.engine import WSISTrainer
 from wsis_d2.utils.dist import mean_over_processes
+from wsis_d2.utils.testing import config_path
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATASET = "wsis_ccgr_dist_test_128"
 # deterministic inputs: one image size, no flip, float32 (no bfloat16 autocast)
 SAME = ["INPUT.RANDOM_FLIP", "none", "INPUT.MIN_SIZE_TRAIN", "(128,)",
@@ -66,7 +66,7 @@ def _register(root):
 def _cfg(out):
     cfg = get_cfg()
     add_wsis_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "ccgr_mnv2_synthetic.yaml"))
+    cfg.merge_from_file(config_path("ccgr_mnv2_synthetic.yaml"))
     cfg.merge_from_list(FAST + [
         "MODEL.DEVICE", "cpu", "OUTPUT_DIR", out, "SEED", "5",
         # no batch statistics and no dropout in the PSP head: its training is deterministic
@@ -75,8 +75,8 @@ def _cfg(out):
         "MODEL.CCGR.REFINE_STEPS", "5", "MODEL.CCGR.PEAK_RELATIVE_THRESHOLD", "0.0",
         "MODEL.CCGR.ROUNDS.NUM", "2", "MODEL.CCGR.ROUNDS.PROPOSAL_MAX", "200", "MODEL.CCGR.ROUNDS.WORKERS", "0",
         "MODEL.CCGR.ROUNDS.CLASSIFIER_CONFIG",
-        os.path.join(REPO, "configs", "demo", "ccgr_cls_mnv2_synthetic.yaml"),
-        "MODEL.CCGR.ROUNDS.IS_CONFIG", os.path.join(REPO, "configs", "mask_rcnn_mnv2_fpn_synthetic.yaml"),
+        config_path("demo", "ccgr_cls_mnv2_synthetic.yaml"),
+        "MODEL.CCGR.ROUNDS.IS_CONFIG", config_path("mask_rcnn_mnv2_fpn_synthetic.yaml"),
         "MODEL.CCGR.ROUNDS.CLASSIFIER_OPTS", FAST + ["SOLVER.OPTIMIZER", "SGD", "SOLVER.BASE_LR", "0.01"],
         "MODEL.CCGR.ROUNDS.IS_OPTS", FAST + ["SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "1",
                                 "DATASETS.TEST", f"('{DATASET}',)",
@@ -251,7 +251,6 @@ class TestCCGRTwoProcesses(unittest.TestCase):
         with open(os.path.join(out, "round1", "is", "last_checkpoint")) as f:
             self.assertEqual(f.read().strip(), "model_final.pth")
         self.assertIn("mAP_r50", _stage_metrics(out, "round1/is"))
-
 
 
 class TestHelpers(unittest.TestCase):

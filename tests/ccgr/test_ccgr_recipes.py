@@ -21,11 +21,11 @@ import wsis_d2  # noqa: F401  (registers datasets, models and mappers)
 from wsis_d2 import get_wsis_cfg
 from wsis_d2.data.proposals import load_proposal_file, save_proposal_file
 from wsis_d2.ccgr.rounds import CCGRRounds
-from wsis_d2.utils.testing import datasets_root, device_under_test
+from wsis_d2.utils.testing import config_path, datasets_root, device_under_test, repo_root
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VOC_RECIPE = os.path.join(REPO, "configs", "ccgr_r50_voc12.yaml")
-COCO_VOC_RECIPE = os.path.join(REPO, "configs", "ccgr_r50_coco_voc.yaml")
+REPO = repo_root()
+VOC_RECIPE = config_path("ccgr_r50_voc12.yaml")
+COCO_VOC_RECIPE = config_path("ccgr_r50_coco_voc.yaml")
 VOC = (
     "aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike "
     "person pottedplant sheep sofa train tvmonitor"
@@ -99,8 +99,8 @@ def _recipe_cfg(path, out, opts=()):
         # untrained toy models: every pixel of a refined box is its pseudo mask
         "MODEL.CCGR.MASK_THRESHOLD", "0.0",
         "MODEL.CCGR.ROUNDS.NUM", "1", "MODEL.CCGR.ROUNDS.PROPOSAL_MAX", "50", "MODEL.CCGR.ROUNDS.WORKERS", "0",
-        "MODEL.CCGR.ROUNDS.CLASSIFIER_CONFIG", os.path.join(REPO, "configs", "ccgr", "cls_r50_voc.yaml"),
-        "MODEL.CCGR.ROUNDS.IS_CONFIG", os.path.join(REPO, "configs", "ccgr", "mask_rcnn_R_50_FPN_voc.yaml"),
+        "MODEL.CCGR.ROUNDS.CLASSIFIER_CONFIG", config_path("ccgr", "cls_r50_voc.yaml"),
+        "MODEL.CCGR.ROUNDS.IS_CONFIG", config_path("ccgr", "mask_rcnn_R_50_FPN_voc.yaml"),
         "MODEL.CCGR.ROUNDS.CLASSIFIER_OPTS", TINY,
         "MODEL.CCGR.ROUNDS.IS_OPTS", TINY + ["DATASETS.TEST", "('voc_2012_seg_val_instance',)",
                                 "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",

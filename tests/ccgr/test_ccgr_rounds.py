@@ -17,7 +17,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor, HookBase
 
 import wsis_d2  # noqa: F401  (registers everything)
-from wsis_d2.utils.testing import datasets_root, device_under_test
+from wsis_d2.utils.testing import config_path, datasets_root, device_under_test
 from wsis_d2 import add_wsis_config
 from wsis_d2.data.datasets import register_coco_counts_instances
 from wsis_d2.engine import WSISTrainer
@@ -30,7 +30,6 @@ from wsis_d2.ccgr.rounds import (
 from wsis_d2.ccgr.health import StageHealthError
 from detectron2.structures import Boxes, Instances
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAST = ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1",
         "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "MODEL.WEIGHTS", "",
         "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160"]  # fmt: skip
@@ -39,14 +38,14 @@ FAST = ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "
 def _cfg(out, opts=()):
     cfg = get_cfg()
     add_wsis_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "ccgr_mnv2_synthetic.yaml"))
+    cfg.merge_from_file(config_path("ccgr_mnv2_synthetic.yaml"))
     cfg.merge_from_list(FAST + [
         "MODEL.DEVICE", device_under_test(), "OUTPUT_DIR", out,
         "DATASETS.TRAIN", "('wsis_synth_mini_train',)",
         "MODEL.CCGR.REFINE_STEPS", "5", "MODEL.CCGR.PEAK_RELATIVE_THRESHOLD", "0.0",
         "MODEL.CCGR.ROUNDS.NUM", "2", "MODEL.CCGR.ROUNDS.PROPOSAL_MAX", "300", "MODEL.CCGR.ROUNDS.WORKERS", "0",
-        "MODEL.CCGR.ROUNDS.CLASSIFIER_CONFIG", os.path.join(REPO, "configs", "demo", "ccgr_cls_mnv2_synthetic.yaml"),
-        "MODEL.CCGR.ROUNDS.IS_CONFIG", os.path.join(REPO, "configs", "mask_rcnn_mnv2_fpn_synthetic.yaml"),
+        "MODEL.CCGR.ROUNDS.CLASSIFIER_CONFIG", config_path("demo", "ccgr_cls_mnv2_synthetic.yaml"),
+        "MODEL.CCGR.ROUNDS.IS_CONFIG", config_path("mask_rcnn_mnv2_fpn_synthetic.yaml"),
         "MODEL.CCGR.ROUNDS.CLASSIFIER_OPTS", FAST,
         # an IS branch of 3 iterations scores low: keep its boxes so that round 2 has bags
         "MODEL.CCGR.ROUNDS.IS_OPTS", FAST + ["SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "1",

@@ -5,7 +5,6 @@ back by register_coco_counts_instances. Also the mapper (flips, no ground-truth 
 errors for bad proposal files and cues.
 """
 
-import importlib.util
 import os
 import pickle
 import tempfile
@@ -22,7 +21,7 @@ from PIL import Image
 
 from wsis_d2.engine import WSISTrainer
 import wsis_d2  # noqa: F401  (registers everything)
-from wsis_d2.utils.testing import datasets_root, device_under_test
+from wsis_d2.utils.testing import config_path, datasets_root, device_under_test
 from wsis_d2 import add_wsis_config
 from wsis_d2.data import build_dataset_mapper
 from wsis_d2.ccgr.files import (
@@ -40,7 +39,6 @@ from wsis_d2.layers import graph_segment
 from wsis_d2.ccgr.labels import assign_pixels, grabcut_masks, pseudo_instances
 from wsis_d2.ccgr import BagBuilder, ContextGapRefiner, PseudoLabeller
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DS = "wsis_synth_mini_train"
 
 
@@ -50,7 +48,7 @@ def _cfg(path, out, opts=()):
     np.random.seed(0)
     cfg = get_cfg()
     add_wsis_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", path))
+    cfg.merge_from_file(config_path(path))
     cfg.merge_from_list(
         ["MODEL.DEVICE", device_under_test(), "MODEL.WEIGHTS", "", "OUTPUT_DIR", out,
          "DATASETS.TRAIN", f"('{DS}',)", "DATASETS.TEST", f"('{DS}',)",

@@ -19,14 +19,13 @@ from wsis_d2.ccgr import (
     WSDDNOutputLayers,
     WSDDNROIHeads,
 )
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from wsis_d2.utils.testing import config_path
 
 
 def _cfg(*opts):
     cfg = get_cfg()
     add_wsis_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "ccgr_mnv2_synthetic.yaml"))
+    cfg.merge_from_file(config_path("ccgr_mnv2_synthetic.yaml"))
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + list(opts))
     return cfg
 

@@ -40,10 +40,9 @@ from wsis_d2.density.mapper import (
     build_density_augmentation,
     crop_edge_mask,
 )
-from wsis_d2.utils.testing import config_path, repo_root
+from wsis_d2.utils.testing import config_path
 
 LOGGER = "wsis_d2.data.datasets.point_datasets"
-ROOT = repo_root()
 
 
 def _save_image(path, height, width, mode="RGB", value=30):

@@ -13,7 +13,7 @@ from detectron2.data.build import load_proposals_into_dataset
 from detectron2.structures import BoxMode
 
 import wsis_d2  # noqa: F401  (registers the synthetic datasets)
-from wsis_d2.utils.testing import datasets_root, load_tool, repo_root
+from wsis_d2.utils.testing import datasets_root, load_tool
 from wsis_d2.data.proposals import (
     SelectiveSearchProposals,
     check_proposals,
@@ -24,8 +24,6 @@ from wsis_d2.data.proposals import (
     score_to_logit,
 )
 from wsis_d2.evaluation import proposal_recall
-
-REPO = repo_root()
 
 
 def _load_tool():

@@ -8,7 +8,6 @@ from unittest import mock
 
 import numpy as np
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultPredictor
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, build_model
@@ -16,14 +15,12 @@ from detectron2.utils.events import EventStorage
 from scipy.special import erf
 
 import wsis_d2  # noqa: F401  (registers models)
-from wsis_d2 import add_wsis_config
 from wsis_d2.density.fcrn import block_norm
 from wsis_d2.density.calibration import fit_count_calibration
 from wsis_d2.density.losses import DensityLoss, density_mse_loss, density_window_count_loss
 from wsis_d2.density.postprocessing import DensityPointDetector, build_point_detector
 from wsis_d2.density.targets import DensityTargets, adaptive_sigmas, gaussian_density_map
-from wsis_d2.utils.testing import config_path
-
+from wsis_d2.utils.testing import tiny_density_config
 
 
 def _reference_density(points, height, width, sigmas):
@@ -41,15 +38,7 @@ def _reference_density(points, height, width, sigmas):
 
 
 def small_cfg(config="density_unet_cells.yaml"):
-    cfg = get_cfg()
-    add_wsis_config(cfg)
-    cfg.merge_from_file(config_path(config))
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.FCRN.CHANNELS = [4, 8, 8]
-    cfg.MODEL.FCRN.MID_CHANNELS = 8
-    cfg.MODEL.UNET.CHANNELS = [4, 8, 8]
-    cfg.MODEL.UNET.MID_CHANNELS = 8
-    return cfg
+    return tiny_density_config(config)
 
 
 class TestTargets(unittest.TestCase):

@@ -32,7 +32,6 @@ from wsis_d2.evaluation import DensityEvaluator
 from wsis_d2.utils.testing import config_path
 
 
-
 class TestDensityPipeline(unittest.TestCase):
     @classmethod
     def setUpClass(cls):

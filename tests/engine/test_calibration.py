@@ -21,17 +21,11 @@ from wsis_d2.lc.calibration import (
 )
 from wsis_d2.density.calibration import fit_count_calibration
 from wsis_d2.lc.meta_arch import fit_lower_count_gain
-from wsis_d2.utils.testing import config_path
-
+from wsis_d2.utils.testing import tiny_density_config, tiny_lc_config
 
 
 def _model():
-    cfg = get_cfg()
-    add_wsis_config(cfg)
-    cfg.merge_from_file(config_path("density_unet_cells.yaml"))
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.UNET.CHANNELS = [4, 8, 8]
-    cfg.MODEL.UNET.MID_CHANNELS = 8
+    cfg = tiny_density_config("density_unet_cells.yaml")
     torch.manual_seed(0)
     model = build_model(cfg)
     # a bias on the head so that the untrained network predicts a sizeable mass (~5 per 100 px)
@@ -126,15 +120,7 @@ class TestCalibrateDensityCounts(unittest.TestCase):
 
 
 def _lc_cfg():
-    cfg = get_cfg()
-    add_wsis_config(cfg)
-    cfg.merge_from_file(config_path("Base-LC.yaml"))
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res4"]
-    cfg.MODEL.LC.IN_FEATURE = "res4"
-    cfg.MODEL.LC.NUM_CLASSES = 3
+    cfg = tiny_lc_config(3)
     cfg.MODEL.LC.CALIBRATION.MODE = "gain"
     return cfg
 

@@ -21,7 +21,7 @@ from wsis_d2.data.datasets.point_datasets import load_point_json, register_point
 from wsis_d2.engine import CountHealthCheck, WSISTrainer, collapsed_classes
 from wsis_d2.lc.calibration import lc_trainer_hooks
 from wsis_d2.engine.health import loss_at_constant_output
-from wsis_d2.utils.testing import config_path
+from wsis_d2.utils.testing import config_path, tiny_lc_config
 
 HEALTH_LOGGER = "wsis_d2.engine.health"
 
@@ -178,15 +178,7 @@ class TestCollapsedLCModel(unittest.TestCase):
         MetadataCatalog.get(name).set(thing_classes=["a", "b", "c"])
         self.addCleanup(DatasetCatalog.remove, name)
         self.addCleanup(MetadataCatalog.remove, name)
-        cfg = get_cfg()
-        add_wsis_config(cfg)
-        cfg.merge_from_file(config_path("Base-LC.yaml"))
-        cfg.MODEL.DEVICE = "cpu"
-        cfg.MODEL.RESNETS.DEPTH = 18
-        cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-        cfg.MODEL.RESNETS.OUT_FEATURES = ["res4"]
-        cfg.MODEL.LC.IN_FEATURE = "res4"
-        cfg.MODEL.LC.NUM_CLASSES = 3
+        cfg = tiny_lc_config(3)
         cfg.DATASETS.TRAIN = (name,)
         cfg.INPUT.MIN_SIZE_TEST = 0  # the images' own sizes
         torch.manual_seed(0)

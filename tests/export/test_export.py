@@ -27,9 +27,8 @@ from wsis_d2.export import (
     load_exported,
     reference_outputs,
 )
-from wsis_d2.utils.testing import config_path, load_tool, repo_root
+from wsis_d2.utils.testing import config_path, load_tool
 
-REPO = repo_root()
 HAS_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
 

@@ -8,7 +8,6 @@ import unittest
 
 import numpy as np
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor, SimpleTrainer
 from detectron2.modeling import build_model
@@ -16,27 +15,18 @@ from detectron2.structures import BoxMode, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import wsis_d2  # noqa: F401  (registers models)
-from wsis_d2 import add_wsis_config
 from wsis_d2.evaluation import CountingEvaluator, InstanceAPEvaluator
 from wsis_d2.layers import find_peaks
 from wsis_d2.lc.losses import LCLoss
 from wsis_d2.lc.meta_arch import fit_lower_count_gain
 from wsis_d2.lc.prm import PRMInstanceDecoder, segment_image
-from wsis_d2.utils.testing import config_path
+from wsis_d2.utils.testing import tiny_lc_config
 
 C = 3
 
 
 def small_cfg(**overrides):
-    cfg = get_cfg()
-    add_wsis_config(cfg)
-    cfg.merge_from_file(config_path("Base-LC.yaml"))
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res4"]
-    cfg.MODEL.LC.IN_FEATURE = "res4"
-    cfg.MODEL.LC.NUM_CLASSES = C
+    cfg = tiny_lc_config(C)
     cfg.MODEL.LC.UPSAMPLE = 2
     cfg.INPUT.MIN_SIZE_TEST = 64
     cfg.INPUT.MAX_SIZE_TEST = 96

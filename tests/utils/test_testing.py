@@ -12,6 +12,8 @@ from wsis_d2.utils.testing import (
     get_config,
     load_tool,
     repo_root,
+    tiny_density_config,
+    tiny_lc_config,
 )
 
 
@@ -59,6 +61,15 @@ class TestCheckout(unittest.TestCase):
         self.assertTrue(callable(tool.main) and callable(tool.setup))
         # the checkout's script, not detectron2's tools/train_net.py of the same name
         self.assertEqual(os.path.realpath(tool.__file__), os.path.realpath(os.path.join(root, "tools", "train_net.py")))
+
+    def test_tiny_configs_build_their_models(self):
+        from detectron2.modeling import build_model
+
+        lc = build_model(tiny_lc_config(4))
+        self.assertEqual((type(lc).__name__, lc.num_classes), ("ImageLevelCounter", 4))
+        density = build_model(tiny_density_config("density_fcrn_a_cells.yaml"))
+        self.assertEqual(type(density).__name__, "DensityCounter")
+        self.assertLess(sum(p.numel() for p in density.parameters()), 20_000)
 
     def test_missing_tool_is_named(self):
         with self.assertRaisesRegex(FileNotFoundError, "no_such_tool"):

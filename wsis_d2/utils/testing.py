@@ -13,6 +13,8 @@ __all__ = [
     "get_config",
     "load_tool",
     "repo_root",
+    "tiny_density_config",
+    "tiny_lc_config",
 ]
 
 
@@ -42,6 +44,25 @@ def get_config(config: str, opts=(), device: str = ""):
     cfg = get_wsis_cfg(config_path(config), opts)
     cfg.MODEL.DEVICE = device or device_under_test()
     return cfg
+
+
+def tiny_lc_config(num_classes: int = 3, opts=(), device: str = "cpu"):
+    """``configs/Base-LC.yaml`` on an R-18 trunk read at res4 with ``num_classes`` classes: an LC
+    model that builds and steps in well under a second on a CPU (random weights)."""
+    return get_config("Base-LC.yaml", [
+        "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+        "MODEL.RESNETS.OUT_FEATURES", "['res4']", "MODEL.LC.IN_FEATURE", "res4",
+        "MODEL.LC.NUM_CLASSES", str(num_classes), *opts,
+    ], device)
+
+
+def tiny_density_config(config: str = "density_unet_cells.yaml", opts=(), device: str = "cpu"):
+    """A density config with FCRN / U-Net blocks 4-8-8 wide (mid 8): the model's structure at a
+    size that trains in seconds on a CPU."""
+    return get_config(config, [
+        "MODEL.FCRN.CHANNELS", "[4, 8, 8]", "MODEL.FCRN.MID_CHANNELS", "8",
+        "MODEL.UNET.CHANNELS", "[4, 8, 8]", "MODEL.UNET.MID_CHANNELS", "8", *opts,
+    ], device)
 
 
 def load_tool(name: str) -> ModuleType:
