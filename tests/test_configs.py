@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 import wsis_d2  # noqa: F401  (registers models)
 from wsis_d2 import add_wsis_config
 
-from wsis_d2.utils.testing import config_path
+from wsis_d2.testing import config_path
 
 CONFIG_DIR = config_path()
 

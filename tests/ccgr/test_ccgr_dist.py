@@ -42,7 +42,7 @@ from wsis_d2.ccgr.dist import check_shared_output, from_main, gather_by_id, shar
 from wsis_d2.ccgr.rounds import STAGE_FILE, CCGRRounds
 from wsis_d2.engine import WSISTrainer
 from wsis_d2.utils.dist import mean_over_processes
-from wsis_d2.utils.testing import config_path
+from wsis_d2.testing import config_path
 
 DATASET = "wsis_ccgr_dist_test_128"
 # deterministic inputs: one image size, no flip, float32 (no bfloat16 autocast)

@@ -21,7 +21,7 @@ import wsis_d2  # noqa: F401  (registers datasets, models and mappers)
 from wsis_d2 import get_wsis_cfg
 from wsis_d2.data.proposals import load_proposal_file, save_proposal_file
 from wsis_d2.ccgr.rounds import CCGRRounds
-from wsis_d2.utils.testing import config_path, datasets_root, device_under_test, repo_root
+from wsis_d2.testing import config_path, datasets_root, device_under_test, repo_root
 
 REPO = repo_root()
 VOC_RECIPE = config_path("ccgr_r50_voc12.yaml")

@@ -17,7 +17,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor, HookBase
 
 import wsis_d2  # noqa: F401  (registers everything)
-from wsis_d2.utils.testing import config_path, datasets_root, device_under_test
+from wsis_d2.testing import config_path, datasets_root, device_under_test
 from wsis_d2 import add_wsis_config
 from wsis_d2.data.datasets import register_coco_counts_instances
 from wsis_d2.engine import WSISTrainer

@@ -21,7 +21,7 @@ from PIL import Image
 
 from wsis_d2.engine import WSISTrainer
 import wsis_d2  # noqa: F401  (registers everything)
-from wsis_d2.utils.testing import config_path, datasets_root, device_under_test
+from wsis_d2.testing import config_path, datasets_root, device_under_test
 from wsis_d2 import add_wsis_config
 from wsis_d2.data import build_dataset_mapper
 from wsis_d2.ccgr.files import (

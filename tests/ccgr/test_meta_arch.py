@@ -19,7 +19,7 @@ from wsis_d2.ccgr import (
     WSDDNOutputLayers,
     WSDDNROIHeads,
 )
-from wsis_d2.utils.testing import config_path
+from wsis_d2.testing import config_path
 
 
 def _cfg(*opts):

@@ -40,7 +40,7 @@ from wsis_d2.density.mapper import (
     build_density_augmentation,
     crop_edge_mask,
 )
-from wsis_d2.utils.testing import config_path
+from wsis_d2.testing import config_path
 
 LOGGER = "wsis_d2.data.datasets.point_datasets"
 

@@ -13,7 +13,7 @@ from detectron2.data.build import load_proposals_into_dataset
 from detectron2.structures import BoxMode
 
 import wsis_d2  # noqa: F401  (registers the synthetic datasets)
-from wsis_d2.utils.testing import datasets_root, load_tool
+from wsis_d2.testing import datasets_root, load_tool
 from wsis_d2.data.proposals import (
     SelectiveSearchProposals,
     check_proposals,

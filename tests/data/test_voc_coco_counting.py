@@ -17,7 +17,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
 import wsis_d2  # noqa: F401  (registers the builtin splits)
-from wsis_d2.utils.testing import datasets_root
+from wsis_d2.testing import datasets_root
 from wsis_d2.data.datasets.coco_counting import register_coco_counting, restrict_to_voc
 from wsis_d2.data.datasets.voc_counting import (
     VOC_CLASSES,

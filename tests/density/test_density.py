@@ -20,7 +20,7 @@ from wsis_d2.density.calibration import fit_count_calibration
 from wsis_d2.density.losses import DensityLoss, density_mse_loss, density_window_count_loss
 from wsis_d2.density.postprocessing import DensityPointDetector, build_point_detector
 from wsis_d2.density.targets import DensityTargets, adaptive_sigmas, gaussian_density_map
-from wsis_d2.utils.testing import tiny_density_config
+from wsis_d2.testing import tiny_density_config
 
 
 def _reference_density(points, height, width, sigmas):

@@ -29,7 +29,7 @@ from wsis_d2.data.datasets.cells import GENERATOR_SPEC, prepare_synthetic_cells
 from wsis_d2.data.datasets.point_datasets import load_point_json, register_point_dataset
 from wsis_d2.engine import AutocastTrainer, WSISTrainer, build_train_loop
 from wsis_d2.evaluation import DensityEvaluator
-from wsis_d2.utils.testing import config_path
+from wsis_d2.testing import config_path
 
 
 class TestDensityPipeline(unittest.TestCase):

@@ -21,7 +21,7 @@ from wsis_d2.lc.calibration import (
 )
 from wsis_d2.density.calibration import fit_count_calibration
 from wsis_d2.lc.meta_arch import fit_lower_count_gain
-from wsis_d2.utils.testing import tiny_density_config, tiny_lc_config
+from wsis_d2.testing import tiny_density_config, tiny_lc_config
 
 
 def _model():

@@ -21,7 +21,7 @@ from wsis_d2.data.datasets.point_datasets import load_point_json, register_point
 from wsis_d2.engine import CountHealthCheck, WSISTrainer, collapsed_classes
 from wsis_d2.lc.calibration import lc_trainer_hooks
 from wsis_d2.engine.health import loss_at_constant_output
-from wsis_d2.utils.testing import config_path, tiny_lc_config
+from wsis_d2.testing import config_path, tiny_lc_config
 
 HEALTH_LOGGER = "wsis_d2.engine.health"
 

@@ -20,7 +20,7 @@ from detectron2.data import DatasetCatalog
 
 from wsis_d2.data.datasets import SyntheticSpec, register_synthetic_split
 from wsis_d2.engine import check_device, launch
-from wsis_d2.utils.testing import config_path, load_tool, repo_root
+from wsis_d2.testing import config_path, load_tool, repo_root
 
 REPO = repo_root()
 CONFIG = config_path("demo", "ccgr_cls_mnv2_synthetic.yaml")

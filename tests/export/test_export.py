@@ -27,7 +27,7 @@ from wsis_d2.export import (
     load_exported,
     reference_outputs,
 )
-from wsis_d2.utils.testing import config_path, load_tool
+from wsis_d2.testing import config_path, load_tool
 
 HAS_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 

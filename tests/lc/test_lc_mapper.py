@@ -18,7 +18,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
 import wsis_d2  # noqa: F401  (registers datasets and mappers)
-from wsis_d2.utils.testing import datasets_root
+from wsis_d2.testing import datasets_root
 from wsis_d2 import add_wsis_config
 from wsis_d2.data import build_dataset_mapper
 from wsis_d2.lc.mapper import LCDatasetMapper, image_labels_of

@@ -20,7 +20,7 @@ from wsis_d2.layers import find_peaks
 from wsis_d2.lc.losses import LCLoss
 from wsis_d2.lc.meta_arch import fit_lower_count_gain
 from wsis_d2.lc.prm import PRMInstanceDecoder, segment_image
-from wsis_d2.utils.testing import tiny_lc_config
+from wsis_d2.testing import tiny_lc_config
 
 C = 3
 

@@ -17,7 +17,7 @@ import wsis_d2  # noqa: F401  (registers the backbone)
 from wsis_d2 import add_wsis_config
 from wsis_d2.layers import FusedFrozenBatchNorm2d
 from wsis_d2.modeling.mobilenet import convert_torchvision_mobilenet_v2
-from wsis_d2.utils.testing import config_path, repo_root
+from wsis_d2.testing import config_path, repo_root
 
 REPO = repo_root()
 

@@ -6,7 +6,7 @@ import sys
 import tempfile
 import unittest
 
-from wsis_d2.utils.testing import repo_root
+from wsis_d2.testing import repo_root
 
 ROOT = repo_root()
 

@@ -19,7 +19,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, Instances
 
-from wsis_d2.utils.testing import config_path, load_tool
+from wsis_d2.testing import config_path, load_tool
 
 H, W = 120, 160
 CLASSES = ["apple", "bean", "cherry"]

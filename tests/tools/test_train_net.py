@@ -17,7 +17,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.evaluation import DatasetEvaluators
 
 from wsis_d2.engine import WSISTrainer
-from wsis_d2.utils.testing import config_path, datasets_root, device_under_test, load_tool
+from wsis_d2.testing import config_path, datasets_root, device_under_test, load_tool
 from wsis_d2.evaluation import CountingEvaluator, FastCOCOEvaluator, InstanceAPEvaluator
 
 MASK_RCNN = config_path("mask_rcnn_mnv2_fpn_synthetic.yaml")

@@ -6,6 +6,8 @@ import importlib.util
 import os
 from types import ModuleType
 
+from .config import get_wsis_cfg
+
 __all__ = [
     "config_path",
     "datasets_root",
@@ -23,7 +25,7 @@ def repo_root() -> str:
     The checkout that holds this package, its ``configs/`` and ``tools/`` (the tests run from a
     checkout; an installed wheel has neither folder, which raises a RuntimeError).
     """
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if not os.path.isdir(os.path.join(root, "configs")):
         raise RuntimeError(f"{root} is not a wsis_d2 checkout (no configs/ folder)")
     return root
@@ -39,8 +41,6 @@ def get_config(config: str, opts=(), device: str = ""):
     ``get_wsis_cfg`` of the checkout's ``configs/<config>`` with ``opts`` ("KEY VALUE" list) merged
     and ``MODEL.DEVICE`` set to ``device`` (default :func:`device_under_test`); not frozen.
     """
-    from wsis_d2.config import get_wsis_cfg  # the package's config; imported when a test asks
-
     cfg = get_wsis_cfg(config_path(config), opts)
     cfg.MODEL.DEVICE = device or device_under_test()
     return cfg

@@ -1,11 +1,11 @@
-"""wsis_d2.utils.testing: datasets_root sets $DETECTRON2_DATASETS and restores it, also on error;
+"""wsis_d2.testing: datasets_root sets $DETECTRON2_DATASETS and restores it, also on error;
 the checkout's configs and tools; the device of the end-to-end tests."""
 
 import os
 import unittest
 from unittest import mock
 
-from wsis_d2.utils.testing import (
+from wsis_d2.testing import (
     config_path,
     datasets_root,
     device_under_test,
@@ -52,7 +52,7 @@ class TestCheckout(unittest.TestCase):
     def test_configs_and_tools_of_this_checkout(self):
         root = repo_root()
         self.assertEqual(os.path.realpath(root), os.path.realpath(os.path.join(
-            os.path.dirname(os.path.abspath(__file__)), "..", "..")))
+            os.path.dirname(os.path.abspath(__file__)), "..")))
         self.assertTrue(os.path.isfile(config_path("Base-LC.yaml")))
         cfg = get_config("density_unet_cells.yaml", ["MODEL.DENSITY.SIGMA", "2.5"], device="cpu")
         self.assertEqual((cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.DENSITY.SIGMA), ("DensityCounter", 2.5))
