@@ -1,5 +1,5 @@
 """
-The README's export table: every exportable model family to TorchScript and ONNX with
+The export table of docs/benchmarks.md: every exportable model family to TorchScript and ONNX with
 tools/export_model.py on real images, the largest difference to PyTorch and the median CPU latency
 of both (one thread). Density models on three VGG cells test images (256×256), LC and the Mask
 R-CNN on three fruit photographs (resized by the config's MIN_SIZE_TEST). Prints a markdown table

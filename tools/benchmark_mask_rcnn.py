@@ -13,7 +13,7 @@ over them.
 
 The last line printed is one JSON object with mAP_r25, mAP_r50, mAP_r75, mAP_b50, coco_box_AP,
 coco_mask_AP, iters, train_s, img_per_s_inference (and eval_s, the config, the threads). Targets
-(README): mAP_r50 >= 70 and >= 1.5 x the LC benchmark's; >= 10 images/s.
+(docs/benchmarks.md): mAP_r50 >= 70 and >= 1.5 x the LC benchmark's; >= 10 images/s.
 
     python tools/benchmark_mask_rcnn.py                    # full run (~30 min on 2 cores)
     python tools/benchmark_mask_rcnn.py --iters 20 --eval-images 10 --speed-images 5  # smoke

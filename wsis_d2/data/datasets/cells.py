@@ -68,8 +68,8 @@ GENERATOR_SPEC: Dict = {
 SYNTHETIC_CELL_SPLITS: Dict[str, Tuple[int, int]] = {
     "train": (128, 1001),
     "val": (32, 2002),
-    # model selection: 32 val images did not rank full-schedule U-Net variants like the 100 test
-    # images (README, density negative results)
+    # model selection on more images: 32 val images did not rank full-schedule U-Net variants as
+    # the 100 test images did
     "val_200": (200, 5005),
     "test": (100, 3003),
     "mini": (6, 4004),
