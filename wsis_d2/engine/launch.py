@@ -127,6 +127,10 @@ def _cpu_worker(
     comm.synchronize()
     try:
         main_func(*args)
+        # no process tears its groups down while another still talks through them: without this
+        # barrier a process that finished first closed its gloo connections under a peer, which
+        # then aborted at exit ("terminate called without an active exception", ~1 run in 10)
+        comm.synchronize()
     finally:
         dist.destroy_process_group()
 
