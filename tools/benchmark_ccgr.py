@@ -78,17 +78,16 @@ def schedule_opts(config_file, iters):
 def train_or_load(cfg, resume):
     """Train ``cfg`` (frozen) without periodic evaluation, or, with ``resume`` and a finished
     run in its folder, load its model_final.pth. Returns (model, seconds of training)."""
-    trainer_cls = WSISTrainer
     final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     if resume and os.path.isfile(final):
-        model = trainer_cls.build_model(cfg)
+        model = WSISTrainer.build_model(cfg)
         DetectionCheckpointer(model).load(final)
         logger.info(f"{final} exists: loaded, not trained again")
         return model, 0.0
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
         f.write(cfg.dump())
-    trainer = trainer_cls(cfg, evaluate=False)
+    trainer = WSISTrainer(cfg, evaluate=False)
     trainer.resume_or_load(resume=resume)
     start = time.perf_counter()
     trainer.train()

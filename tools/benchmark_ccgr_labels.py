@@ -260,7 +260,6 @@ def main(argv=None):
     dicts = DatasetCatalog.get(dataset)
     meta = MetadataCatalog.get(dataset)
     num_classes = len(meta.thing_classes)
-    trainer_cls = WSISTrainer
     times, out = {}, {}
 
     prop_file = os.path.join(args.output_dir, "proposals", f"{dataset}.pkl")
@@ -277,7 +276,7 @@ def main(argv=None):
         rescale_schedule(cls_cfg, args.cls_iters)
     cls_cfg.freeze()
     start = time.perf_counter()
-    cls_trainer = trainer_cls(cls_cfg, evaluate=False)
+    cls_trainer = WSISTrainer(cls_cfg, evaluate=False)
     cls_trainer.resume_or_load(resume=False)
     cls_trainer.train()
     times["time_classifier_s"] = time.perf_counter() - start
@@ -311,7 +310,7 @@ def main(argv=None):
         ccgr_cfg.MODEL.CCGR.REFINE_STEPS = args.steps
     ccgr_cfg.freeze()
     start = time.perf_counter()
-    trainer = trainer_cls(ccgr_cfg, evaluate=False)
+    trainer = WSISTrainer(ccgr_cfg, evaluate=False)
     trainer.resume_or_load(resume=False)
     trainer.train()
     times["time_ccgr_train_s"] = time.perf_counter() - start

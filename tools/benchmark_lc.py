@@ -102,9 +102,9 @@ def _evaluate(cfg, model, num_images):
     return inference_on_dataset(model, loader, DatasetEvaluators(evaluators)), dicts, loader
 
 
-def train_and_evaluate(trainer_cls, cfg, eval_images):
+def train_and_evaluate(cfg, eval_images):
     """Train with the trainer (no periodic evaluation) and evaluate the final model."""
-    trainer = trainer_cls(cfg, evaluate=False)
+    trainer = WSISTrainer(cfg, evaluate=False)
     trainer.resume_or_load(resume=False)
     start = time.perf_counter()
     trainer.train()
@@ -114,11 +114,11 @@ def train_and_evaluate(trainer_cls, cfg, eval_images):
     return trainer.model, results, train_time, time.perf_counter() - start, dicts, loader
 
 
-def evaluate_checkpoint(trainer_cls, cfg, weights, eval_images):
+def evaluate_checkpoint(cfg, weights, eval_images):
     """Evaluate LC from a checkpoint of an earlier run (same config), without training."""
     if not os.path.isfile(weights):
         raise ValueError(f"--lc-weights: no such file {weights}")
-    model = trainer_cls.build_model(cfg)
+    model = WSISTrainer.build_model(cfg)
     DetectionCheckpointer(model).load(weights)
     start = time.perf_counter()
     results, dicts, loader = _evaluate(cfg, model, eval_images)
@@ -316,18 +316,17 @@ def main():
     setup_logger(name="benchmark_lc")
     torch.manual_seed(0)
     os.makedirs(args.output_dir, exist_ok=True)
-    trainer_cls = WSISTrainer
 
     cfg = _cfg(args.config_file, args.opts, os.path.join(args.output_dir, "lc"), args.train_set)
     rescale_schedule(cfg, args.lc_iters)
     cfg.freeze()
     if args.lc_weights:
         model, results, lc_train_time, lc_eval_time, dicts, loader = evaluate_checkpoint(
-            trainer_cls, cfg, args.lc_weights, args.eval_images
+            cfg, args.lc_weights, args.eval_images
         )
     else:
         model, results, lc_train_time, lc_eval_time, dicts, loader = train_and_evaluate(
-            trainer_cls, cfg, args.eval_images
+            cfg, args.eval_images
         )
     counting, instance = results["counting"], results["wsis_instance"]
     ratio, prm_images, prm_peaks = prm_backward_ratio(cfg, model, loader, dicts, args.prm_images)
