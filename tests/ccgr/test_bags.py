@@ -4,20 +4,17 @@ one input, its options' errors."""
 import unittest
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.structures import Boxes
 
-from wsis_d2 import add_wsis_config
+from wsis_d2 import get_wsis_cfg
 from wsis_d2.ccgr import BagBuilder
 from wsis_d2.ccgr.labels import bags_from_boxes, build_bags
 
 
 def _cfg(**ccgr):
-    cfg = get_cfg()
-    add_wsis_config(cfg)
-    for key, value in ccgr.items():
-        cfg.MODEL.CCGR[key] = value
-    return cfg
+    """The default config with ``MODEL.CCGR.<KEY>`` = value for each keyword."""
+    opts = [x for key, value in ccgr.items() for x in (f"MODEL.CCGR.{key}", value)]
+    return get_wsis_cfg(opts=opts)
 
 
 BOXES = Boxes(

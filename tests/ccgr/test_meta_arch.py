@@ -7,10 +7,8 @@ import unittest
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from wsis_d2 import add_wsis_config
 from wsis_d2.ccgr import (
     BagBuilder,
     CCGRNet,
@@ -19,15 +17,11 @@ from wsis_d2.ccgr import (
     WSDDNOutputLayers,
     WSDDNROIHeads,
 )
-from wsis_d2.testing import config_path
+from wsis_d2.testing import get_config
 
 
 def _cfg(*opts):
-    cfg = get_cfg()
-    add_wsis_config(cfg)
-    cfg.merge_from_file(config_path("ccgr_mnv2_synthetic.yaml"))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + list(opts))
-    return cfg
+    return get_config("ccgr_mnv2_synthetic.yaml", ["MODEL.WEIGHTS", "", *opts], device="cpu")
 
 
 class TestCCGRNet(unittest.TestCase):

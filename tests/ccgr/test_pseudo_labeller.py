@@ -5,9 +5,8 @@ import unittest
 
 import torch
 import torch.nn.functional as F
-from detectron2.config import get_cfg
 
-from wsis_d2 import add_wsis_config
+from wsis_d2 import get_wsis_cfg
 from wsis_d2.ccgr import PseudoLabeller
 from wsis_d2.ccgr.labels import (
     assign_pixels,
@@ -20,11 +19,9 @@ from wsis_d2.layers import graph_segment
 
 
 def _cfg(**ccgr):
-    cfg = get_cfg()
-    add_wsis_config(cfg)
-    for key, value in ccgr.items():
-        cfg.MODEL.CCGR[key] = value
-    return cfg
+    """The default config with ``MODEL.CCGR.<KEY>`` = value for each keyword."""
+    opts = [x for key, value in ccgr.items() for x in (f"MODEL.CCGR.{key}", value)]
+    return get_wsis_cfg(opts=opts)
 
 
 def _scene():

@@ -6,10 +6,9 @@ import unittest
 
 import numpy as np
 import torch
-from detectron2.config import get_cfg
 from detectron2.utils.events import EventStorage
 
-from wsis_d2 import add_wsis_config
+from wsis_d2 import get_wsis_cfg
 from wsis_d2.layers import find_peaks, kth_peak_value
 from wsis_d2.lc.losses import (
     LCLoss,
@@ -307,17 +306,6 @@ class TestBadInputs(unittest.TestCase):
             lc_ranking_loss(t_hat, 5, self.sel[..., None])
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
-def _lc_cfg(**overrides):
-    cfg = get_cfg()
-    add_wsis_config(cfg)
-    for key, value in overrides.items():
-        cfg.merge_from_list([key, value])
-    return cfg
-
 
 class TestLCLoss(unittest.TestCase):
     """The loss component: built from MODEL.LC, the loss dict composed of the terms above."""
@@ -357,20 +345,18 @@ class TestLCLoss(unittest.TestCase):
             )
 
     def test_built_from_config(self):
-        cfg = _lc_cfg(
-            **{
-                "MODEL.LC.LOWER_COUNT": "4",
-                "MODEL.LC.CLS_LOSS_WEIGHT": "2.0",
-                "MODEL.LC.SPATIAL_LOSS_WEIGHT": "3.0",
-                "MODEL.LC.COUNT_LOSS_WEIGHT": "0.5",
-                "MODEL.LC.RANK_LOSS_WEIGHT": "0.25",
-                "MODEL.LC.SPATIAL_MODE": "official",
-                "MODEL.LC.COUNT_ABSENT": "False",
-                "MODEL.LC.SPATIAL_START_ITER": "7",
-                "MODEL.LC.DENSITY_START_ITER": "3",
-                "MODEL.LC.IMAGE_LABELS_ONLY": "True",
-            }
-        )
+        cfg = get_wsis_cfg(opts=[
+            "MODEL.LC.LOWER_COUNT", "4",
+            "MODEL.LC.CLS_LOSS_WEIGHT", "2.0",
+            "MODEL.LC.SPATIAL_LOSS_WEIGHT", "3.0",
+            "MODEL.LC.COUNT_LOSS_WEIGHT", "0.5",
+            "MODEL.LC.RANK_LOSS_WEIGHT", "0.25",
+            "MODEL.LC.SPATIAL_MODE", "official",
+            "MODEL.LC.COUNT_ABSENT", "False",
+            "MODEL.LC.SPATIAL_START_ITER", "7",
+            "MODEL.LC.DENSITY_START_ITER", "3",
+            "MODEL.LC.IMAGE_LABELS_ONLY", "True",
+        ])
         criterion = LCLoss(cfg)
         self.assertEqual(criterion.lower_count, 4)
         self.assertEqual(
@@ -389,7 +375,7 @@ class TestLCLoss(unittest.TestCase):
         self.assertEqual(list(criterion.state_dict()), [])  # checkpoints are the model's alone
 
     def test_loss_dict_composes_the_terms(self):
-        losses = self._run(LCLoss(_lc_cfg()))
+        losses = self._run(LCLoss(get_wsis_cfg()))
         exact = torch.tensor([[True, False, False]])
         beyond = torch.tensor([[False, True, False]])
         absent = torch.tensor([[False, False, True]])
@@ -409,7 +395,7 @@ class TestLCLoss(unittest.TestCase):
         self.assertGreater(float(losses["loss_rank"]), 0.0)
 
     def test_variant_from_cfg_clone(self):
-        cfg = _lc_cfg()
+        cfg = get_wsis_cfg()
         base = self._run(LCLoss(cfg))
         weights = {"CLS": 2.0, "SPATIAL": 3.0, "COUNT": 0.5, "RANK": 0.4}
         variant_cfg = cfg.clone()
@@ -428,12 +414,12 @@ class TestLCLoss(unittest.TestCase):
         for key, factor in factors.items():
             torch.testing.assert_close(scaled[key], factor * base[key], msg=key)
         # stage 1 of the official schedule and the classification-only start: zeros, in the graph
-        stage1 = self._run(LCLoss(_lc_cfg(**{"MODEL.LC.SPATIAL_START_ITER": "5"})), 4)
+        stage1 = self._run(LCLoss(get_wsis_cfg(opts=["MODEL.LC.SPATIAL_START_ITER", "5"])), 4)
         self.assertEqual(float(stage1["loss_sp_pos"]) + float(stage1["loss_sp_neg"]), 0.0)
-        early = self._run(LCLoss(_lc_cfg(**{"MODEL.LC.DENSITY_START_ITER": "5"})), 4)
+        early = self._run(LCLoss(get_wsis_cfg(opts=["MODEL.LC.DENSITY_START_ITER", "5"])), 4)
         for key in ("loss_sp_pos", "loss_sp_neg", "loss_count", "loss_rank"):
             self.assertEqual(float(early[key]), 0.0, key)
-        labels_only = self._run(LCLoss(_lc_cfg(**{"MODEL.LC.IMAGE_LABELS_ONLY": "True"})))
+        labels_only = self._run(LCLoss(get_wsis_cfg(opts=["MODEL.LC.IMAGE_LABELS_ONLY", "True"])))
         self.assertEqual(list(labels_only), ["loss_cls"])
         torch.testing.assert_close(labels_only["loss_cls"], base["loss_cls"])
 
@@ -443,7 +429,11 @@ class TestLCLoss(unittest.TestCase):
             ("MODEL.LC.SPATIAL_MODE", "mean"),
         ):
             with self.subTest(key=key), self.assertRaisesRegex(ValueError, key):
-                LCLoss(_lc_cfg(**{key: value}))
+                LCLoss(get_wsis_cfg(opts=[key, value]))
         self.inputs[0]["counts"] = torch.tensor([2, 5])
         with self.assertRaisesRegex(ValueError, "'counts' has 2 entries"):
-            self._run(LCLoss(_lc_cfg()))
+            self._run(LCLoss(get_wsis_cfg()))
+
+
+if __name__ == "__main__":
+    unittest.main()

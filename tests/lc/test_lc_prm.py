@@ -6,10 +6,9 @@ import unittest
 import numpy as np
 import torch
 import torch.nn.functional as F
-from detectron2.config import get_cfg
 from torch import nn
 
-from wsis_d2 import add_wsis_config
+from wsis_d2 import get_wsis_cfg
 from wsis_d2.layers import find_peaks
 from wsis_d2.lc.prm import (
     PRMInstanceDecoder,
@@ -266,17 +265,6 @@ class TestProposals(unittest.TestCase):
         self.assertEqual(float(q[0, 1]), float("-inf"))  # the whole image is too large
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
-def _lc_cfg(**overrides):
-    cfg = get_cfg()
-    add_wsis_config(cfg)
-    for key, value in overrides.items():
-        cfg.merge_from_list([key, value])
-    return cfg
-
 
 class TestPRMInstanceDecoder(unittest.TestCase):
     """The instance decoder: built from MODEL.LC.PRM / MODEL.SEGMENTS, instances from peaks."""
@@ -299,14 +287,15 @@ class TestPRMInstanceDecoder(unittest.TestCase):
             "MODEL.LC.PRM.PROPOSAL_BG_THRESHOLD": ("0.8", "proposal_bg_threshold", 0.8),
             "MODEL.LC.PRM.PROPOSAL_CONTOUR_WIDTH": ("3", "proposal_contour_width", 3),
         }
-        cfg = _lc_cfg(**{key: text for key, (text, _, _) in values.items()})
+        opts = [x for key, (text, _, _) in values.items() for x in (key, text)]
+        cfg = get_wsis_cfg(opts=opts)
         decoder = PRMInstanceDecoder(cfg)
         for key, (_, attr, value) in values.items():
             self.assertEqual(getattr(decoder, attr), value, key)
         self.assertEqual(list(decoder.state_dict()), [])  # checkpoints are the model's alone
 
     def test_variant_from_cfg_clone(self):
-        cfg = _lc_cfg()
+        cfg = get_wsis_cfg()
         decoder = PRMInstanceDecoder(cfg)
         variant_cfg = cfg.clone()
         variant_cfg.merge_from_list(["MODEL.LC.PRM.MASK_MODE", "segments"])
@@ -330,7 +319,7 @@ class TestPRMInstanceDecoder(unittest.TestCase):
         ):
             name = key.replace("MODEL.SEGMENTS.", "")
             with self.subTest(key=key), self.assertRaisesRegex(ValueError, name):
-                PRMInstanceDecoder(_lc_cfg(**{key: value}))
+                PRMInstanceDecoder(get_wsis_cfg(opts=[key, value]))
 
     def test_instances_from_the_peaks_of_a_small_net(self):
         # masks of the per-peak gradients (one backward each), scores σ(s_c)·σ(M^c_p)·e^{−β|1−ν|}
@@ -364,3 +353,7 @@ class TestPRMInstanceDecoder(unittest.TestCase):
         keep = decoder.retained_peaks(maps, found.indices, torch.tensor([1.0, 0.0]), (8, 10))
         self.assertEqual(keep[:, 1].tolist(), [0])
         self.assertEqual(float(maps.detach()[0, 0, keep[0, 2], keep[0, 3]]), float(found.values[0]))
+
+
+if __name__ == "__main__":
+    unittest.main()
