@@ -306,7 +306,6 @@ class TestBadInputs(unittest.TestCase):
             lc_ranking_loss(t_hat, 5, self.sel[..., None])
 
 
-
 class TestLCLoss(unittest.TestCase):
     """The loss component: built from MODEL.LC, the loss dict composed of the terms above."""
 

@@ -265,7 +265,6 @@ class TestProposals(unittest.TestCase):
         self.assertEqual(float(q[0, 1]), float("-inf"))  # the whole image is too large
 
 
-
 class TestPRMInstanceDecoder(unittest.TestCase):
     """The instance decoder: built from MODEL.LC.PRM / MODEL.SEGMENTS, instances from peaks."""
 
