@@ -6,6 +6,7 @@ import unittest
 from unittest import mock
 
 from wsis_d2.testing import (
+    ccgr_config,
     config_path,
     datasets_root,
     device_under_test,
@@ -70,6 +71,14 @@ class TestCheckout(unittest.TestCase):
         density = build_model(tiny_density_config("density_fcrn_a_cells.yaml"))
         self.assertEqual(type(density).__name__, "DensityCounter")
         self.assertLess(sum(p.numel() for p in density.parameters()), 20_000)
+
+    def test_ccgr_config_sets_the_keywords(self):
+        cfg = ccgr_config(BAG_SIZE=3, SEED_IN_BAG=False)
+        self.assertEqual((cfg.MODEL.CCGR.BAG_SIZE, cfg.MODEL.CCGR.SEED_IN_BAG), (3, False))
+        self.assertEqual(ccgr_config().MODEL.CCGR.BAG_SIZE, 10)
+        # yacs asserts on a key the config lacks
+        with self.assertRaisesRegex(AssertionError, "MODEL.CCGR.NO_SUCH_KEY"):
+            ccgr_config(NO_SUCH_KEY=1)
 
     def test_missing_tool_is_named(self):
         with self.assertRaisesRegex(FileNotFoundError, "no_such_tool"):

@@ -9,6 +9,7 @@ from types import ModuleType
 from .config import get_wsis_cfg
 
 __all__ = [
+    "ccgr_config",
     "config_path",
     "datasets_root",
     "device_under_test",
@@ -44,6 +45,12 @@ def get_config(config: str, opts=(), device: str = ""):
     cfg = get_wsis_cfg(config_path(config), opts)
     cfg.MODEL.DEVICE = device or device_under_test()
     return cfg
+
+
+def ccgr_config(**keys):
+    """The default config (not frozen) with ``MODEL.CCGR.<KEY>`` = value for each keyword, e.g.
+    ``ccgr_config(BAG_SIZE=5)``."""
+    return get_wsis_cfg(opts=[x for key, value in keys.items() for x in (f"MODEL.CCGR.{key}", value)])
 
 
 def tiny_lc_config(num_classes: int = 3, opts=(), device: str = "cpu"):

@@ -6,15 +6,9 @@ import unittest
 import torch
 from detectron2.structures import Boxes
 
-from wsis_d2 import get_wsis_cfg
 from wsis_d2.ccgr import BagBuilder
 from wsis_d2.ccgr.labels import bags_from_boxes, build_bags
-
-
-def _cfg(**ccgr):
-    """The default config with ``MODEL.CCGR.<KEY>`` = value for each keyword."""
-    opts = [x for key, value in ccgr.items() for x in (f"MODEL.CCGR.{key}", value)]
-    return get_wsis_cfg(opts=opts)
+from wsis_d2.testing import ccgr_config
 
 
 BOXES = Boxes(
@@ -37,7 +31,7 @@ LABELS = torch.tensor([1.0, 0.0, 0.0])
 
 class TestBagBuilder(unittest.TestCase):
     def test_from_config_and_a_variant(self):
-        cfg = _cfg()
+        cfg = ccgr_config()
         builder = BagBuilder(cfg)
         self.assertEqual(
             (builder.bag_size, builder.seg_weight, builder.seed_in_bag), (10, 0.1, True)
@@ -51,7 +45,7 @@ class TestBagBuilder(unittest.TestCase):
 
     def test_round_one_bags_of_present_classes(self):
         seg = torch.zeros(3, 20, 64)
-        builder = BagBuilder(_cfg(BAG_SIZE=3))
+        builder = BagBuilder(ccgr_config(BAG_SIZE=3))
         bags, labels, rows, peaks, boxes = builder(
             {"labels": LABELS}, BOXES, OBJECTNESS, PEAKS, seg
         )
@@ -66,7 +60,7 @@ class TestBagBuilder(unittest.TestCase):
             [[0, 4.0, 4, 16, 16, 0.9], [0, 24, 4, 36, 16, 0.8], [2, 50, 0, 60, 10, 0.7]]
         )
         inp = {"labels": LABELS, "seed_boxes": seeds}
-        bags, labels, rows, _, boxes = BagBuilder(_cfg(BAG_SIZE=3))(
+        bags, labels, rows, _, boxes = BagBuilder(ccgr_config(BAG_SIZE=3))(
             inp, BOXES, OBJECTNESS, PEAKS, None
         )
         # SEED_IN_BAG: the two seed boxes of the present class join the proposals, each the
@@ -74,7 +68,7 @@ class TestBagBuilder(unittest.TestCase):
         self.assertEqual(len(boxes), 8)
         self.assertTrue(torch.equal(boxes.tensor[bags[:, 0]], seeds[rows, 1:5]))
         self.assertEqual(labels.tolist(), [0, 0])
-        plain = BagBuilder(_cfg(BAG_SIZE=3, SEED_IN_BAG=False))
+        plain = BagBuilder(ccgr_config(BAG_SIZE=3, SEED_IN_BAG=False))
         bags, labels, rows, _, boxes = plain(inp, BOXES, OBJECTNESS, PEAKS, None)
         self.assertIs(boxes, BOXES)
         expected = bags_from_boxes(BOXES.tensor, seeds[:2, 1:5], seeds[:2, 0].long(), 3)
@@ -93,7 +87,7 @@ class TestBagBuilder(unittest.TestCase):
     def test_bad_options_name_the_config_key(self):
         for key, value in (("BAG_SIZE", 0), ("BAG_SEG_WEIGHT", -0.1)):
             with self.assertRaisesRegex(ValueError, f"MODEL.CCGR.{key}"):
-                BagBuilder(_cfg(**{key: value}))
+                BagBuilder(ccgr_config(**{key: value}))
 
 
 if __name__ == "__main__":

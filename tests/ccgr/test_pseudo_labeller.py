@@ -6,7 +6,6 @@ import unittest
 import torch
 import torch.nn.functional as F
 
-from wsis_d2 import get_wsis_cfg
 from wsis_d2.ccgr import PseudoLabeller
 from wsis_d2.ccgr.labels import (
     assign_pixels,
@@ -16,12 +15,7 @@ from wsis_d2.ccgr.labels import (
     region_mean_scores,
 )
 from wsis_d2.layers import graph_segment
-
-
-def _cfg(**ccgr):
-    """The default config with ``MODEL.CCGR.<KEY>`` = value for each keyword."""
-    opts = [x for key, value in ccgr.items() for x in (f"MODEL.CCGR.{key}", value)]
-    return get_wsis_cfg(opts=opts)
+from wsis_d2.testing import ccgr_config
 
 
 def _scene():
@@ -47,7 +41,7 @@ def _scene():
 
 class TestPseudoLabeller(unittest.TestCase):
     def test_from_config_and_variants(self):
-        cfg = _cfg()
+        cfg = ccgr_config()
         labeller = PseudoLabeller(cfg)
         self.assertEqual((labeller.mask_threshold, labeller.nms_threshold), (0.5, 0.5))
         self.assertEqual((labeller.score_mode, labeller.mask_refine), ("regions", "grabcut"))
@@ -65,13 +59,13 @@ class TestPseudoLabeller(unittest.TestCase):
 
     def test_composes_the_label_functions(self):
         s, inp, boxes, classes, scores = _scene()
-        plain = PseudoLabeller(_cfg(SCORE_MODE="pixels", MASK_REFINE="none"))
+        plain = PseudoLabeller(ccgr_config(SCORE_MODE="pixels", MASK_REFINE="none"))
         got = plain(s, boxes, classes, scores)  # reads no input
         expected = pseudo_instances(s[:-1], boxes, classes, scores)
         self.assertGreater(len(expected), 0)
         self.assertTrue(torch.equal(got.pred_masks, expected.pred_masks))
         # "regions": S averaged over the graph regions of the input, resized to S's size
-        regions_only = PseudoLabeller(_cfg(MASK_REFINE="none"))
+        regions_only = PseudoLabeller(ccgr_config(MASK_REFINE="none"))
         regions = graph_segment(inp["image"].float(), *regions_only.segment_params)
         regions = F.interpolate(regions[None, None].float(), size=(48, 64), mode="nearest")
         s_bar = region_mean_scores(s[:-1], regions[0, 0].long())
@@ -80,7 +74,7 @@ class TestPseudoLabeller(unittest.TestCase):
         self.assertTrue(torch.equal(got.pred_masks, expected.pred_masks))
         self.assertTrue(torch.equal(regions_only.score_maps(s[:-1], inp), s_bar))
         # "grabcut": the masks re-labelled on the image at S's size, the pixels assigned again
-        grabcut = PseudoLabeller(_cfg(SCORE_MODE="pixels", GRABCUT_ITERS=2))
+        grabcut = PseudoLabeller(ccgr_config(SCORE_MODE="pixels", GRABCUT_ITERS=2))
         got = grabcut(s, boxes, classes, scores, inp)
         expected = pseudo_instances(s[:-1], boxes, classes, scores)
         image = F.interpolate(
@@ -98,7 +92,7 @@ class TestPseudoLabeller(unittest.TestCase):
 
     def test_component_instances_without_cues(self):
         s, _, _, _, _ = _scene()
-        got = PseudoLabeller(_cfg()).component_instances(s)
+        got = PseudoLabeller(ccgr_config()).component_instances(s)
         expected = component_instances(s, torch.tensor([1.0, 1.0]))
         self.assertEqual(len(got), 2)
         self.assertTrue(torch.equal(got.pred_masks, expected.pred_masks))
@@ -113,7 +107,7 @@ class TestPseudoLabeller(unittest.TestCase):
             ("CONTEXT_SCALE", 0.5),
         ):
             with self.assertRaisesRegex(ValueError, f"MODEL.CCGR.{key}"):
-                PseudoLabeller(_cfg(**{key: value}))
+                PseudoLabeller(ccgr_config(**{key: value}))
 
 
 if __name__ == "__main__":
