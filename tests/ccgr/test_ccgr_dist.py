@@ -41,7 +41,6 @@ from wsis_d2.engine import launch
 from wsis_d2.ccgr.dist import check_shared_output, from_main, gather_by_id, shard
 from wsis_d2.ccgr.rounds import STAGE_FILE, CCGRRounds
 from wsis_d2.engine import WSISTrainer
-from wsis_d2.utils.dist import mean_over_processes
 from wsis_d2.testing import config_path
 
 DATASET = "wsis_ccgr_dist_test_128"
@@ -271,10 +270,6 @@ class TestHelpers(unittest.TestCase):
         self.assertEqual(shard(list(range(5))), list(range(5)))
         with tempfile.TemporaryDirectory() as tmp:
             check_shared_output(tmp)  # one process: nothing to check, no error
-
-    def test_mean_over_processes_is_the_value_in_one(self):
-        x = torch.tensor([3, 4])
-        self.assertTrue(torch.equal(mean_over_processes(x), torch.tensor([3.0, 4.0])))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 import numpy as np
-import torch
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
@@ -41,7 +40,6 @@ __all__ = [
     "seed_stage",
     "serial_part",
     "shard",
-    "unwrap",
 ]
 
 logger = logging.getLogger(__name__)
@@ -213,10 +211,3 @@ def distributed_proposal_file(
         }
 
     return from_main(write)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DistributedDataParallel (a trainer's model on several processes)."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model.module
-    return model

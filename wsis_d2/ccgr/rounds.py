@@ -64,8 +64,8 @@ from .dist import (
     main_first,
     seed_stage,
     serial_part,
-    unwrap,
 )
+from ..utils.dist import unwrap
 from ..engine.defaults import WSISTrainer
 from .health import check_health, positive_pairs, prior_bce, training_health
 

@@ -9,6 +9,8 @@ from typing import Dict, List
 import numpy as np
 from detectron2.utils import comm
 
+from ..utils.dist import unwrap
+
 __all__ = ["evenly_spaced", "gather_lists", "unwrap_model"]
 
 
@@ -24,7 +26,7 @@ def gather_lists(*columns: List) -> tuple:
 def unwrap_model(model, methods, setting: str, needed: str):
     """``model`` with DistributedDataParallel unwrapped, or a ValueError ("``setting`` needs
     ``needed``") when it lacks one of ``methods``."""
-    net = model.module if hasattr(model, "module") else model
+    net = unwrap(model)
     if not all(hasattr(net, m) for m in methods):
         raise ValueError(f"{setting} needs {needed}, got {type(net).__name__}")
     return net

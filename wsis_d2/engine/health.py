@@ -17,6 +17,8 @@ import torch
 
 from detectron2.engine import HookBase
 
+from ..utils.dist import unwrap
+
 __all__ = [
     "COLLAPSE_ADVICE",
     "collapsed_classes",
@@ -184,7 +186,7 @@ class CountHealthCheck(HookBase):
 
     def _spread_check(self) -> None:
         model = self.trainer.model
-        net = model.module if hasattr(model, "module") else model
+        net = unwrap(model)
         pred, true, areas = self._count_predictions(net, self._cfg, self._max_images)
         if not pred:
             return
