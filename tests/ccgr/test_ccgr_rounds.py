@@ -266,8 +266,6 @@ class TestCCGRRounds(unittest.TestCase):
             CCGRRounds(_cfg(self.tmp.name, ["MODEL.CCGR.ROUNDS.IS_CONFIG", "nowhere.yaml"]))
         with self.assertRaisesRegex(ValueError, "exactly one training dataset"):
             CCGRRounds(_cfg(self.tmp.name, ["DATASETS.TRAIN", "('a', 'b')"]))
-        with self.assertRaisesRegex(ValueError, "MODEL.CCGR.ROUNDS.IS_SEM_BACKGROUND.*'inside'"):
-            CCGRRounds(_cfg(self.tmp.name, ["MODEL.CCGR.ROUNDS.IS_SEM_BACKGROUND", "inside"]))
 
     def test_seed_cues_from_instances(self):
         inst = Instances((20, 30))
@@ -288,17 +286,6 @@ class TestCCGRRounds(unittest.TestCase):
         self.assertEqual(int(sem[12, 20]), 2)
         self.assertEqual(int(sem[7, 7]), 255)  # both classes
         self.assertEqual(int(sem[18, 28]), 3)  # background
-
-        # IS_SEM_BACKGROUND "round1": outside the masks, background only where it is allowed
-        allowed = torch.zeros(20, 30, dtype=torch.bool)
-        allowed[:, 20:] = True
-        labels = torch.tensor([1, 0, 1])
-        _, masked, _ = seed_cues_from_instances(inst, labels, 3, 0.5, background=allowed)
-        self.assertEqual(int(masked[18, 28]), 3)
-        self.assertEqual(int(masked[18, 2]), 255)  # a pixel the IS branch may have missed
-        self.assertTrue(torch.equal(masked[sem != 3], sem[sem != 3]))  # the masks' labels stay
-        with self.assertRaisesRegex(ValueError, "background is \\(5, 5\\)"):
-            seed_cues_from_instances(inst, labels, 3, 0.5, background=allowed[:5, :5])
 
     def test_seed_centre_nms(self):
         # class 0: a whole object (0.7) with two parts, one better scored (0.9) and one worse

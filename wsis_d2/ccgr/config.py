@@ -123,10 +123,6 @@ def add_ccgr_config(cfg):
     # (one seed per object, as PEAK_PROMINENCE gives round 1; parts of an object otherwise stay
     # separate bags and bar each other's boxes from growing). False: every box seeds (the paper)
     _C.MODEL.CCGR.ROUNDS.IS_SEED_CENTRE_NMS = False
-    # rounds k >= 2: the SS labels outside every kept IS mask. "outside_masks": background (the
-    # paper); "round1": background only where round 1's cues also say background, else ignored
-    # (255): objects the IS branch misses (most of a crowd) are not taught as background
-    _C.MODEL.CCGR.ROUNDS.IS_SEM_BACKGROUND = "outside_masks"
     # rounds k >= 2: fine-tune the MIL + SS model of round k - 1 for FINETUNE_FRACTION of its
     # schedule (True), or train it again from MODEL.WEIGHTS (False)
     _C.MODEL.CCGR.ROUNDS.FINETUNE = True

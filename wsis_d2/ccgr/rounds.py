@@ -32,7 +32,6 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
@@ -46,7 +45,6 @@ from ..data import build_dataset_mapper
 from .files import (
     check_pseudo_label_json,
     encode_label_map,
-    load_cues,
     pseudo_label_annotations,
     write_cues,
     write_pseudo_label_json,
@@ -76,8 +74,6 @@ __all__ = ["CCGRRounds", "seed_cues_from_instances"]
 logger = logging.getLogger(__name__)
 
 STAGE_FILE = "stage.json"
-# MODEL.CCGR.ROUNDS.IS_SEM_BACKGROUND: where rounds k >= 2 label background (seed cues)
-SEM_BACKGROUND_MODES = ("outside_masks", "round1")
 
 
 def suppress_contained_centres(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor):
@@ -113,7 +109,6 @@ def seed_cues_from_instances(
     num_classes: int,
     score_threshold: float,
     centre_nms: bool = False,
-    background: Optional[torch.Tensor] = None,
 ):
     """
     The cues of round k + 1 of one image from the IS branch's predictions of round k.
@@ -126,9 +121,6 @@ def seed_cues_from_instances(
         score_threshold: boxes scoring less are dropped.
         centre_nms: also drop a box whose centre lies in a better-scored kept box of its class
             (:func:`suppress_contained_centres`); its mask still joins the semantic labels.
-        background: (H, W) bool, where a pixel outside every kept mask may be background (e.g.
-            round 1's background, ``IS_SEM_BACKGROUND "round1"``); elsewhere it is ignored (255).
-            None: background everywhere outside the masks (the paper).
 
     Returns:
         peaks (P, 4) rows (class, x, y, score): the kept boxes' centres;
@@ -159,14 +151,6 @@ def seed_cues_from_instances(
         )
     else:
         sem = torch.full((height, width), num_classes, dtype=torch.uint8)
-    if background is not None:
-        background = torch.as_tensor(background, dtype=torch.bool)
-        if background.shape != sem.shape:
-            raise ValueError(
-                f"seed_cues_from_instances: background is {tuple(background.shape)}, the image "
-                f"{tuple(sem.shape)}"
-            )
-        sem[(sem == num_classes) & ~background] = 255
     return peaks, sem, seeds
 
 
@@ -199,11 +183,6 @@ class CCGRRounds:
             )
         if cfg.MODEL.CCGR.ROUNDS.NUM < 1:
             raise ValueError(f"MODEL.CCGR.ROUNDS.NUM must be >= 1, got {cfg.MODEL.CCGR.ROUNDS.NUM}")
-        if cfg.MODEL.CCGR.ROUNDS.IS_SEM_BACKGROUND not in SEM_BACKGROUND_MODES:
-            raise ValueError(
-                f"MODEL.CCGR.ROUNDS.IS_SEM_BACKGROUND must be one of {SEM_BACKGROUND_MODES}, got "
-                f"{cfg.MODEL.CCGR.ROUNDS.IS_SEM_BACKGROUND!r}"
-            )
         for key in ("CLASSIFIER_CONFIG", "IS_CONFIG"):
             path = cfg.MODEL.CCGR.ROUNDS[key]
             if not path or not os.path.isfile(path):
@@ -555,19 +534,12 @@ class CCGRRounds:
                 metrics[m if len(tests) == 1 else f"{name}/{m}"] = value
         return metrics
 
-    def _round1_background_files(self) -> Optional[Dict]:
-        """{image_id: round 1's label map file} under ``IS_SEM_BACKGROUND "round1"``, else None."""
-        if self.cfg.MODEL.CCGR.ROUNDS.IS_SEM_BACKGROUND == "outside_masks":
-            return None
-        return load_cues(self._dir("round1", "cues", "cues.pkl"))["sem_seg"]
-
     def _seed_cues(self, k: int, folder: str) -> Dict:
         """Round k's cues from the IS branch of round k − 1."""
         cfg = self._is_cfg(k - 1)
         cfg.DATASETS.TEST = (self.train_set,)
         model, loader = self._trained(cfg, self.train_set)
         by_id = {d["image_id"]: d for d in self.dicts}
-        round1_sem = self._round1_background_files()
         cues, seeds = {}, {}
         with torch.no_grad():
             for batch in progress(loader, "CCGR seed cues", unit="batch"):
@@ -580,9 +552,6 @@ class CCGRRounds:
                         self.num_classes,
                         self.cfg.MODEL.CCGR.ROUNDS.IS_SCORE_THRESHOLD,
                         centre_nms=self.cfg.MODEL.CCGR.ROUNDS.IS_SEED_CENTRE_NMS,
-                        background=None if round1_sem is None else torch.from_numpy(
-                            np.asarray(Image.open(round1_sem[inp["image_id"]])) == self.num_classes
-                        ),
                     )
                     cues[inp["image_id"]] = (peaks, encode_label_map(sem))
                     seeds[inp["image_id"]] = sb
