@@ -50,7 +50,8 @@ def get_config(config: str, opts=(), device: str = ""):
 def ccgr_config(**keys):
     """The default config (not frozen) with ``MODEL.CCGR.<KEY>`` = value for each keyword, e.g.
     ``ccgr_config(BAG_SIZE=5)``."""
-    return get_wsis_cfg(opts=[x for key, value in keys.items() for x in (f"MODEL.CCGR.{key}", value)])
+    opts = [x for key, value in keys.items() for x in (f"MODEL.CCGR.{key}", value)]
+    return get_wsis_cfg(opts=opts)
 
 
 def tiny_lc_config(num_classes: int = 3, opts=(), device: str = "cpu"):

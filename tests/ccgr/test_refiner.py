@@ -5,9 +5,9 @@ import unittest
 
 import torch
 
-from wsis_d2 import get_wsis_cfg
 from wsis_d2.ccgr import ContextGapRefiner
 from wsis_d2.layers import IntegralImage, refine_context_gap
+from wsis_d2.testing import ccgr_config
 
 
 def _scene():
@@ -26,7 +26,7 @@ def _scene():
 
 class TestContextGapRefiner(unittest.TestCase):
     def test_from_config_and_a_variant(self):
-        cfg = get_wsis_cfg()
+        cfg = ccgr_config()
         refiner = ContextGapRefiner(cfg)
         self.assertEqual(
             (refiner.steps, refiner.lr, refiner.context_scale, refiner.min_box_size),
@@ -45,9 +45,7 @@ class TestContextGapRefiner(unittest.TestCase):
     def test_calls_the_op_on_the_classes_with_boxes(self):
         s, boxes, classes, peaks, own = _scene()
         for grow_only in (True, False):
-            cfg = get_wsis_cfg()
-            cfg.MODEL.CCGR.REFINE_STEPS = 30
-            cfg.MODEL.CCGR.REFINE_GROW_ONLY = grow_only
+            cfg = ccgr_config(REFINE_STEPS=30, REFINE_GROW_ONLY=grow_only)
             refined, snaps = ContextGapRefiner(cfg, snapshots=(0, 30))(
                 s, boxes, classes, peaks, own
             )
@@ -80,7 +78,7 @@ class TestContextGapRefiner(unittest.TestCase):
     def test_no_boxes(self):
         s = torch.rand(3, 10, 10)
         empty = torch.zeros(0, 4)
-        refined, snaps = ContextGapRefiner(get_wsis_cfg(), snapshots=(0, 5))(
+        refined, snaps = ContextGapRefiner(ccgr_config(), snapshots=(0, 5))(
             s,
             empty,
             torch.zeros(0, dtype=torch.long),
@@ -97,12 +95,10 @@ class TestContextGapRefiner(unittest.TestCase):
             ("CONTEXT_SCALE", 0.5),
             ("MIN_BOX_SIZE", -1.0),
         ):
-            cfg = get_wsis_cfg()
-            cfg.MODEL.CCGR[key] = value
             with self.assertRaisesRegex(ValueError, f"MODEL.CCGR.{key}"):
-                ContextGapRefiner(cfg)
+                ContextGapRefiner(ccgr_config(**{key: value}))
         with self.assertRaisesRegex(ValueError, "snapshots.*REFINE_STEPS"):
-            ContextGapRefiner(get_wsis_cfg(), snapshots=(0, 201))
+            ContextGapRefiner(ccgr_config(), snapshots=(0, 201))
 
 
 if __name__ == "__main__":

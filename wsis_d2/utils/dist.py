@@ -1,8 +1,9 @@
 """
-The model inside DistributedDataParallel, and loss normalisers of a distributed run. DistributedDataParallel averages the processes' gradients,
-so a loss that each process divides by its own count (bags, labelled pixels) weighs the items of
-a process with few of them more than one process over the whole batch would; dividing by the count
-averaged over the processes gives the gradient of the mean over all of the batch's items.
+The model inside DistributedDataParallel, and loss normalisers of a distributed run.
+DistributedDataParallel averages the processes' gradients, so a loss that each process divides by
+its own count (bags, labelled pixels) weighs the items of a process with few of them more than one
+process over the whole batch would; dividing by the count averaged over the processes gives the
+gradient of the mean over all of the batch's items.
 """
 
 import torch
