@@ -21,7 +21,7 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-__all__ = ["block_norm", "conv_block", "FCRN", "FCRN_A", "FCRN_B"]
+__all__ = ["block_norm", "conv_block", "EncoderDecoder", "FCRN", "FCRN_A", "FCRN_B"]
 
 
 def block_norm(norm: str, channels: int):
@@ -70,7 +70,42 @@ def upsample_to(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="nearest")
 
 
-class FCRN(Backbone):
+class EncoderDecoder(Backbone):
+    """
+    The body FCRN and U-Net share: ``down`` blocks (each followed by 2x2 max pooling in
+    ``forward``), a ``mid`` block at the lowest resolution and mirrored ``up`` blocks, with one
+    stride-1 output ``"dense"`` of width ``channels[0]``. Subclasses write ``forward``.
+    """
+
+    def _build_blocks(
+        self, in_channels, channels, mid_channels, convs_per_block, norm, *, skips: bool, key: str
+    ):
+        """``skips``: each up block also takes the down block's output of its resolution (U-Net's
+        concatenation); ``key`` names the config node in the error for an empty ``channels``."""
+        if not channels:
+            raise ValueError(f"MODEL.{key}.CHANNELS must list at least one block width")
+        self.down = nn.ModuleList()
+        prev = in_channels
+        for ch in channels:
+            self.down.append(conv_block(prev, ch, convs_per_block, norm))
+            prev = ch
+        self.mid = conv_block(prev, mid_channels, convs_per_block, norm)
+        self.up = nn.ModuleList()
+        prev = mid_channels
+        for ch in reversed(channels):
+            self.up.append(conv_block(prev + ch if skips else prev, ch, convs_per_block, norm))
+            prev = ch
+        self._depth = len(channels)
+        self._out_features = ["dense"]
+        self._out_feature_channels = {"dense": channels[0]}
+        self._out_feature_strides = {"dense": 1}
+
+    @property
+    def size_divisibility(self) -> int:
+        return 2**self._depth
+
+
+class FCRN(EncoderDecoder):
     """
     FCRN encoder-decoder. Input (N, C_in, H, W) of any size; output ``{"dense": (N, C_0, H, W)}``
     with C_0 = ``channels[0]``.
@@ -95,23 +130,9 @@ class FCRN(Backbone):
             norm: normalisation after each conv.
         """
         super().__init__()
-        if not channels:
-            raise ValueError("MODEL.FCRN.CHANNELS must list at least one block width")
-        self.down = nn.ModuleList()
-        prev = in_channels
-        for ch in channels:
-            self.down.append(conv_block(prev, ch, convs_per_block, norm))
-            prev = ch
-        self.mid = conv_block(prev, mid_channels, convs_per_block, norm)
-        self.up = nn.ModuleList()
-        prev = mid_channels
-        for ch in reversed(channels):
-            self.up.append(conv_block(prev, ch, convs_per_block, norm))
-            prev = ch
-        self._depth = len(channels)
-        self._out_features = ["dense"]
-        self._out_feature_channels = {"dense": channels[0]}
-        self._out_feature_strides = {"dense": 1}
+        self._build_blocks(
+            in_channels, channels, mid_channels, convs_per_block, norm, skips=False, key="FCRN"
+        )
 
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec, default_convs: int = 1):
@@ -123,10 +144,6 @@ class FCRN(Backbone):
             "convs_per_block": convs,
             "norm": cfg.MODEL.FCRN.NORM,
         }
-
-    @property
-    def size_divisibility(self) -> int:
-        return 2**self._depth
 
     def forward(self, x: torch.Tensor):
         """

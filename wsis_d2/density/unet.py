@@ -9,19 +9,18 @@ from typing import List
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling import BACKBONE_REGISTRY
 
-from .fcrn import conv_block, upsample_to
+from .fcrn import EncoderDecoder, upsample_to
 
 __all__ = ["UNet"]
 
 
 @BACKBONE_REGISTRY.register()
-class UNet(Backbone):
+class UNet(EncoderDecoder):
     """
     U-Net encoder-decoder with skip connections. Input (N, C_in, H, W) of any size; output
     ``{"dense": (N, channels[0], H, W)}``.
@@ -46,23 +45,9 @@ class UNet(Backbone):
             norm: normalisation after each conv ("BN", "GN", "").
         """
         super().__init__()
-        if not channels:
-            raise ValueError("MODEL.UNET.CHANNELS must list at least one block width")
-        self.down = nn.ModuleList()
-        prev = in_channels
-        for ch in channels:
-            self.down.append(conv_block(prev, ch, convs_per_block, norm))
-            prev = ch
-        self.mid = conv_block(prev, mid_channels, convs_per_block, norm)
-        self.up = nn.ModuleList()
-        prev = mid_channels
-        for ch in reversed(channels):
-            self.up.append(conv_block(prev + ch, ch, convs_per_block, norm))
-            prev = ch
-        self._depth = len(channels)
-        self._out_features = ["dense"]
-        self._out_feature_channels = {"dense": channels[0]}
-        self._out_feature_strides = {"dense": 1}
+        self._build_blocks(
+            in_channels, channels, mid_channels, convs_per_block, norm, skips=True, key="UNET"
+        )
 
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec):
@@ -73,10 +58,6 @@ class UNet(Backbone):
             "convs_per_block": cfg.MODEL.UNET.CONVS_PER_BLOCK,
             "norm": cfg.MODEL.UNET.NORM,
         }
-
-    @property
-    def size_divisibility(self) -> int:
-        return 2**self._depth
 
     def forward(self, x: torch.Tensor):
         """
