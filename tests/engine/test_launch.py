@@ -10,6 +10,7 @@ aspect-ratio grouping. detectron2's TrainingSampler then feeds rank r the images
 the same shuffled stream, so the two processes' batches of 2 are the 1-process batch of 4, and the
 all-reduced gradient is its gradient up to float summation order.
 """
+import atexit
 import json
 import os
 import tempfile
@@ -17,6 +18,7 @@ import unittest
 
 import torch
 from detectron2.data import DatasetCatalog
+from detectron2.utils import comm
 
 from wsis_d2.data.datasets import SyntheticSpec, register_synthetic_split
 from wsis_d2.engine import check_device, launch
@@ -59,6 +61,23 @@ def _train(root, out):
     train_net.main(_Args(opts))
 
 
+def _record_gloo_threads_at_exit(out):
+    """Run in every process: use detectron2's gathers (which cache a group), then write the names
+    of this process's gloo threads still alive at interpreter exit, i.e. after launch's teardown."""
+    comm.all_gather(comm.get_rank())
+    path = os.path.join(out, f"gloo_threads_rank{comm.get_rank()}.txt")
+
+    def record():
+        names = []
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        with open(path, "w") as f:
+            f.write("\n".join(n for n in names if "gloo" in n))
+
+    atexit.register(record)
+
+
 def _last_metrics(out):
     with open(os.path.join(out, "metrics.json")) as f:
         rows = [json.loads(line) for line in f]
@@ -96,6 +115,17 @@ class TestCPULaunch(unittest.TestCase):
         for key in ("counting/mRMSE", "counting/MAE"):
             self.assertIn(key, metrics[2])
             self.assertAlmostEqual(metrics[1][key], metrics[2][key], places=6, msg=key)
+
+
+    @unittest.skipUnless(os.path.isdir("/proc/self/task"), "reads thread names from Linux /proc")
+    def test_no_gloo_thread_outlives_the_teardown(self):
+        # a group object still held after destroy_process_group kept its threads until interpreter
+        # exit, where they could abort the process after a finished training (SIGABRT)
+        with tempfile.TemporaryDirectory() as tmp:
+            launch(_record_gloo_threads_at_exit, 2, dist_url="auto", args=(tmp,), device="cpu")
+            for rank in (0, 1):
+                with open(os.path.join(tmp, f"gloo_threads_rank{rank}.txt")) as f:
+                    self.assertEqual(f.read().split(), [], f"rank {rank}")
 
 
 class TestDeviceCheck(unittest.TestCase):

@@ -13,6 +13,7 @@ samplers and the evaluators work as in GPU training.
            args=(args,), device="cpu")                 # 2 machines, 2 processes each
 """
 
+import gc
 import logging
 import os
 import socket
@@ -25,7 +26,7 @@ import torch.multiprocessing as mp
 from detectron2.engine import launch as detectron2_launch
 from detectron2.utils import comm
 
-__all__ = ["DEFAULT_TIMEOUT", "check_device", "launch"]
+__all__ = ["DEFAULT_TIMEOUT", "check_device", "destroy_process_groups", "launch"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
@@ -127,12 +128,30 @@ def _cpu_worker(
     comm.synchronize()
     try:
         main_func(*args)
-        # no process tears its groups down while another still talks through them: without this
-        # barrier a process that finished first closed its gloo connections under a peer, which
-        # then aborted at exit ("terminate called without an active exception", ~1 run in 10)
+        # no process tears its groups down while another still talks through them
         comm.synchronize()
     finally:
+        destroy_process_groups()
+
+
+def destroy_process_groups() -> None:
+    """
+    Destroy every process group of this process *and* free the group objects now.
+
+    ``dist.destroy_process_group()`` shuts the groups down, but a group object that Python still
+    holds keeps its gloo threads until it is freed; detectron2's ``comm`` holds two (the local
+    group, and ``_get_global_gloo_group``'s cached WORLD). Freed only at interpreter exit, their
+    threads were destroyed while still joinable: "terminate called without an active exception",
+    SIGABRT after training had finished (about 1 run in 15 of tests/engine/test_launch.py).
+    """
+    comm._LOCAL_PROCESS_GROUP = None
+    for name in ("_get_global_gloo_group", "create_local_process_group"):  # lru_cache'd in comm
+        cached = getattr(comm, name, None)
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+    if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()  # the groups' destructors join their threads here, not at interpreter exit
 
 
 def _create_local_process_group(num_machines: int, per_machine: int, machine_rank: int):
