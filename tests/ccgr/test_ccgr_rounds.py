@@ -157,6 +157,14 @@ class TestCCGRRounds(unittest.TestCase):
         with open(os.path.join(out, "round1", "is", "config.yaml")) as f:
             self.assertNotIn("model_final.pth", f.read())
 
+        # the IS branch's training sets: round k's pseudo labels, or with IS_LABEL_ROUNDS n also
+        # those of the n - 1 rounds before it (as far as they go)
+        name = "wsis_synth_mini_train_ccgr_round{}".format
+        self.assertEqual(CCGRRounds(cfg)._is_cfg(2).DATASETS.TRAIN, (name(2),))
+        mixed = CCGRRounds(_cfg(out, ["MODEL.CCGR.ROUNDS.IS_LABEL_ROUNDS", "3"]))
+        self.assertEqual(mixed._is_cfg(2).DATASETS.TRAIN, (name(2), name(1)))
+        self.assertEqual(mixed._is_cfg(1).DATASETS.TRAIN, (name(1),))
+
         # the final model is a stock Mask R-CNN for DefaultPredictor
         is_cfg = CCGRRounds(cfg)._is_cfg(2)
         is_cfg.MODEL.WEIGHTS = os.path.join(out, "round2", "is", "model_final.pth")
@@ -266,6 +274,8 @@ class TestCCGRRounds(unittest.TestCase):
             CCGRRounds(_cfg(self.tmp.name, ["MODEL.CCGR.ROUNDS.IS_CONFIG", "nowhere.yaml"]))
         with self.assertRaisesRegex(ValueError, "exactly one training dataset"):
             CCGRRounds(_cfg(self.tmp.name, ["DATASETS.TRAIN", "('a', 'b')"]))
+        with self.assertRaisesRegex(ValueError, "MODEL.CCGR.ROUNDS.IS_LABEL_ROUNDS must be >= 1"):
+            CCGRRounds(_cfg(self.tmp.name, ["MODEL.CCGR.ROUNDS.IS_LABEL_ROUNDS", "0"]))
 
     def test_seed_cues_from_instances(self):
         inst = Instances((20, 30))

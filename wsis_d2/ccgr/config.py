@@ -130,6 +130,10 @@ def add_ccgr_config(cfg):
     # rounds k >= 2: the IS branch starts from round k - 1's IS model (True; its whole schedule
     # again, on round k's labels) instead of the IS config's MODEL.WEIGHTS (False)
     _C.MODEL.CCGR.ROUNDS.IS_FINETUNE = True
+    # rounds k >= 2: the IS branch trains on the pseudo labels of rounds k, k - 1, ... (this many
+    # label sets; each training image once per set) instead of round k's alone (1, the paper):
+    # one round's labels, e.g. of another MIL seed, move the IS branch by a few points
+    _C.MODEL.CCGR.ROUNDS.IS_LABEL_ROUNDS = 1
     # selective-search proposals per training image, and processes that compute them
     _C.MODEL.CCGR.ROUNDS.PROPOSAL_MAX = 2000
     _C.MODEL.CCGR.ROUNDS.WORKERS = 2

@@ -183,6 +183,11 @@ class CCGRRounds:
             )
         if cfg.MODEL.CCGR.ROUNDS.NUM < 1:
             raise ValueError(f"MODEL.CCGR.ROUNDS.NUM must be >= 1, got {cfg.MODEL.CCGR.ROUNDS.NUM}")
+        if cfg.MODEL.CCGR.ROUNDS.IS_LABEL_ROUNDS < 1:
+            raise ValueError(
+                "MODEL.CCGR.ROUNDS.IS_LABEL_ROUNDS must be >= 1 (1: each round's own pseudo labels),"
+                f" got {cfg.MODEL.CCGR.ROUNDS.IS_LABEL_ROUNDS}"
+            )
         for key in ("CLASSIFIER_CONFIG", "IS_CONFIG"):
             path = cfg.MODEL.CCGR.ROUNDS[key]
             if not path or not os.path.isfile(path):
@@ -516,7 +521,9 @@ class CCGRRounds:
         cfg = self._sub_cfg(
             self.cfg.MODEL.CCGR.ROUNDS.IS_CONFIG, self._dir(f"round{k}", "is"), self.cfg.MODEL.CCGR.ROUNDS.IS_OPTS
         )
-        cfg.DATASETS.TRAIN = (self._pseudo_dataset(k),)
+        # round k's labels, and those of the rounds before it up to IS_LABEL_ROUNDS label sets
+        first = max(1, k - self.cfg.MODEL.CCGR.ROUNDS.IS_LABEL_ROUNDS + 1)
+        cfg.DATASETS.TRAIN = tuple(self._pseudo_dataset(j) for j in range(k, first - 1, -1))
         return cfg
 
     def _is_branch(self, k: int, folder: str) -> Dict:
