@@ -116,7 +116,6 @@ class TestCPULaunch(unittest.TestCase):
             self.assertIn(key, metrics[2])
             self.assertAlmostEqual(metrics[1][key], metrics[2][key], places=6, msg=key)
 
-
     @unittest.skipUnless(os.path.isdir("/proc/self/task"), "reads thread names from Linux /proc")
     def test_no_gloo_thread_outlives_the_teardown(self):
         # a group object still held after destroy_process_group kept its threads until interpreter

@@ -142,7 +142,7 @@ def destroy_process_groups() -> None:
     holds keeps its gloo threads until it is freed; detectron2's ``comm`` holds two (the local
     group, and ``_get_global_gloo_group``'s cached WORLD). Freed only at interpreter exit, their
     threads were destroyed while still joinable: "terminate called without an active exception",
-    SIGABRT after training had finished (about 1 run in 15 of tests/engine/test_launch.py).
+    SIGABRT after training had finished (2 of about 150 runs of tests/engine/test_launch.py).
     """
     comm._LOCAL_PROCESS_GROUP = None
     for name in ("_get_global_gloo_group", "create_local_process_group"):  # lru_cache'd in comm
