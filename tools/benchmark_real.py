@@ -41,6 +41,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
 from detectron2.utils.logger import setup_logger
@@ -198,30 +199,35 @@ def run_lc(args, train_set, val_set, num_classes):
     return out, seconds, time.perf_counter() - start, cfg.SOLVER.MAX_ITER
 
 
-def run_ccgr(args, train_set, val_set, num_classes, is_opts):
-    """All CCGR rounds; returns ({round: metrics}, {stage: seconds})."""
+def ccgr_cfg(args, train_set, num_classes, is_opts) -> CfgNode:
+    """The frozen CCGR config of the rounds: ``--ccgr-config`` with the data, classes, sub-configs,
+    ``--rounds`` (0: the config's own MODEL.CCGR.ROUNDS.NUM) and the positional opts."""
     copts = class_opts(num_classes)
     cls_opts = schedule_opts(args.cls_config, args.cls_iters) + copts["lc"]
     opts = schedule_opts(args.ccgr_config, args.mil_ss_iters) + copts["ccgr"] + [
         "OUTPUT_DIR", os.path.join(args.output, "ccgr"),
         "DATASETS.TRAIN", f"('{train_set}',)",
-        "MODEL.CCGR.ROUNDS.NUM", str(args.rounds),
         "MODEL.CCGR.ROUNDS.CLASSIFIER_CONFIG", args.cls_config,
         "MODEL.CCGR.ROUNDS.IS_CONFIG", args.is_config,
         "MODEL.CCGR.ROUNDS.CLASSIFIER_OPTS", cls_opts,
         "MODEL.CCGR.ROUNDS.IS_OPTS", is_opts,
-    ] + list(args.opts)  # fmt: skip
+    ] + (["MODEL.CCGR.ROUNDS.NUM", str(args.rounds)] if args.rounds > 0 else []) + list(args.opts)  # fmt: skip
     cfg = get_wsis_cfg(args.ccgr_config, opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
-    rounds = CCGRRounds(cfg)
+    return cfg
+
+
+def run_ccgr(args, train_set, num_classes, is_opts):
+    """All CCGR rounds; returns ({round: metrics}, {stage: seconds})."""
+    rounds = CCGRRounds(ccgr_cfg(args, train_set, num_classes, is_opts))
     metrics = rounds.run(resume=args.resume, until=args.ccgr_until or None)
     # stages after --ccgr-until did not run and have no time
     times = {name: round(t, 1) for name, t in rounds.stage_seconds().items()}
     return metrics, times
 
 
-def main(argv=None):
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -232,7 +238,8 @@ def main(argv=None):
     parser.add_argument("--val-fraction", type=float, default=0.25)
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="CCGR rounds (0: the CCGR config's MODEL.CCGR.ROUNDS.NUM)")
     parser.add_argument("--cls-iters", type=int, default=0, help="image-level classifier (0: config)")
     parser.add_argument("--mil-ss-iters", type=int, default=0, help="MIL + SS model (0: config)")
     parser.add_argument("--is-iters", type=int, default=0,
@@ -249,6 +256,11 @@ def main(argv=None):
     parser.add_argument("--output", default="output/benchmark_real")
     parser.add_argument("opts", nargs=argparse.REMAINDER,
                         help="options of the CCGR (MIL + SS) config, KEY VALUE pairs")
+    return parser
+
+
+def main(argv=None):
+    parser = argument_parser()
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
@@ -281,7 +293,7 @@ def main(argv=None):
         out["lc_iters"] = iters
         times["lc/train"], times["lc/eval"] = round(train_s, 1), round(eval_s, 1)
     if "ccgr" in methods:
-        rounds, stage_times = run_ccgr(args, train_set, val_set, len(classes), is_opts)
+        rounds, stage_times = run_ccgr(args, train_set, len(classes), is_opts)
         out["ccgr_rounds"] = {str(k): {m: r2(v) for m, v in r.items()} for k, r in rounds.items()}
         r50 = [rounds[k]["mAP_r50"] for k in sorted(rounds) if "mAP_r50" in rounds[k]]
         if r50:

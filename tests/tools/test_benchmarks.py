@@ -1,4 +1,5 @@
-"""The real-data benchmarks stop at once, naming the missing path, when their data is absent."""
+"""The real-data benchmarks: they stop at once, naming the missing path, when their data is absent;
+the CCGR config they build."""
 
 import os
 import subprocess
@@ -71,3 +72,19 @@ class TestRealSplit(unittest.TestCase):
         self.assertEqual(len(train["annotations"]) + len(val["annotations"]), len(anns))
         self.assertEqual(split_coco(data, 0.25, seed=0)[1], val)  # seeded
         self.assertNotEqual({i["id"] for i in split_coco(data, 0.25, seed=1)[1]["images"]}, va)
+
+
+class TestRealCCGRConfig(unittest.TestCase):
+    def test_rounds_come_from_the_config_unless_given(self):
+        sys.path.insert(0, os.path.join(ROOT, "tools"))
+        try:
+            from benchmark_real import argument_parser, ccgr_cfg
+        finally:
+            sys.path.pop(0)
+        base = ["--json", "a.json", "--images", "im"]
+        for extra, rounds in (([], 2), (["--rounds", "3"], 3), (["MODEL.CCGR.ROUNDS.NUM", "1"], 1)):
+            args = argument_parser().parse_args(base + extra)
+            cfg = ccgr_cfg(args, "real_train", 3, [])
+            self.assertEqual(cfg.MODEL.CCGR.ROUNDS.NUM, rounds, extra)  # configs/real: 2 rounds
+            self.assertEqual(cfg.DATASETS.TRAIN, ("real_train",))
+            self.assertEqual(cfg.MODEL.ROI_HEADS.NUM_CLASSES, 3)
