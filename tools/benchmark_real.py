@@ -204,6 +204,7 @@ def ccgr_cfg(args, train_set, num_classes, is_opts) -> CfgNode:
     ``--rounds`` (0: the config's own MODEL.CCGR.ROUNDS.NUM) and the positional opts."""
     copts = class_opts(num_classes)
     cls_opts = schedule_opts(args.cls_config, args.cls_iters) + copts["lc"]
+    rounds = ["MODEL.CCGR.ROUNDS.NUM", str(args.rounds)] if args.rounds > 0 else []
     opts = schedule_opts(args.ccgr_config, args.mil_ss_iters) + copts["ccgr"] + [
         "OUTPUT_DIR", os.path.join(args.output, "ccgr"),
         "DATASETS.TRAIN", f"('{train_set}',)",
@@ -211,7 +212,7 @@ def ccgr_cfg(args, train_set, num_classes, is_opts) -> CfgNode:
         "MODEL.CCGR.ROUNDS.IS_CONFIG", args.is_config,
         "MODEL.CCGR.ROUNDS.CLASSIFIER_OPTS", cls_opts,
         "MODEL.CCGR.ROUNDS.IS_OPTS", is_opts,
-    ] + (["MODEL.CCGR.ROUNDS.NUM", str(args.rounds)] if args.rounds > 0 else []) + list(args.opts)  # fmt: skip
+    ] + rounds + list(args.opts)  # fmt: skip
     cfg = get_wsis_cfg(args.ccgr_config, opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()

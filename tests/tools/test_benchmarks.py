@@ -7,7 +7,7 @@ import sys
 import tempfile
 import unittest
 
-from wsis_d2.testing import repo_root
+from wsis_d2.testing import load_tool, repo_root
 
 ROOT = repo_root()
 
@@ -44,11 +44,7 @@ class TestMissingData(unittest.TestCase):
 
 class TestRealSplit(unittest.TestCase):
     def test_stratified_seeded_split(self):
-        sys.path.insert(0, os.path.join(ROOT, "tools"))
-        try:
-            from benchmark_real import split_coco
-        finally:
-            sys.path.pop(0)
+        split_coco = load_tool("benchmark_real").split_coco
         images, anns = [], []
         # 40 images of class 1, 20 of class 2, 8 of both; labels from image_labels or annotations
         for i in range(68):
@@ -76,15 +72,11 @@ class TestRealSplit(unittest.TestCase):
 
 class TestRealCCGRConfig(unittest.TestCase):
     def test_rounds_come_from_the_config_unless_given(self):
-        sys.path.insert(0, os.path.join(ROOT, "tools"))
-        try:
-            from benchmark_real import argument_parser, ccgr_cfg
-        finally:
-            sys.path.pop(0)
+        tool = load_tool("benchmark_real")
         base = ["--json", "a.json", "--images", "im"]
         for extra, rounds in (([], 2), (["--rounds", "3"], 3), (["MODEL.CCGR.ROUNDS.NUM", "1"], 1)):
-            args = argument_parser().parse_args(base + extra)
-            cfg = ccgr_cfg(args, "real_train", 3, [])
+            args = tool.argument_parser().parse_args(base + extra)
+            cfg = tool.ccgr_cfg(args, "real_train", 3, [])
             self.assertEqual(cfg.MODEL.CCGR.ROUNDS.NUM, rounds, extra)  # configs/real: 2 rounds
             self.assertEqual(cfg.DATASETS.TRAIN, ("real_train",))
             self.assertEqual(cfg.MODEL.ROI_HEADS.NUM_CLASSES, 3)
