@@ -276,6 +276,40 @@ class TestCCGRRounds(unittest.TestCase):
             CCGRRounds(_cfg(self.tmp.name, ["DATASETS.TRAIN", "('a', 'b')"]))
         with self.assertRaisesRegex(ValueError, "MODEL.CCGR.ROUNDS.IS_LABEL_ROUNDS must be >= 1"):
             CCGRRounds(_cfg(self.tmp.name, ["MODEL.CCGR.ROUNDS.IS_LABEL_ROUNDS", "0"]))
+        with self.assertRaisesRegex(ValueError, "MODEL.CCGR.ROUNDS.LABEL_SETS must be >= 1"):
+            CCGRRounds(_cfg(self.tmp.name, ["MODEL.CCGR.ROUNDS.LABEL_SETS", "0"]))
+
+    def test_label_sets(self):
+        # two MIL + SS models per round, seeded apart; the IS branch trains on every set
+        out = os.path.join(self.tmp.name, "sets")
+        cfg = _cfg(out, ["MODEL.CCGR.ROUNDS.LABEL_SETS", "2", "MODEL.CCGR.ROUNDS.IS_LABEL_ROUNDS", "2",
+                         "SEED", "3"])  # fmt: skip
+        cfg.freeze()
+        rounds = CCGRRounds(cfg)
+        self.assertEqual(rounds.stages()[3:9], [
+            "round1/mil_ss", "round1/pseudo_labels", "round1/mil_ss_2", "round1/pseudo_labels_2",
+            "round1/is", "round2/cues"])  # fmt: skip
+        metrics = rounds.run(until="round2/pseudo_labels_2")
+        for stage in ("round1/mil_ss_2", "round1/pseudo_labels_2", "round2/mil_ss_2",
+                      "round2/pseudo_labels_2"):  # fmt: skip
+            self.assertTrue(os.path.isfile(os.path.join(out, stage, STAGE_FILE)), stage)
+        self.assertFalse(os.path.isdir(os.path.join(out, "round2", "is")))
+        # set 1's figures keep their names, set 2's are prefixed
+        for key in ("pseudo_instances", "set2_pseudo_instances", "set2_pseudo_mAP_r50", "mAP_r50"):
+            self.assertIn(key, metrics[1])
+        self.assertIn("set2_pseudo_mAP_r50", metrics[2])
+        # the sets' models differ (their seeds), and each fine-tunes its own of the round before
+        weights = [
+            torch.load(os.path.join(out, "round1", d, "model_final.pth"), weights_only=False)["model"]
+            for d in ("mil_ss", "mil_ss_2")
+        ]
+        self.assertFalse(all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0]))
+        with open(os.path.join(out, "round2", "mil_ss_2", "config.yaml")) as f:
+            self.assertIn(os.path.join(out, "round1", "mil_ss_2", "model_final.pth"), f.read())
+        name = "wsis_synth_mini_train_ccgr_round{}".format
+        self.assertEqual(rounds._is_cfg(1).DATASETS.TRAIN, (name(1), name("1_set2")))
+        self.assertEqual(rounds._is_cfg(2).DATASETS.TRAIN,
+                         (name(2), name("2_set2"), name(1), name("1_set2")))
 
     def test_seed_cues_from_instances(self):
         inst = Instances((20, 30))
@@ -328,9 +362,13 @@ class TestCCGRRounds(unittest.TestCase):
         self.assertEqual(len(all_seeds), 5)
         self.assertEqual(seeds[:, 5].tolist(), [scores[i].item() for i in (1, 0, 3, 4)])
         self.assertEqual(len(peaks), 4)
-        # the dropped box's mask still labels its pixels
+        # the dropped box's mask still labels its pixels, wherever it is among the instances
         self.assertTrue(torch.equal(sem, sem_all))
         self.assertEqual(int(sem[35, 35]), 0)
+        _, sem_last, _ = seed_cues_from_instances(
+            inst[[0, 1, 3, 4, 2]], torch.tensor([1, 1]), 2, 0.2, centre_nms=True
+        )
+        self.assertTrue(torch.equal(sem_last, sem))
 
 
 if __name__ == "__main__":

@@ -134,6 +134,10 @@ def add_ccgr_config(cfg):
     # label sets; each training image once per set) instead of round k's alone (1, the paper):
     # one round's labels, e.g. of another MIL seed, move the IS branch by a few points
     _C.MODEL.CCGR.ROUNDS.IS_LABEL_ROUNDS = 1
+    # MIL + SS models per round, each with its own seed (SEED + 1000 (j - 1) for set j when SEED
+    # >= 0) and from the same cues; each writes a pseudo-label set and the round's IS branch trains
+    # on all of them (each training image once per set). 1: one model per round (the paper)
+    _C.MODEL.CCGR.ROUNDS.LABEL_SETS = 1
     # selective-search proposals per training image, and processes that compute them
     _C.MODEL.CCGR.ROUNDS.PROPOSAL_MAX = 2000
     _C.MODEL.CCGR.ROUNDS.WORKERS = 2

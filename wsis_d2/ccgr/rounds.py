@@ -7,6 +7,7 @@ under ``OUTPUT_DIR``:
     round1/cues/                  its peaks and pseudo semantic labels (cues.pkl)
     round<k>/mil_ss/              CCGRNet (WSDDN MIL branch + PSP SS branch) on the round's cues
     round<k>/pseudo_labels/       its pseudo instances after CCGR refinement (pseudo_labels.json)
+    round<k>/{mil_ss,pseudo_labels}_<j>/  label set j >= 2 (MODEL.CCGR.ROUNDS.LABEL_SETS)
     round<k>/is/                  the IS branch (stock Mask R-CNN) trained on them (k >= 2: from
                                   round k-1's, MODEL.CCGR.ROUNDS.IS_FINETUNE), evaluated on the DATASETS.TEST
                                   of its config
@@ -145,7 +146,8 @@ def seed_cues_from_instances(
         [classes, (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2, scores], dim=1
     ).reshape(-1, 4)
     if inst.has("pred_masks") and len(inst) > 0:
-        order = torch.argsort(scores, stable=True)  # the better mask last
+        # every kept instance's mask, the seeds' and those centre_nms dropped; the better last
+        order = torch.argsort(inst.scores, stable=True)
         sem = semantic_labels_from_instances(
             inst.pred_masks[order].bool(), inst.pred_classes[order], num_classes
         )
@@ -188,6 +190,11 @@ class CCGRRounds:
                 "MODEL.CCGR.ROUNDS.IS_LABEL_ROUNDS must be >= 1 (1: each round's own pseudo labels),"
                 f" got {cfg.MODEL.CCGR.ROUNDS.IS_LABEL_ROUNDS}"
             )
+        if cfg.MODEL.CCGR.ROUNDS.LABEL_SETS < 1:
+            raise ValueError(
+                "MODEL.CCGR.ROUNDS.LABEL_SETS must be >= 1 (1: one MIL + SS model per round),"
+                f" got {cfg.MODEL.CCGR.ROUNDS.LABEL_SETS}"
+            )
         for key in ("CLASSIFIER_CONFIG", "IS_CONFIG"):
             path = cfg.MODEL.CCGR.ROUNDS[key]
             if not path or not os.path.isfile(path):
@@ -216,8 +223,9 @@ class CCGRRounds:
     def _dir(self, *parts) -> str:
         return os.path.join(self.output, *parts)
 
-    def _stage(self, name: str, fn: Callable[[str], Dict]) -> Dict:
-        """Run stage ``name`` (a folder) unless it finished and we resume; returns its metrics."""
+    def _stage(self, name: str, fn: Callable[[str], Dict], seed_offset: int = 0) -> Dict:
+        """Run stage ``name`` (a folder) unless it finished and we resume; returns its metrics.
+        The stage starts from SEED + ``seed_offset`` (SEED >= 0; SEED < 0: not reseeded)."""
         folder = self._dir(name)
         marker = os.path.join(folder, STAGE_FILE)
         # the main process's view of the marker, on every rank: all run the same stages
@@ -230,7 +238,7 @@ class CCGRRounds:
         os.makedirs(folder, exist_ok=True)
         comm.synchronize()
         logger.info(f"CCGR: stage {name} ...")
-        seed_stage(self.cfg.SEED)
+        seed_stage(self.cfg.SEED + seed_offset if self.cfg.SEED >= 0 else self.cfg.SEED)
         self._serial = []
         start = time.perf_counter()
         metrics = fn(folder)
@@ -303,9 +311,14 @@ class CCGRRounds:
         }
         check_health(stage, figures, ranges)
 
-    def _mil_ss_iters(self, k: int) -> int:
-        """The schedule the round-k MIL + SS model trained (from its saved config)."""
-        path = self._dir(f"round{k}", "mil_ss", "config.yaml")
+    @staticmethod
+    def _set_name(stage: str, j: int) -> str:
+        """Folder of label set j's MIL + SS or pseudo-label stage: set 1 keeps the plain name."""
+        return stage if j == 1 else f"{stage}_{j}"
+
+    def _mil_ss_iters(self, k: int, j: int = 1) -> int:
+        """The schedule the round-k MIL + SS model of label set j trained (its saved config)."""
+        path = self._dir(f"round{k}", self._set_name("mil_ss", j), "config.yaml")
         if os.path.isfile(path):
             return int(get_wsis_cfg(path).SOLVER.MAX_ITER)
         return int(self.cfg.SOLVER.MAX_ITER)
@@ -424,23 +437,29 @@ class CCGRRounds:
         cfg.DATASETS.PROPOSAL_FILES_TEST = (self._proposal_file(),)
         return cfg
 
-    def _mil_ss(self, k: int, folder: str) -> Dict:
+    def _mil_ss(self, k: int, j: int, folder: str) -> Dict:
         cfg = self._mil_ss_cfg(k, folder)
         if k > 1 and self.cfg.MODEL.CCGR.ROUNDS.FINETUNE:
-            cfg.MODEL.WEIGHTS = self._dir(f"round{k - 1}", "mil_ss", "model_final.pth")
+            # label set j fine-tunes its own model of the round before
+            cfg.MODEL.WEIGHTS = self._dir(
+                f"round{k - 1}", self._set_name("mil_ss", j), "model_final.pth"
+            )
             cfg.SOLVER.MAX_ITER = max(1, int(round(cfg.SOLVER.MAX_ITER * self.cfg.MODEL.CCGR.ROUNDS.FINETUNE_FRACTION)))
             cfg.SOLVER.STEPS = tuple(s for s in cfg.SOLVER.STEPS if s < cfg.SOLVER.MAX_ITER)
             cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.MAX_ITER // 10)
         self._train(cfg)
         figures = from_main(lambda: training_health(os.path.join(folder, "metrics.json")))
         self._check(
-            f"round{k}/mil_ss", figures, cfg.SOLVER.MAX_ITER, k > 1 and self.cfg.MODEL.CCGR.ROUNDS.FINETUNE
+            f"round{k}/{self._set_name('mil_ss', j)}",
+            figures,
+            cfg.SOLVER.MAX_ITER,
+            k > 1 and self.cfg.MODEL.CCGR.ROUNDS.FINETUNE,
         )
         return figures
 
-    def _pseudo_labels(self, k: int, folder: str) -> Dict:
+    def _pseudo_labels(self, k: int, j: int, folder: str) -> Dict:
         model, loader = self._trained(
-            self._mil_ss_cfg(k, self._dir(f"round{k}", "mil_ss")), self.train_set
+            self._mil_ss_cfg(k, self._dir(f"round{k}", self._set_name("mil_ss", j))), self.train_set
         )
         evaluator = InstanceAPEvaluator(self.train_set, distributed=True)
         evaluator.reset()
@@ -459,13 +478,14 @@ class CCGRRounds:
                 evaluator.process([inp], [out])
         # collectives, on every rank in this order: the pseudo labels, the diagnostics, the AP
         with serial_part(self._serial):
-            pseudo = gather_by_id(pseudo, self._ids, f"round{k}/pseudo_labels")
+            stage = f"round{k}/{self._set_name('pseudo_labels', j)}"
+            pseudo = gather_by_id(pseudo, self._ids, stage)
             shares = comm.gather(diagnostics, dst=0)
             result = evaluator.evaluate() if self.has_gt_masks else {}
             metrics = from_main(
-                lambda: self._write_pseudo_labels(k, folder, pseudo, shares, result)
+                lambda: self._write_pseudo_labels(folder, pseudo, shares, result)
             )
-        self._check(f"round{k}/pseudo_labels", metrics, self._mil_ss_iters(k))
+        self._check(stage, metrics, self._mil_ss_iters(k, j))
         return metrics
 
     def _category_ids(self) -> List[int]:
@@ -476,8 +496,8 @@ class CCGRRounds:
         )
         return [inverse[c] for c in range(self.num_classes)]
 
-    def _write_pseudo_labels(self, k, folder, pseudo, shares, result) -> Dict:
-        """Main process: write round k's pseudo_labels.json and sum up its figures."""
+    def _write_pseudo_labels(self, folder, pseudo, shares, result) -> Dict:
+        """Main process: write the stage's pseudo_labels.json and sum up its figures."""
         diagnostics = shares[0]
         for share in shares[1:]:
             diagnostics.merge(share)
@@ -502,11 +522,13 @@ class CCGRRounds:
             metrics.update({f"pseudo_{m}": res[m] for m in ("mAP_r25", "mAP_r50", "mAP_b50")})
         return metrics
 
-    def _pseudo_dataset(self, k: int) -> str:
-        """Register round k's pseudo labels as a dataset (checked against the training set)."""
-        name = f"{self.train_set}_ccgr_round{k}"
-        path = self._dir(f"round{k}", "pseudo_labels", "pseudo_labels.json")
-        check_pseudo_label_json(path, self.dicts, self.meta.thing_classes, f"CCGR round {k}")
+    def _pseudo_dataset(self, k: int, j: int = 1) -> str:
+        """Register round k's pseudo labels of label set j as a dataset (checked against the
+        training set)."""
+        name = f"{self.train_set}_ccgr_round{k}" + ("" if j == 1 else f"_set{j}")
+        path = self._dir(f"round{k}", self._set_name("pseudo_labels", j), "pseudo_labels.json")
+        what = f"CCGR round {k}" + ("" if j == 1 else f" label set {j}")
+        check_pseudo_label_json(path, self.dicts, self.meta.thing_classes, what)
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
@@ -521,9 +543,13 @@ class CCGRRounds:
         cfg = self._sub_cfg(
             self.cfg.MODEL.CCGR.ROUNDS.IS_CONFIG, self._dir(f"round{k}", "is"), self.cfg.MODEL.CCGR.ROUNDS.IS_OPTS
         )
-        # round k's labels, and those of the rounds before it up to IS_LABEL_ROUNDS label sets
+        # round k's label sets, and those of the rounds before it up to IS_LABEL_ROUNDS rounds
         first = max(1, k - self.cfg.MODEL.CCGR.ROUNDS.IS_LABEL_ROUNDS + 1)
-        cfg.DATASETS.TRAIN = tuple(self._pseudo_dataset(j) for j in range(k, first - 1, -1))
+        cfg.DATASETS.TRAIN = tuple(
+            self._pseudo_dataset(r, j)
+            for r in range(k, first - 1, -1)
+            for j in range(1, self.cfg.MODEL.CCGR.ROUNDS.LABEL_SETS + 1)
+        )
         return cfg
 
     def _is_branch(self, k: int, folder: str) -> Dict:
@@ -586,7 +612,9 @@ class CCGRRounds:
         for k in range(1, self.cfg.MODEL.CCGR.ROUNDS.NUM + 1):
             if k > 1:
                 names.append(f"round{k}/cues")
-            names += [f"round{k}/mil_ss", f"round{k}/pseudo_labels", f"round{k}/is"]
+            for j in range(1, self.cfg.MODEL.CCGR.ROUNDS.LABEL_SETS + 1):
+                names += [f"round{k}/{self._set_name(s, j)}" for s in ("mil_ss", "pseudo_labels")]
+            names.append(f"round{k}/is")
         return names
 
     def stage_seconds(self) -> Dict[str, float]:
@@ -628,11 +656,11 @@ class CCGRRounds:
         class _Until(Exception):
             pass
 
-        def stage(name, fn):
+        def stage(name, fn, seed_offset=0, prefix=""):
             nonlocal done
             done += 1
             logger.info(f"CCGR: [{done}/{total}] {name}")
-            out = self._stage(name, fn)
+            out = {prefix + m: v for m, v in self._stage(name, fn, seed_offset).items()}
             if name == until:
                 metrics.update(out)
                 raise _Until()
@@ -647,10 +675,21 @@ class CCGRRounds:
                 metrics = OrderedDict(cues1 if k == 1 else {})
                 if k > 1:
                     metrics.update(stage(f"round{k}/cues", lambda f, k=k: self._seed_cues(k, f)))
-                stage(f"round{k}/mil_ss", lambda f, k=k: self._mil_ss(k, f))
-                metrics.update(
-                    stage(f"round{k}/pseudo_labels", lambda f, k=k: self._pseudo_labels(k, f))
-                )
+                for j in range(1, self.cfg.MODEL.CCGR.ROUNDS.LABEL_SETS + 1):
+                    # set 1's figures keep their names; set j's are prefixed set{j}_
+                    offset, prefix = 1000 * (j - 1), "" if j == 1 else f"set{j}_"
+                    stage(
+                        f"round{k}/{self._set_name('mil_ss', j)}",
+                        lambda f, k=k, j=j: self._mil_ss(k, j, f),
+                        offset,
+                        prefix,
+                    )
+                    metrics.update(stage(
+                        f"round{k}/{self._set_name('pseudo_labels', j)}",
+                        lambda f, k=k, j=j: self._pseudo_labels(k, j, f),
+                        offset,
+                        prefix,
+                    ))
                 metrics.update(stage(f"round{k}/is", lambda f, k=k: self._is_branch(k, f)))
                 self._finish_round(k, metrics, writers)
         except _Until:
