@@ -312,13 +312,14 @@ class CCGRRounds:
         check_health(stage, figures, ranges)
 
     @staticmethod
-    def _set_name(stage: str, j: int) -> str:
-        """Folder of label set j's MIL + SS or pseudo-label stage: set 1 keeps the plain name."""
-        return stage if j == 1 else f"{stage}_{j}"
+    def _set_stage(k: int, stage: str, j: int) -> str:
+        """Round k's MIL + SS or pseudo-label stage (and folder) of label set j: set 1 keeps the
+        plain name, e.g. round2/mil_ss, round2/mil_ss_2."""
+        return f"round{k}/{stage}" if j == 1 else f"round{k}/{stage}_{j}"
 
     def _mil_ss_iters(self, k: int, j: int = 1) -> int:
         """The schedule the round-k MIL + SS model of label set j trained (its saved config)."""
-        path = self._dir(f"round{k}", self._set_name("mil_ss", j), "config.yaml")
+        path = self._dir(self._set_stage(k, "mil_ss", j), "config.yaml")
         if os.path.isfile(path):
             return int(get_wsis_cfg(path).SOLVER.MAX_ITER)
         return int(self.cfg.SOLVER.MAX_ITER)
@@ -441,16 +442,14 @@ class CCGRRounds:
         cfg = self._mil_ss_cfg(k, folder)
         if k > 1 and self.cfg.MODEL.CCGR.ROUNDS.FINETUNE:
             # label set j fine-tunes its own model of the round before
-            cfg.MODEL.WEIGHTS = self._dir(
-                f"round{k - 1}", self._set_name("mil_ss", j), "model_final.pth"
-            )
+            cfg.MODEL.WEIGHTS = self._dir(self._set_stage(k - 1, "mil_ss", j), "model_final.pth")
             cfg.SOLVER.MAX_ITER = max(1, int(round(cfg.SOLVER.MAX_ITER * self.cfg.MODEL.CCGR.ROUNDS.FINETUNE_FRACTION)))
             cfg.SOLVER.STEPS = tuple(s for s in cfg.SOLVER.STEPS if s < cfg.SOLVER.MAX_ITER)
             cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.MAX_ITER // 10)
         self._train(cfg)
         figures = from_main(lambda: training_health(os.path.join(folder, "metrics.json")))
         self._check(
-            f"round{k}/{self._set_name('mil_ss', j)}",
+            self._set_stage(k, "mil_ss", j),
             figures,
             cfg.SOLVER.MAX_ITER,
             k > 1 and self.cfg.MODEL.CCGR.ROUNDS.FINETUNE,
@@ -459,7 +458,7 @@ class CCGRRounds:
 
     def _pseudo_labels(self, k: int, j: int, folder: str) -> Dict:
         model, loader = self._trained(
-            self._mil_ss_cfg(k, self._dir(f"round{k}", self._set_name("mil_ss", j))), self.train_set
+            self._mil_ss_cfg(k, self._dir(self._set_stage(k, "mil_ss", j))), self.train_set
         )
         evaluator = InstanceAPEvaluator(self.train_set, distributed=True)
         evaluator.reset()
@@ -478,7 +477,7 @@ class CCGRRounds:
                 evaluator.process([inp], [out])
         # collectives, on every rank in this order: the pseudo labels, the diagnostics, the AP
         with serial_part(self._serial):
-            stage = f"round{k}/{self._set_name('pseudo_labels', j)}"
+            stage = self._set_stage(k, "pseudo_labels", j)
             pseudo = gather_by_id(pseudo, self._ids, stage)
             shares = comm.gather(diagnostics, dst=0)
             result = evaluator.evaluate() if self.has_gt_masks else {}
@@ -526,7 +525,7 @@ class CCGRRounds:
         """Register round k's pseudo labels of label set j as a dataset (checked against the
         training set)."""
         name = f"{self.train_set}_ccgr_round{k}" + ("" if j == 1 else f"_set{j}")
-        path = self._dir(f"round{k}", self._set_name("pseudo_labels", j), "pseudo_labels.json")
+        path = self._dir(self._set_stage(k, "pseudo_labels", j), "pseudo_labels.json")
         what = f"CCGR round {k}" + ("" if j == 1 else f" label set {j}")
         check_pseudo_label_json(path, self.dicts, self.meta.thing_classes, what)
         if name in DatasetCatalog.list():
@@ -613,7 +612,7 @@ class CCGRRounds:
             if k > 1:
                 names.append(f"round{k}/cues")
             for j in range(1, self.cfg.MODEL.CCGR.ROUNDS.LABEL_SETS + 1):
-                names += [f"round{k}/{self._set_name(s, j)}" for s in ("mil_ss", "pseudo_labels")]
+                names += [self._set_stage(k, s, j) for s in ("mil_ss", "pseudo_labels")]
             names.append(f"round{k}/is")
         return names
 
@@ -679,13 +678,13 @@ class CCGRRounds:
                     # set 1's figures keep their names; set j's are prefixed set{j}_
                     offset, prefix = 1000 * (j - 1), "" if j == 1 else f"set{j}_"
                     stage(
-                        f"round{k}/{self._set_name('mil_ss', j)}",
+                        self._set_stage(k, "mil_ss", j),
                         lambda f, k=k, j=j: self._mil_ss(k, j, f),
                         offset,
                         prefix,
                     )
                     metrics.update(stage(
-                        f"round{k}/{self._set_name('pseudo_labels', j)}",
+                        self._set_stage(k, "pseudo_labels", j),
                         lambda f, k=k, j=j: self._pseudo_labels(k, j, f),
                         offset,
                         prefix,
