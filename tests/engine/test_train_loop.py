@@ -10,6 +10,7 @@ from detectron2.utils.events import EventStorage
 
 from wsis_d2 import add_wsis_config
 from wsis_d2.engine import AutocastTrainer, WSISTrainer, amp_dtype, build_train_loop
+from wsis_d2.engine import train_loop as train_loop_module
 
 
 class _Model(nn.Module):
@@ -33,11 +34,12 @@ def _loader():
         yield [{"x": torch.randn(3, 8, 8, generator=gen)} for _ in range(2)]
 
 
-def _cfg(enabled, dtype="bfloat16", device="cpu"):
+def _cfg(enabled, dtype="bfloat16", device="cpu", fallback=False):
     cfg = get_cfg()
     add_wsis_config(cfg)
     cfg.SOLVER.AMP.ENABLED = enabled
     cfg.SOLVER.AMP.DTYPE = dtype
+    cfg.SOLVER.AMP.BF16_FALLBACK = fallback  # off: the bfloat16 loop on any CPU
     cfg.MODEL.DEVICE = device
     return cfg
 
@@ -56,6 +58,37 @@ def test_build_train_loop_choice():
     assert issubclass(AutocastTrainer, SimpleTrainer) and not issubclass(
         AutocastTrainer, AMPTrainer
     )
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_falls_back_to_float32_without_native_support(native, monkeypatch, caplog):
+    monkeypatch.setattr(train_loop_module, "native_bfloat16", lambda device_type: native)
+    model = _Model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level("WARNING", logger=train_loop_module.__name__):
+        loop = build_train_loop(_cfg(True, fallback=True), model, _loader(), opt)
+    if native:
+        assert isinstance(loop, AutocastTrainer) and not caplog.records
+    else:
+        assert type(loop) is SimpleTrainer
+        assert "BF16_FALLBACK" in caplog.text and "float32" in caplog.text
+        with EventStorage() as storage:
+            loop.storage, loop.iter = storage, 0
+            loop.run_step()
+        assert model.seen_dtype == torch.float32
+    # switched off, bfloat16 is kept whatever the device can do
+    loop = build_train_loop(_cfg(True, fallback=False), model, _loader(), opt)
+    assert isinstance(loop, AutocastTrainer)
+
+
+def test_native_bfloat16_cpu_check(monkeypatch):
+    assert isinstance(train_loop_module.native_bfloat16("cpu"), bool)
+    # without oneDNN's check, the CPU flags decide
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None, raising=False)
+    monkeypatch.setattr(train_loop_module, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert train_loop_module.native_bfloat16("cpu") is False
+    monkeypatch.setattr(train_loop_module, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert train_loop_module.native_bfloat16("cpu") is True
 
 
 def test_autocast_step_runs_bfloat16_and_updates_float32_weights():

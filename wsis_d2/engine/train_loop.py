@@ -6,15 +6,20 @@ training (the demos and benchmarks of this project, and users without a GPU) gai
 bfloat16 autocast: on CPUs with AVX-512 BF16 / AMX, oneDNN runs bfloat16 convolutions 1.5-2x faster
 than float32, and bfloat16 keeps float32's exponent range, so no gradient scaler is needed.
 :class:`AutocastTrainer` is that loop; :func:`build_train_loop` picks the loop a config asks for.
+On CPUs without native bfloat16 (AVX2 only) oneDNN emulates it and a step runs 8-18x slower than in
+float32, so there the loop falls back to float32 (``SOLVER.AMP.BF16_FALLBACK``).
 """
 
+import logging
 import time
 
 import torch
 
 from detectron2.engine import AMPTrainer, SimpleTrainer
 
-__all__ = ["AutocastTrainer", "build_train_loop", "amp_dtype"]
+__all__ = ["AutocastTrainer", "build_train_loop", "amp_dtype", "native_bfloat16"]
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -27,6 +32,37 @@ def amp_dtype(cfg) -> torch.dtype:
             f"SOLVER.AMP.DTYPE must be 'float16' or 'bfloat16', got {cfg.SOLVER.AMP.DTYPE!r}"
         )
     return _DTYPES[name]
+
+
+def _cpu_flags() -> set:
+    """The CPU feature flags of /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bfloat16(device_type: str) -> bool:
+    """
+    Whether ``device_type`` runs bfloat16 convolutions natively: CUDA devices that support
+    bfloat16, CPUs with AVX-512 BF16 or AMX (oneDNN's own check where torch exposes it, else the
+    CPU flags). Elsewhere bfloat16 is emulated, much slower than float32.
+    """
+    if device_type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device_type != "cpu":
+        return True  # no known way to ask; trust the config
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if check is not None:
+        try:
+            return bool(check())
+        except RuntimeError:
+            pass
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
 class AutocastTrainer(SimpleTrainer):
@@ -78,13 +114,23 @@ def build_train_loop(cfg, model, data_loader, optimizer) -> SimpleTrainer:
     The training loop for ``cfg``:
 
     - ``SOLVER.AMP.ENABLED`` false: detectron2's ``SimpleTrainer`` (float32);
-    - enabled with ``SOLVER.AMP.DTYPE`` "bfloat16": :class:`AutocastTrainer` (CPU or CUDA);
+    - enabled with ``SOLVER.AMP.DTYPE`` "bfloat16": :class:`AutocastTrainer` (CPU or CUDA), or,
+      with ``SOLVER.AMP.BF16_FALLBACK`` on a device without native bfloat16
+      (:func:`native_bfloat16`), ``SimpleTrainer`` (float32) and a warning;
     - enabled with "float16": detectron2's ``AMPTrainer`` (CUDA only; a clear error on CPU).
     """
     if not cfg.SOLVER.AMP.ENABLED:
         return SimpleTrainer(model, data_loader, optimizer)
     dtype = amp_dtype(cfg)
     if dtype == torch.bfloat16:
+        device_type = torch.device(cfg.MODEL.DEVICE).type
+        if cfg.SOLVER.AMP.BF16_FALLBACK and not native_bfloat16(device_type):
+            logger.warning(
+                f"SOLVER.AMP.DTYPE 'bfloat16': this {device_type} has no native bfloat16 (on CPU: "
+                "AVX-512 BF16 or AMX), where emulated bfloat16 trains several times slower than "
+                "float32; training in float32 (SOLVER.AMP.BF16_FALLBACK False keeps bfloat16)"
+            )
+            return SimpleTrainer(model, data_loader, optimizer)
         return AutocastTrainer(model, data_loader, optimizer, dtype=dtype)
     if torch.device(cfg.MODEL.DEVICE).type != "cuda":
         raise ValueError(
