@@ -46,7 +46,7 @@ def add_engine_config(cfg):
     # or CUDA, no scaler; about 1.5-2x faster convolutions on CPUs with AVX-512 BF16 or AMX)
     _C.SOLVER.AMP.DTYPE = "float16"
     # "bfloat16" on a device without native bfloat16 (CPUs without AVX-512 BF16 / AMX, where
-    # oneDNN emulates it and a step runs 8-18x slower): train in float32 instead, with a warning
+    # oneDNN emulates it and a step runs 7-18x slower): train in float32 instead, with a warning
     _C.SOLVER.AMP.BF16_FALLBACK = True
     # keep weights and activations of convolutional models in channels-last (NHWC) memory format,
     # which oneDNN (CPU) and cuDNN (with autocast) run faster; results are the same up to rounding

@@ -6,7 +6,7 @@ training (the demos and benchmarks of this project, and users without a GPU) gai
 bfloat16 autocast: on CPUs with AVX-512 BF16 / AMX, oneDNN runs bfloat16 convolutions 1.5-2x faster
 than float32, and bfloat16 keeps float32's exponent range, so no gradient scaler is needed.
 :class:`AutocastTrainer` is that loop; :func:`build_train_loop` picks the loop a config asks for.
-On CPUs without native bfloat16 (AVX2 only) oneDNN emulates it and a step runs 8-18x slower than in
+On CPUs without native bfloat16 (AVX2 only) oneDNN emulates it and a step runs 7-18x slower than in
 float32, so there the loop falls back to float32 (``SOLVER.AMP.BF16_FALLBACK``).
 """
 
