@@ -122,8 +122,8 @@ def build_train_loop(cfg, model, data_loader, optimizer) -> SimpleTrainer:
     if not cfg.SOLVER.AMP.ENABLED:
         return SimpleTrainer(model, data_loader, optimizer)
     dtype = amp_dtype(cfg)
+    device_type = torch.device(cfg.MODEL.DEVICE).type
     if dtype == torch.bfloat16:
-        device_type = torch.device(cfg.MODEL.DEVICE).type
         if cfg.SOLVER.AMP.BF16_FALLBACK and not native_bfloat16(device_type):
             logger.warning(
                 f"SOLVER.AMP.DTYPE 'bfloat16': this {device_type} has no native bfloat16 (on CPU: "
@@ -132,7 +132,7 @@ def build_train_loop(cfg, model, data_loader, optimizer) -> SimpleTrainer:
             )
             return SimpleTrainer(model, data_loader, optimizer)
         return AutocastTrainer(model, data_loader, optimizer, dtype=dtype)
-    if torch.device(cfg.MODEL.DEVICE).type != "cuda":
+    if device_type != "cuda":
         raise ValueError(
             f"SOLVER.AMP.DTYPE 'float16' needs CUDA (MODEL.DEVICE is {cfg.MODEL.DEVICE!r}); "
             "use 'bfloat16' for mixed precision on CPU"
