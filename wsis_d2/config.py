@@ -51,6 +51,11 @@ def add_engine_config(cfg):
     # keep weights and activations of convolutional models in channels-last (NHWC) memory format,
     # which oneDNN (CPU) and cuDNN (with autocast) run faster; results are the same up to rounding
     _C.MODEL.CHANNELS_LAST = False
+    # CPU training: memory freed by a step stays in the process for the next one (glibc malloc's
+    # mmap and trim thresholds raised, wsis_d2.utils.memory) instead of being faulted in afresh
+    # from the kernel; helps models with large full-resolution activations (the density configs
+    # turn it on), not the detectors measured (docs/notes/results_real.md)
+    _C.SOLVER.CPU_RETAIN_FREED_MEMORY = False
     return cfg
 
 

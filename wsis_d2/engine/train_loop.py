@@ -17,6 +17,8 @@ import torch
 
 from detectron2.engine import AMPTrainer, SimpleTrainer
 
+from ..utils.memory import retain_freed_memory
+
 __all__ = ["AutocastTrainer", "build_train_loop", "amp_dtype", "native_bfloat16"]
 
 logger = logging.getLogger(__name__)
@@ -118,11 +120,16 @@ def build_train_loop(cfg, model, data_loader, optimizer) -> SimpleTrainer:
       with ``SOLVER.AMP.BF16_FALLBACK`` on a device without native bfloat16
       (:func:`native_bfloat16`), ``SimpleTrainer`` (float32) and a warning;
     - enabled with "float16": detectron2's ``AMPTrainer`` (CUDA only; a clear error on CPU).
+
+    On CPU with ``SOLVER.CPU_RETAIN_FREED_MEMORY`` it also keeps freed memory in the process
+    (:func:`wsis_d2.utils.memory.retain_freed_memory`, process-wide).
     """
+    device_type = torch.device(cfg.MODEL.DEVICE).type
+    if device_type == "cpu" and cfg.SOLVER.CPU_RETAIN_FREED_MEMORY:
+        retain_freed_memory()
     if not cfg.SOLVER.AMP.ENABLED:
         return SimpleTrainer(model, data_loader, optimizer)
     dtype = amp_dtype(cfg)
-    device_type = torch.device(cfg.MODEL.DEVICE).type
     if dtype == torch.bfloat16:
         if cfg.SOLVER.AMP.BF16_FALLBACK and not native_bfloat16(device_type):
             logger.warning(
