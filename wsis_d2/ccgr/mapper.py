@@ -19,6 +19,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
 from .files import load_cues
+from ..data.image_io import check_full_size, decode_short_side, read_image_reduced
 from ..data.proposals import check_proposals, load_proposal_file
 from ..data.mapper_registry import DATASET_MAPPER_REGISTRY
 from ..data.image_labels import image_labels_of, num_classes_of
@@ -55,6 +56,7 @@ class CCGRDatasetMapper:
         num_classes: int,
         proposal_topk: int,
         cues: Optional[dict] = None,
+        decode_short_side: int = 0,
     ):
         """
         Args:
@@ -65,6 +67,9 @@ class CCGRDatasetMapper:
             proposal_topk: proposals kept per image (they are sorted by objectness).
             cues: a cues file's content (:func:`wsis_d2.ccgr.files.load_cues`); training
                 needs it.
+            decode_short_side: the largest input shorter side; large JPEGs are decoded at a
+                reduced scale down to twice it (:func:`wsis_d2.data.image_io.read_image_reduced`,
+                ``INPUT.REDUCED_DECODE``); 0: full decode.
         """
         if is_train and cues is None:
             raise ValueError(
@@ -76,6 +81,7 @@ class CCGRDatasetMapper:
         self.num_classes = int(num_classes)
         self.proposal_topk = int(proposal_topk)
         self.cues = cues
+        self.decode_short_side = int(decode_short_side)
         logger.info(
             f"[CCGRDatasetMapper] {'training' if is_train else 'inference'}: {num_classes} "
             f"classes, {proposal_topk} proposals, cues: {'yes' if cues else 'no'}, "
@@ -117,6 +123,7 @@ class CCGRDatasetMapper:
             "num_classes": num_classes,
             "proposal_topk": topk,
             "cues": cues,
+            "decode_short_side": decode_short_side(cfg, is_train),
         }
 
     def __call__(self, dataset_dict: Dict) -> Dict:
@@ -124,20 +131,25 @@ class CCGRDatasetMapper:
         file_name = dataset_dict["file_name"]
         image_id = dataset_dict["image_id"]
         labels = image_labels_of(dataset_dict, self.num_classes)
-        image = utils.read_image(file_name, format=self.image_format)
-        utils.check_image_size(dataset_dict, image)
+        image, scale = read_image_reduced(file_name, self.image_format, self.decode_short_side)
+        check_full_size(dataset_dict, image, scale)
+        full_shape = image.shape[:2] if scale is None else (scale.h, scale.w)
         sem_seg = None
         if self.cues is not None:
             if image_id not in self.cues["peaks"]:
                 raise ValueError(f"cues file: no cues for image id {image_id!r} ({file_name})")
             sem_seg = np.asarray(Image.open(self.cues["sem_seg"][image_id]), dtype=np.uint8)
-            if sem_seg.shape != image.shape[:2]:
+            if sem_seg.shape != full_shape:
                 raise ValueError(
                     f"cues file: label map of image id {image_id!r} is {sem_seg.shape}, the image "
-                    f"{file_name} is {image.shape[:2]}"
+                    f"{file_name} is {full_shape}"
                 )
+            if scale is not None:
+                sem_seg = scale.apply_segmentation(sem_seg)
         aug_input = T.AugInput(image, sem_seg=sem_seg)
         transforms = self.augmentations(aug_input)
+        if scale is not None:  # proposals, peaks and seed boxes are in the full image's pixels
+            transforms = T.TransformList([scale]) + transforms
         image = aug_input.image
         image_shape = image.shape[:2]
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))

@@ -18,6 +18,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from ..data.image_io import check_full_size, decode_short_side, read_image_reduced
 from ..data.image_labels import add_image_labels, class_counts_of, image_labels_of, num_classes_of
 from ..data.mapper_registry import DATASET_MAPPER_REGISTRY
 
@@ -96,6 +97,7 @@ class LCDatasetMapper:
         mosaic_pool: Optional[List[Dict]] = None,
         image_labels_only: bool = False,
         proposal_topk: Optional[int] = None,
+        decode_short_side: int = 0,
     ):
         """
         Args:
@@ -119,6 +121,9 @@ class LCDatasetMapper:
                 (``MODEL.LOAD_PROPOSALS``, ``DATASETS.PROPOSAL_FILES_TEST``) become its
                 "proposals" (the first ``proposal_topk``, transformed with the image) for LC's
                 instance retrieval; None: proposals are not read.
+            decode_short_side: the largest input shorter side; large JPEGs are decoded at a
+                reduced scale down to twice it (:func:`wsis_d2.data.image_io.read_image_reduced`,
+                ``INPUT.REDUCED_DECODE``); 0: full decode.
         """
         if num_classes < 1:
             raise ValueError(f"LCDatasetMapper: num_classes must be >= 1, got {num_classes}")
@@ -132,6 +137,7 @@ class LCDatasetMapper:
         self.mask_format = mask_format
         self.image_labels_only = bool(image_labels_only)
         self.proposal_topk = None if is_train or proposal_topk is None else int(proposal_topk)
+        self.decode_short_side = int(decode_short_side)
         if not 0.0 <= mosaic_prob <= 1.0:
             raise ValueError(f"INPUT.LC.MOSAIC_PROB must be in [0, 1], got {mosaic_prob}")
         if mosaic_grid < 2:
@@ -200,12 +206,15 @@ class LCDatasetMapper:
             "proposal_topk": (
                 cfg.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST if cfg.MODEL.LOAD_PROPOSALS else None
             ),
+            "decode_short_side": decode_short_side(cfg, is_train),
         }
 
-    def _read_image(self, dataset_dict: Dict) -> np.ndarray:
+    def _read_image(self, dataset_dict: Dict) -> Tuple[np.ndarray, Optional[T.ScaleTransform]]:
+        """The image (H', W', 3) and, where it was decoded reduced, the ScaleTransform from the
+        dataset dict's frame to it (:func:`read_image_reduced`)."""
         file_name = dataset_dict["file_name"]
         try:
-            image = utils.read_image(file_name, format=self.image_format)
+            image, scale = read_image_reduced(file_name, self.image_format, self.decode_short_side)
         except (OSError, UnidentifiedImageError, SyntaxError) as e:
             # PIL raises OSError subclasses for missing / truncated / unidentified files and
             # SyntaxError for some broken headers
@@ -214,8 +223,8 @@ class LCDatasetMapper:
             image = image[:, :, None]
         if image.shape[2] == 1:  # e.g. INPUT.FORMAT "L": the model expects 3 channels
             image = np.repeat(image, 3, axis=2)
-        utils.check_image_size(dataset_dict, image)
-        return image
+        check_full_size(dataset_dict, image, scale)
+        return image, scale
 
     def _mosaic(self, image: np.ndarray, counts: np.ndarray):
         """
@@ -240,7 +249,7 @@ class LCDatasetMapper:
                 tile, tile_counts = image, counts
             else:
                 d = self.mosaic_pool[int(partners[k - 1])]
-                aug_input = T.AugInput(self._read_image(d))
+                aug_input = T.AugInput(self._read_image(d)[0])
                 self.augmentations(aug_input)
                 tile, tile_counts = aug_input.image, d["class_counts"]
             r, c = divmod(int(slot), g)
@@ -274,10 +283,12 @@ class LCDatasetMapper:
                 f"{dataset_dict.get('file_name', '<no file_name>')}: 'image_labels' names classes "
                 f"{np.nonzero(label_only)[0].tolist()} without instances, and {what}"
             )
-        image = self._read_image(dataset_dict)
+        image, scale = self._read_image(dataset_dict)
 
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
+        if scale is not None:  # annotations and proposals are in the full image's pixels
+            transforms = T.TransformList([scale]) + transforms
         image = aug_input.image
         image_shape = image.shape[:2]
 
