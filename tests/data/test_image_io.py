@@ -41,6 +41,19 @@ def _rle(mask):
     return {"size": list(mask.shape), "counts": rle["counts"].decode()}
 
 
+def _square_annotation(category_id):
+    """One object of class ``category_id``: the square [80, 240) x [40, 200) with its mask."""
+    mask = np.zeros((H, W), bool)
+    mask[40:200, 80:240] = True
+    return {
+        "bbox": [80.0, 40.0, 240.0, 200.0],
+        "bbox_mode": BoxMode.XYXY_ABS,
+        "category_id": category_id,
+        "iscrowd": 0,
+        "segmentation": _rle(mask),
+    }
+
+
 class TestReadImageReduced(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -96,15 +109,7 @@ class TestReadImageReduced(unittest.TestCase):
         self.assertEqual(decode_short_side(cfg, True), 0)
 
     def _lc_test_input(self, decode):
-        mask = np.zeros((H, W), bool)
-        mask[40:200, 80:240] = True
-        ann = {
-            "bbox": [80.0, 40.0, 240.0, 200.0],
-            "bbox_mode": BoxMode.XYXY_ABS,
-            "category_id": 1,
-            "iscrowd": 0,
-            "segmentation": _rle(mask),
-        }
+        ann = _square_annotation(1)
         d = {
             "file_name": self.jpg,
             "height": H,
@@ -181,15 +186,7 @@ class TestReadImageReduced(unittest.TestCase):
         self.assertGreater(agree.item(), 0.95)
 
     def _mask_rcnn_input(self, mapper_class, reduced, path=None):
-        mask = np.zeros((H, W), bool)
-        mask[40:200, 80:240] = True
-        ann = {
-            "bbox": [80.0, 40.0, 240.0, 200.0],
-            "bbox_mode": BoxMode.XYXY_ABS,
-            "category_id": 0,
-            "iscrowd": 0,
-            "segmentation": _rle(mask),
-        }
+        ann = _square_annotation(0)
         d = {
             "file_name": path or self.jpg,
             "height": H,
