@@ -108,18 +108,23 @@ class TestReadImageReduced(unittest.TestCase):
         cfg.INPUT.REDUCED_DECODE = False
         self.assertEqual(decode_short_side(cfg, True), 0)
 
-    def _lc_test_input(self, decode):
-        ann = _square_annotation(1)
+    def _photo_dict(self, proposal_box, **fields):
+        """The JPEG's dataset dict (image id 1) with one proposal (XYXY, full-image pixels)."""
         d = {
             "file_name": self.jpg,
             "height": H,
             "width": W,
             "image_id": 1,
-            "annotations": [ann],
-            "proposal_boxes": np.array([[0.0, 0.0, 160.0, 120.0]]),
+            "proposal_boxes": np.array([proposal_box]),
             "proposal_objectness_logits": np.zeros(1, np.float32),
             "proposal_bbox_mode": BoxMode.XYXY_ABS,
         }
+        d.update(fields)
+        return d
+
+    def _lc_test_input(self, decode):
+        ann = _square_annotation(1)
+        d = self._photo_dict([0.0, 0.0, 160.0, 120.0], annotations=[ann])
         mapper = LCDatasetMapper(
             False,
             augmentations=[T.ResizeShortestEdge(SHORT, 1000)],
@@ -153,16 +158,7 @@ class TestReadImageReduced(unittest.TestCase):
             "peaks": {1: np.array([[1, 160.0, 120.0, 0.9]], np.float32)},
             "sem_seg": {1: path},
         }
-        d = {
-            "file_name": self.jpg,
-            "height": H,
-            "width": W,
-            "image_id": 1,
-            "class_counts": [0, 1],
-            "proposal_boxes": np.array([[80.0, 40.0, 240.0, 200.0]]),
-            "proposal_objectness_logits": np.zeros(1, np.float32),
-            "proposal_bbox_mode": BoxMode.XYXY_ABS,
-        }
+        d = self._photo_dict([80.0, 40.0, 240.0, 200.0], class_counts=[0, 1])
         mapper = CCGRDatasetMapper(
             True,
             augmentations=[T.ResizeShortestEdge(SHORT, 1000)],

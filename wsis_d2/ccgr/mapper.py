@@ -19,7 +19,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
 from .files import load_cues
-from ..data.image_io import check_full_size, decode_short_side, read_image_reduced
+from ..data.image_io import decode_short_side, read_dataset_image
 from ..data.proposals import check_proposals, load_proposal_file
 from ..data.mapper_registry import DATASET_MAPPER_REGISTRY
 from ..data.image_labels import image_labels_of, num_classes_of
@@ -131,9 +131,8 @@ class CCGRDatasetMapper:
         file_name = dataset_dict["file_name"]
         image_id = dataset_dict["image_id"]
         labels = image_labels_of(dataset_dict, self.num_classes)
-        image, scale = read_image_reduced(file_name, self.image_format, self.decode_short_side)
-        check_full_size(dataset_dict, image, scale)
-        full_shape = image.shape[:2] if scale is None else (scale.h, scale.w)
+        image, scale = read_dataset_image(dataset_dict, self.image_format, self.decode_short_side)
+        full_shape = (dataset_dict["height"], dataset_dict["width"])
         sem_seg = None
         if self.cues is not None:
             if image_id not in self.cues["peaks"]:

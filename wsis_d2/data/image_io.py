@@ -19,7 +19,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["read_image_reduced", "decode_short_side", "check_full_size", "REDUCE_MARGIN"]
+__all__ = ["read_image_reduced", "read_dataset_image", "decode_short_side", "REDUCE_MARGIN"]
 
 # decoded shorter side >= this many times the model's input shorter side
 REDUCE_MARGIN = 2.0
@@ -77,10 +77,16 @@ def decode_short_side(cfg, is_train: bool) -> int:
     return int(max(sizes))
 
 
-def check_full_size(dataset_dict: dict, image: np.ndarray, scale: Optional[T.ScaleTransform]):
-    """``detection_utils.check_image_size`` against the full image's size where ``image`` was
-    decoded reduced (``scale`` from :func:`read_image_reduced`); fills in a missing "height" /
-    "width" with the full size."""
-    if scale is not None:
-        image = np.empty((scale.h, scale.w, 0), np.uint8)  # only its shape is read
-    utils.check_image_size(dataset_dict, image)
+def read_dataset_image(
+    dataset_dict: dict, format: Optional[str] = None, min_short_side: int = 0
+) -> Tuple[np.ndarray, Optional[T.ScaleTransform]]:
+    """
+    :func:`read_image_reduced` of ``dataset_dict["file_name"]``, with
+    ``detection_utils.check_image_size`` against the full image's size (it fills in a missing
+    "height" / "width" with the full size, so they always give the full frame afterwards).
+    """
+    image, scale = read_image_reduced(dataset_dict["file_name"], format, min_short_side)
+    # only the shape is read: the full size where the image was decoded reduced
+    full = image if scale is None else np.empty((scale.h, scale.w, 0), np.uint8)
+    utils.check_image_size(dataset_dict, full)
+    return image, scale

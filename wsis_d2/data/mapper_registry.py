@@ -13,7 +13,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.utils.registry import Registry
 
-from .image_io import check_full_size, decode_short_side, read_image_reduced
+from .image_io import decode_short_side, read_dataset_image
 
 DATASET_MAPPER_REGISTRY = Registry("DATASET_MAPPER")
 DATASET_MAPPER_REGISTRY.__doc__ = """
@@ -55,10 +55,7 @@ class ReducedDecodeDatasetMapper(DatasetMapper):
         if self.decode_short_side <= 0:
             return super().__call__(dataset_dict)
         dataset_dict = copy.deepcopy(dataset_dict)
-        image, scale = read_image_reduced(
-            dataset_dict["file_name"], self.image_format, self.decode_short_side
-        )
-        check_full_size(dataset_dict, image, scale)
+        image, scale = read_dataset_image(dataset_dict, self.image_format, self.decode_short_side)
         sem_seg = None
         if "sem_seg_file_name" in dataset_dict:
             sem_seg = utils.read_image(dataset_dict.pop("sem_seg_file_name"), "L").squeeze(2)

@@ -18,7 +18,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from ..data.image_io import check_full_size, decode_short_side, read_image_reduced
+from ..data.image_io import decode_short_side, read_dataset_image
 from ..data.image_labels import add_image_labels, class_counts_of, image_labels_of, num_classes_of
 from ..data.mapper_registry import DATASET_MAPPER_REGISTRY
 
@@ -211,10 +211,12 @@ class LCDatasetMapper:
 
     def _read_image(self, dataset_dict: Dict) -> Tuple[np.ndarray, Optional[T.ScaleTransform]]:
         """The image (H', W', 3) and, where it was decoded reduced, the ScaleTransform from the
-        dataset dict's frame to it (:func:`read_image_reduced`)."""
+        dataset dict's frame to it (:func:`read_dataset_image`, which checks the size)."""
         file_name = dataset_dict["file_name"]
         try:
-            image, scale = read_image_reduced(file_name, self.image_format, self.decode_short_side)
+            image, scale = read_dataset_image(
+                dataset_dict, self.image_format, self.decode_short_side
+            )
         except (OSError, UnidentifiedImageError, SyntaxError) as e:
             # PIL raises OSError subclasses for missing / truncated / unidentified files and
             # SyntaxError for some broken headers
@@ -223,7 +225,6 @@ class LCDatasetMapper:
             image = image[:, :, None]
         if image.shape[2] == 1:  # e.g. INPUT.FORMAT "L": the model expects 3 channels
             image = np.repeat(image, 3, axis=2)
-        check_full_size(dataset_dict, image, scale)
         return image, scale
 
     def _mosaic(self, image: np.ndarray, counts: np.ndarray):
