@@ -70,8 +70,8 @@ def get_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="minimum score of the instances drawn (and counted when the model gives no counts); "
-        "default 0.5, and 0 for models that give counts (LC / ILC: their instances are the "
-        "objects they counted)",
+        "default 0.5, and for models that give counts (LC / ILC) the instances of the objects "
+        "they counted",
     )
     parser.add_argument(
         "--density",
@@ -259,6 +259,7 @@ def render(
     score_threshold: float = 0.5,
     density_mode: str = "sum",
     true_counts: Optional[np.ndarray] = None,
+    counted_only: bool = False,
 ) -> np.ndarray:
     """
     One picture of a model's output on one image: [instances | density heatmap(s) + peaks] side
@@ -271,6 +272,8 @@ def render(
         names: C class names.
         counts: (C,) counts shown in the band (None: "no counts").
         score_threshold: instances scoring less are not drawn.
+        counted_only: draw only the instances of counted peaks (LC's "counted" field; the
+            others are ``MODEL.LC.PRM.EXTRA_PEAKS``).
         density_mode: "sum" (one heatmap of Σ_c D^c) or "per-class" (one per class with a
             non-zero count, or with a peak when there are no counts).
 
@@ -286,6 +289,8 @@ def render(
         inst = predictions["instances"].to("cpu")
         if inst.has("scores"):
             inst = inst[inst.scores >= score_threshold]
+        if counted_only and inst.has("counted"):
+            inst = inst[inst.counted]
         vis = Visualizer(image_rgb, meta).draw_instance_predictions(inst)
         panels.append(_label(vis.get_image(), f"instances ({len(inst)})"))
     if "density" in predictions:
@@ -393,6 +398,8 @@ def run_demo(
         threshold = score_threshold
         if threshold is None:
             threshold = 0.0 if "counts" in predictions else 0.5
+        # by default a counting model's picture shows what it counted
+        counted_only = score_threshold is None and "counts" in predictions
         counts = prediction_counts(predictions, num_classes, threshold)
         if truth is not None and len(truth) != num_classes:
             raise ValueError(
@@ -406,6 +413,7 @@ def run_demo(
             threshold,
             density_mode,
             truth,
+            counted_only,
         )
         out_png = os.path.join(output, _output_name(path, used))
         cv2.imwrite(out_png, picture[:, :, ::-1])

@@ -488,6 +488,37 @@ class TestInference(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "inference counts"):
             self.model.inference_single(inp, counts=torch.tensor([1.0, 1.0]))
 
+    def test_extra_peaks_follow_the_counted_ones(self):
+        # the counted instances are unchanged; the next peaks of present classes follow with
+        # their scores × the factor; counts and displayed peaks stay the counted ones
+        inp = make_input(64, 80, [0] * C, seed=3)
+        counts = torch.tensor([1.0, 0.0, 1.0])
+        base = self.model.inference_single(inp, counts=counts)
+        extra = decoder_variant(
+            self.cfg,
+            **{"MODEL.LC.PRM.EXTRA_PEAKS": "2", "MODEL.LC.PRM.EXTRA_SCORE_FACTOR": "0.5"},
+        )
+        more = self.model.inference_single(inp, counts=counts, decoder=extra)
+        for key in ("counts", "density", "peaks"):
+            self.assertTrue(torch.equal(base[key], more[key]), key)
+        b, m = base["instances"], more["instances"]
+        self.assertGreater(len(m), len(b))
+        # the present classes are those of σ(s_c) > threshold here, the given counts aside
+        classes = m.pred_classes.tolist()
+        for c in range(C):
+            self.assertLessEqual(classes.count(c), int(counts[c]) + 2)
+        # the same peaks, all counted: row for row the same masks, the extras' scores doubled
+        total = counts + 2  # every class is present for this model and image
+        every = self.model.inference_single(inp, counts=total)["instances"]
+        self.assertEqual(every.pred_classes.tolist(), classes)
+        self.assertTrue(torch.equal(every.pred_masks, m.pred_masks))
+        rank = torch.tensor([classes[:i].count(c) for i, c in enumerate(classes)])
+        counted = rank < counts[m.pred_classes].long()
+        self.assertEqual(int(counted.sum()), len(b))
+        self.assertTrue(torch.equal(m.pred_masks[counted], b.pred_masks))
+        self.assertTrue(torch.equal(m.scores[counted], b.scores))
+        self.assertTrue(torch.allclose(m.scores[~counted], every.scores[~counted] * 0.5))
+
     def test_prominent_peaks_first(self):
         ys, xs = torch.meshgrid(torch.arange(20.0), torch.arange(30.0), indexing="ij")
 

@@ -281,6 +281,8 @@ class TestPRMInstanceDecoder(unittest.TestCase):
             "MODEL.LC.PRM.GROUP_DISTANCE": ("12.0", "group_distance", 12.0),
             "MODEL.LC.PRM.PEAK_PROMINENCE": ("0.1", "peak_prominence", 0.1),
             "MODEL.LC.PRM.DENSITY_WEIGHT": ("0.5", "density_weight", 0.5),
+            "MODEL.LC.PRM.EXTRA_PEAKS": ("3", "extra_peaks", 3),
+            "MODEL.LC.PRM.EXTRA_SCORE_FACTOR": ("0.25", "extra_score_factor", 0.25),
             "MODEL.LC.PRM.PROPOSAL_BALANCE": ("2.0", "proposal_balance", 2.0),
             "MODEL.LC.PRM.PROPOSAL_BG_PENALTY": ("3.0", "proposal_bg_penalty", 3.0),
             "MODEL.LC.PRM.PROPOSAL_BG_THRESHOLD": ("0.8", "proposal_bg_threshold", 0.8),
@@ -315,6 +317,9 @@ class TestPRMInstanceDecoder(unittest.TestCase):
             ("MODEL.SEGMENTS.SCALE", "0.0"),
             ("MODEL.SEGMENTS.SIGMA", "-1.0"),
             ("MODEL.SEGMENTS.MIN_SIZE", "0"),
+            ("MODEL.LC.PRM.EXTRA_PEAKS", "-1"),
+            ("MODEL.LC.PRM.EXTRA_SCORE_FACTOR", "0.0"),
+            ("MODEL.LC.PRM.EXTRA_SCORE_FACTOR", "1.5"),
         ):
             name = key.replace("MODEL.SEGMENTS.", "")
             with self.subTest(key=key), self.assertRaisesRegex(ValueError, name):

@@ -79,6 +79,16 @@ class _DemoTestFakeCounter(_FakeBase):
 
 
 @META_ARCH_REGISTRY.register()
+class _DemoTestFakeCounterWithExtras(_DemoTestFakeCounter):
+    """LC with MODEL.LC.PRM.EXTRA_PEAKS: the low-score instance is an extra peak's."""
+
+    def output(self, h, w):
+        out = super().output(h, w)
+        out["instances"].counted = torch.tensor([True, False])
+        return out
+
+
+@META_ARCH_REGISTRY.register()
 class _DemoTestFakeInstancesOnly(_FakeBase):
     """A Mask R-CNN-like output: instances only."""
 
@@ -186,6 +196,22 @@ class TestDemo(unittest.TestCase):
         # counted objects
         low = np.abs(pic[92:108, 7:28] - self.image.astype(int)[92:108, 7:28])
         self.assertGreater(low.mean(), 10)
+
+    def test_extra_peaks_are_not_drawn_by_default(self):
+        low_box = (slice(92, 108), slice(7, 28))  # the extra instance, bottom-left
+        drawn = {}
+        for name, extra in (("default", []), ("threshold", ["--confidence-threshold", "0.1"])):
+            out = os.path.join(self.tmp.name, f"out_extras_{name}")
+            args = self._args(
+                "_DemoTestFakeCounterWithExtras", out, [os.path.join(self.img_dir, "a.png")], extra
+            )
+            (entry,) = self.demo.main(args).values()
+            self.assertEqual(entry["counts"], dict(zip(CLASSES, COUNTS)))
+            pic = np.asarray(Image.open(os.path.join(out, "a.png")).convert("RGB")).astype(int)
+            drawn[name] = np.abs(pic[low_box] - self.image.astype(int)[low_box]).mean()
+        # by default only what the model counted; with a threshold every instance above it
+        self.assertLess(drawn["default"], 10)
+        self.assertGreater(drawn["threshold"], 10)
 
     def test_per_class_density_and_instances_only(self):
         out = os.path.join(self.tmp.name, "out_per_class")

@@ -96,6 +96,12 @@ def add_lc_config(cfg):
     _C.MODEL.LC.PRM.PEAK_PROMINENCE = 0.0
     # β of the density-aware instance score σ(s_c)·σ(M^c_peak)·exp(−β·|1 − Σ_mask D̄^c|)
     _C.MODEL.LC.PRM.DENSITY_WEIGHT = 1.0
+    # not in the paper: up to this many further peaks of each present class (after the
+    # round(t̂_c) counted ones, in the same order) also become instances, their score × the
+    # factor below, so that a ranking metric (mAP) can use objects the count missed, as a
+    # detector's top-100 output does; counts are unchanged. 0 = the paper (counted peaks only)
+    _C.MODEL.LC.PRM.EXTRA_PEAKS = 0
+    _C.MODEL.LC.PRM.EXTRA_SCORE_FACTOR = 0.1
     # box proposals (inputs' "proposals", e.g. from DATASETS.PROPOSAL_FILES_TEST): PRM retrieval
     # Q = α·Σ_box R̄ + Σ_contour R̄ − β·Σ_box Bg/(H·W); α:
     _C.MODEL.LC.PRM.PROPOSAL_BALANCE = 1.0

@@ -12,7 +12,8 @@ spatial loss supervises D at the t_c highest peaks of M^c (hard spatial guidance
 
 At inference the classes with σ(s_c) > threshold are present with count round(t̂_c); for each of
 them the round(t̂_c) highest peaks become instances, with masks from peak response maps
-(:mod:`wsis_d2.lc.prm`) and density-aware scores.
+(:mod:`wsis_d2.lc.prm`) and density-aware scores (``MODEL.LC.PRM.EXTRA_PEAKS`` adds lower-scored
+instances from the next peaks; the counts stay round(t̂_c)).
 
 Components, each built by its own ``from_config``: the backbone, the head (``LC_HEAD_REGISTRY``),
 the criterion (:class:`~wsis_d2.lc.losses.LCLoss`, the loss terms and their schedule) and the
@@ -486,19 +487,19 @@ class ImageLevelCounter(nn.Module):
                     f"inference counts must be {tuple(counts_hat.shape)} non-negative "
                     f"numbers, got {counts.tolist()}"
                 )
-        keep = decoder.retained_peaks(class_maps, indices, counts, (mh, mw))
+        keep, counted = decoder.instance_peaks(class_maps, indices, counts, present, (mh, mw))
         stride_y = x.shape[-2] / class_maps.shape[-2]
         stride_x = x.shape[-1] / class_maps.shape[-1]
         points = torch.stack(
             [(keep[:, 3].float() + 0.5) * stride_x, (keep[:, 2].float() + 0.5) * stride_y], dim=1
         )
-        # for display (tools/demo.py): the density maps over the image and the retained peaks in
+        # for display (tools/demo.py): the density maps over the image and the counted peaks in
         # output pixels (a border cell's centre can lie past the image: clamped to it)
         peaks_out = torch.stack(
             [
-                keep[:, 1].to(points.dtype),
-                (points[:, 1] * (out_h / in_h)).clamp(0, out_h),
-                (points[:, 0] * (out_w / in_w)).clamp(0, out_w),
+                keep[counted, 1].to(points.dtype),
+                (points[counted, 1] * (out_h / in_h)).clamp(0, out_h),
+                (points[counted, 0] * (out_w / in_w)).clamp(0, out_w),
             ],
             dim=1,
         )
@@ -518,5 +519,6 @@ class ImageLevelCounter(nn.Module):
             probs,
             (out_h, out_w),
             inp.get("proposals"),
+            counted=counted,
         )
         return result

@@ -487,6 +487,8 @@ class PRMInstanceDecoder(nn.Module):
         group_distance: float = -1.0,
         peak_prominence: float = 0.0,
         density_weight: float = 1.0,
+        extra_peaks: int = 0,
+        extra_score_factor: float = 0.1,
         proposal_balance: float = 1.0,
         proposal_bg_penalty: float = 1.0,
         proposal_bg_threshold: float = 1.0,
@@ -510,6 +512,10 @@ class PRMInstanceDecoder(nn.Module):
                 (:func:`wsis_d2.layers.prominent_peaks`, h = this · the map's range), then the
                 others, each by value; 0: by value alone (the paper).
             density_weight: β of the density-aware instance score.
+            extra_peaks: further peaks per present class beyond the counted round(t̂_c)
+                (:meth:`retained_peaks`) that also become instances (not in the paper).
+            extra_score_factor: their scores are the density-aware score times this, in
+                (0, 1], so that they rank after the counted instances of similar score.
             proposal_balance, proposal_bg_penalty, proposal_contour_width: α, β and the contour
                 band of the proposal score Q (:func:`score_box_proposals`).
             proposal_bg_threshold: the background of class c for Q: pixels where M^c is below this
@@ -542,6 +548,14 @@ class PRMInstanceDecoder(nn.Module):
         self.max_batch = int(max_batch)
         self.group_distance = float(group_distance)
         self.density_weight = float(density_weight)
+        self.extra_peaks = int(extra_peaks)
+        if self.extra_peaks < 0 or self.extra_peaks != extra_peaks:
+            raise ValueError(f"MODEL.LC.PRM.EXTRA_PEAKS must be an integer >= 0, got {extra_peaks}")
+        self.extra_score_factor = float(extra_score_factor)
+        if not 0.0 < self.extra_score_factor <= 1.0:
+            raise ValueError(
+                f"MODEL.LC.PRM.EXTRA_SCORE_FACTOR must be in (0, 1], got {extra_score_factor}"
+            )
         self.proposal_balance = float(proposal_balance)
         self.proposal_bg_penalty = float(proposal_bg_penalty)
         self.proposal_bg_threshold = float(proposal_bg_threshold)
@@ -562,6 +576,8 @@ class PRMInstanceDecoder(nn.Module):
             "group_distance": prm.GROUP_DISTANCE,
             "peak_prominence": prm.PEAK_PROMINENCE,
             "density_weight": prm.DENSITY_WEIGHT,
+            "extra_peaks": prm.EXTRA_PEAKS,
+            "extra_score_factor": prm.EXTRA_SCORE_FACTOR,
             "proposal_balance": prm.PROPOSAL_BALANCE,
             "proposal_bg_penalty": prm.PROPOSAL_BG_PENALTY,
             "proposal_bg_threshold": prm.PROPOSAL_BG_THRESHOLD,
@@ -619,6 +635,33 @@ class PRMInstanceDecoder(nn.Module):
         rank = torch.arange(cls.numel(), device=cls.device) - start
         return idx[rank < counts.to(torch.long)[cls]]
 
+    def instance_peaks(
+        self,
+        class_maps: torch.Tensor,
+        indices: torch.Tensor,
+        counts: torch.Tensor,
+        present: torch.Tensor,
+        map_size: Tuple[int, int],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        The peaks that become instances: the counted ones (:meth:`retained_peaks` with
+        ``counts``) and, with ``extra_peaks``, the next ``extra_peaks`` of each present class.
+
+        Args:
+            class_maps, indices, map_size: as in :meth:`retained_peaks`.
+            counts: (C,) counted peaks per class.
+            present: (C,) bool, the classes that get extra peaks.
+
+        Returns:
+            keep (P', 4) rows n, c, y, x, by class; counted (P',) bool, False for the extras
+            (each class's counted peaks come first).
+        """
+        total = counts + self.extra_peaks * present.to(counts.dtype)
+        keep = self.retained_peaks(class_maps, indices, total, map_size)
+        cls = keep[:, 1].contiguous()
+        rank = torch.arange(cls.numel(), device=cls.device) - torch.searchsorted(cls, cls)
+        return keep, rank < counts.to(torch.long)[cls]
+
     def group(self, points: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Backward-vector group of each peak (:func:`group_peaks`, strongest peaks first)."""
         if self.group_distance < 0:
@@ -639,6 +682,7 @@ class PRMInstanceDecoder(nn.Module):
         class_probs: torch.Tensor,
         out_size: Tuple[int, int],
         proposals: Optional[Instances] = None,
+        counted: Optional[torch.Tensor] = None,
     ) -> Instances:
         """
         Instances of one image from its retained peaks. The PRMs are the gradients of the peak
@@ -656,11 +700,14 @@ class PRMInstanceDecoder(nn.Module):
             class_probs: (C,) σ(s_c).
             out_size: (height, width) of the output.
             proposals: optional Instances with proposal_boxes in input pixels (PRM retrieval).
+            counted: optional (P,) bool from :meth:`instance_peaks`; the others are extra peaks,
+                scored × ``extra_score_factor``. None: all counted.
 
         Returns:
-            Instances(pred_boxes, pred_masks (K, height, width) bool, scores, pred_classes) at
-            ``out_size``, K <= P: a peak whose value does not depend on the image (e.g. all
-            ReLUs before it inactive) has a zero response and no mask, so gives no instance.
+            Instances(pred_boxes, pred_masks (K, height, width) bool, scores, pred_classes,
+            counted (K,) bool) at ``out_size``, K <= P: a peak whose value does not depend on
+            the image (e.g. all ReLUs before it inactive) has a zero response and no mask, so
+            gives no instance.
         """
         in_h, in_w = image.shape[-2:]
         out_h, out_w = out_size
@@ -708,11 +755,17 @@ class PRMInstanceDecoder(nn.Module):
             * torch.sigmoid(peak_vals)
             * torch.exp(-self.density_weight * (1.0 - nu).abs())
         )
+        if counted is not None:
+            scores = torch.where(counted, scores, scores * self.extra_score_factor)
         instances = Instances((out_h, out_w))
         instances.pred_boxes = boxes
         instances.pred_masks = masks
         instances.scores = scores
         instances.pred_classes = classes
+        # False for the extra peaks: what a display of the counted objects draws
+        if counted is None:
+            counted = torch.ones_like(classes, dtype=torch.bool)
+        instances.counted = counted
         return instances[masks.flatten(1).any(dim=1)]
 
     def retrieve_proposals(
