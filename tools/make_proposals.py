@@ -112,6 +112,9 @@ def main(argv=None):
     parser.add_argument("--max-proposals", type=int, default=2000, help="boxes kept per image")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="selective search: parallel processes")
+    parser.add_argument("--full-decode", action="store_true",
+                        help="selective search: decode large JPEGs at full size (default: at "
+                        "1/2-1/8 by libjpeg where still 2 x --min-size, as INPUT.REDUCED_DECODE)")
     args = parser.parse_args(argv)
     setup_logger(name="wsis_d2")
     setup_logger(name="make_proposals")
@@ -126,7 +129,13 @@ def main(argv=None):
         generator = SelectiveSearchProposals(
             min_size=args.min_size, max_proposals=args.max_proposals
         )
-        stats = make_proposal_file(args.output, dicts, generator, workers=args.workers)
+        stats = make_proposal_file(
+            args.output,
+            dicts,
+            generator,
+            workers=args.workers,
+            decode_short_side=0 if args.full_decode else args.min_size,
+        )
         logger.info("selective search: %s", json.dumps(stats))
     check_proposals(args.output, load_proposal_file(args.output), dicts)
     logger.info(f"wrote {args.output} ({len(dicts)} images of {args.dataset})")

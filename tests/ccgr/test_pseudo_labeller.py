@@ -90,6 +90,38 @@ class TestPseudoLabeller(unittest.TestCase):
             with self.assertRaisesRegex(ValueError, "need the input"):
                 labeller(s, boxes, classes, scores)
 
+    def test_grabcut_at_most_upscale_times_the_input(self):
+        # masks at 2x the input: with GRABCUT_MAX_UPSCALE 1 GrabCut runs at the input's size on
+        # the input image itself, the masks it changed brought back to 2x
+        s, inp, boxes, classes, scores = _scene()
+        opts = dict(SCORE_MODE="pixels", GRABCUT_ITERS=2)
+        full = PseudoLabeller(ccgr_config(**opts))
+        small = PseudoLabeller(ccgr_config(GRABCUT_MAX_UPSCALE=1.0, **opts))
+        self.assertEqual(full.grabcut_size((24, 32), (48, 64)), (48, 64))  # 48 <= 4 x 24
+        self.assertEqual(small.grabcut_size((24, 32), (48, 64)), (24, 32))
+        self.assertEqual(small.grabcut_size((24, 32), (24, 40)), (24, 40))
+        off = PseudoLabeller(ccgr_config(GRABCUT_MAX_UPSCALE=0.0, **opts))
+        self.assertEqual(off.grabcut_size((24, 32), (480, 640)), (480, 640))
+        got = small(s, boxes, classes, scores, inp)
+        expected = pseudo_instances(s[:-1], boxes, classes, scores)
+        masks = F.interpolate(expected.pred_masks[:, None].float(), size=(24, 32), mode="area")
+        masks = masks[:, 0] >= 0.5
+        refined = grabcut_masks(
+            inp["image"].float(), expected.pred_boxes.tensor / 2, masks, iterations=2,
+            context_scale=1.5,
+        )
+        self.assertTrue(bool((refined != masks).flatten(1).any(dim=1).all()))  # both changed
+        up = F.interpolate(refined[:, None].float(), size=(48, 64), mode="bilinear")[:, 0] >= 0.5
+        expected.pred_masks = up
+        expected = assign_pixels(expected)
+        self.assertTrue(torch.equal(got.pred_masks, expected.pred_masks))
+        self.assertTrue(torch.equal(got.pred_boxes.tensor, expected.pred_boxes.tensor))
+        # close to GrabCut at the full size
+        ref = full(s, boxes, classes, scores, inp)
+        inter = (got.pred_masks & ref.pred_masks).flatten(1).sum(1).float()
+        union = (got.pred_masks | ref.pred_masks).flatten(1).sum(1).float()
+        self.assertGreater(float((inter / union).min()), 0.8)
+
     def test_component_instances_without_cues(self):
         s, _, _, _, _ = _scene()
         got = PseudoLabeller(ccgr_config()).component_instances(s)
@@ -105,6 +137,7 @@ class TestPseudoLabeller(unittest.TestCase):
             ("MASK_THRESHOLD", 1.5),
             ("NMS_THRESHOLD", -0.1),
             ("CONTEXT_SCALE", 0.5),
+            ("GRABCUT_MAX_UPSCALE", -1.0),
         ):
             with self.assertRaisesRegex(ValueError, f"MODEL.CCGR.{key}"):
                 PseudoLabeller(ccgr_config(**{key: value}))

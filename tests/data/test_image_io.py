@@ -21,6 +21,7 @@ from wsis_d2 import add_wsis_config
 from detectron2.data import DatasetMapper
 
 from wsis_d2.ccgr.mapper import CCGRDatasetMapper
+from wsis_d2.ccgr.stages import proposals_of
 from wsis_d2.data import build_dataset_mapper
 from wsis_d2.data.mapper_registry import ReducedDecodeDatasetMapper
 from wsis_d2.data.image_io import decode_short_side, read_image_reduced
@@ -89,6 +90,50 @@ class TestReadImageReduced(unittest.TestCase):
             np.testing.assert_array_equal(image, utils.read_image(path, format="BGR"))
         # 240 < 4 * 61: a 1/2 decode would keep less than twice the input's resolution
         self.assertEqual(read_image_reduced(self.jpg, "BGR", 61)[0].shape, full.shape)
+
+    def test_read_full_decodes_the_unreduced_images(self):
+        calls = []
+
+        def reader(path, format):
+            calls.append((path, format))
+            return np.zeros((2, 2, 3), np.uint8)
+
+        for path, short in ((self.png, SHORT), (self.jpg, 0), (self.jpg, H // 4 + 1)):
+            image, scale = read_image_reduced(path, "RGB", short, reader)
+            self.assertIsNone(scale)
+            self.assertEqual(image.shape, (2, 2, 3))
+        self.assertEqual(calls, [(self.png, "RGB"), (self.jpg, "RGB"), (self.jpg, "RGB")])
+        image, scale = read_image_reduced(self.jpg, "RGB", SHORT, reader)
+        self.assertEqual(image.shape, (H // 4, W // 4, 3))  # reduced: the reader is not used
+        self.assertEqual(len(calls), 3)
+
+    def test_proposals_of_a_reduced_jpeg_are_in_the_full_frame(self):
+        seen = []
+
+        def generator(rgb):
+            # one box: the bright square of the test image, found in the image it is given
+            seen.append(rgb.shape)
+            ys, xs = np.nonzero(rgb[:, :, 0] > 200)
+            box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            return np.array([box], np.float32), np.array([0.9], np.float32)
+
+        path = os.path.join(self.tmp.name, "square.jpg")
+        rgb = np.full((H, W, 3), 40, np.uint8)
+        rgb[40:200, 80:240] = 250
+        Image.fromarray(rgb).save(path, quality=95)
+        dicts = [{"file_name": path, "image_id": 1, "height": H, "width": W}]
+        full, _, _ = proposals_of(dicts, generator)
+        reduced, logits, _ = proposals_of(dicts, generator, decode_short_side=SHORT)
+        self.assertEqual(seen, [(H, W, 3), (H // 4, W // 4, 3)])
+        np.testing.assert_allclose(full[0], [[80, 40, 240, 200]], atol=1)
+        np.testing.assert_allclose(reduced[0], full[0], atol=4)  # one decoded pixel: 4
+        self.assertEqual(reduced[0].dtype, np.float32)
+        # a PNG is read by the stage's own reader (OpenCV), as before
+        png = os.path.join(self.tmp.name, "square.png")
+        Image.fromarray(rgb).save(png)
+        (boxes,), _, _ = proposals_of([dict(dicts[0], file_name=png)], generator, 0, 0, SHORT)
+        self.assertEqual(seen[-1], (H, W, 3))
+        np.testing.assert_array_equal(boxes, [[80, 40, 240, 200]])
 
     def test_exif_orientation_gives_the_turned_full_frame(self):
         full = utils.read_image(self.turned, format="RGB")

@@ -177,10 +177,12 @@ def distributed_proposal_file(
     dataset_dicts: List[Dict],
     generator: Callable[[np.ndarray], tuple],
     workers: int = 0,
+    decode_short_side: int = 0,
 ) -> Dict[str, float]:
     """
     :func:`wsis_d2.ccgr.stages.make_proposal_file` with the images split across the ranks
     (:func:`shard`); the main process writes ``path``. Every rank returns the same figures.
+    ``decode_short_side``: as in :func:`wsis_d2.ccgr.stages.proposals_of`.
 
     Returns:
         {"images", "seconds" (wall time from the first rank's start to the written file),
@@ -190,7 +192,9 @@ def distributed_proposal_file(
     comm.synchronize()
     start = time.perf_counter()
     mine = shard(dataset_dicts)
-    boxes, logits, _ = proposals_of(mine, generator, workers=workers)
+    boxes, logits, _ = proposals_of(
+        mine, generator, workers=workers, decode_short_side=decode_short_side
+    )
     local = {d["image_id"]: (b, s) for d, b, s in zip(mine, boxes, logits)}
     comm.synchronize()
     parallel_end = time.perf_counter()

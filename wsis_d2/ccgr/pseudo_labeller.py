@@ -57,6 +57,7 @@ class PseudoLabeller(nn.Module):
         mask_refine: str = "grabcut",
         grabcut_iters: int = 3,
         context_scale: float = 1.5,
+        grabcut_max_upscale: float = 4.0,
     ):
         """
         Args:
@@ -69,6 +70,9 @@ class PseudoLabeller(nn.Module):
             mask_refine: "grabcut" or "none" (the thresholded scores, the paper).
             grabcut_iters: GrabCut iterations of ``mask_refine`` "grabcut".
             context_scale: C/B of GrabCut's background ring (the refinement's context).
+            grabcut_max_upscale: GrabCut runs at the masks' size, or where that is more than
+                this many times the input image's size, at this many times it (masks, boxes
+                and image resized there, the refined masks back); 0: always the masks' size.
         """
         super().__init__()
         where = "PseudoLabeller"
@@ -85,6 +89,9 @@ class PseudoLabeller(nn.Module):
         if mask_refine == "grabcut":
             check_number("MODEL.CCGR.GRABCUT_ITERS", grabcut_iters, 1, integer=True, where=where)
             check_number("MODEL.CCGR.CONTEXT_SCALE", context_scale, low=1.0, where=where)
+            check_number(
+                "MODEL.CCGR.GRABCUT_MAX_UPSCALE", grabcut_max_upscale, low=0.0, where=where
+            )
         self.mask_threshold = float(mask_threshold)
         self.nms_threshold = float(nms_threshold)
         self.score_mode = score_mode
@@ -92,6 +99,7 @@ class PseudoLabeller(nn.Module):
         self.mask_refine = mask_refine
         self.grabcut_iters = int(grabcut_iters)
         self.context_scale = float(context_scale)
+        self.grabcut_max_upscale = float(grabcut_max_upscale)
 
     @classmethod
     def from_config(cls, cfg):
@@ -106,6 +114,7 @@ class PseudoLabeller(nn.Module):
             "mask_refine": c.MASK_REFINE,
             "grabcut_iters": c.GRABCUT_ITERS,
             "context_scale": c.CONTEXT_SCALE,
+            "grabcut_max_upscale": c.GRABCUT_MAX_UPSCALE,
         }
 
     def extra_repr(self) -> str:
@@ -173,16 +182,38 @@ class PseudoLabeller(nn.Module):
             return inst
         size = tuple(score_maps.shape[1:])
         image = inp["image"].detach().float()
-        if tuple(image.shape[1:]) != size:
-            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-        inst.pred_masks = grabcut_masks(
-            image,
-            inst.pred_boxes.tensor,
-            inst.pred_masks,
-            iterations=self.grabcut_iters,
-            context_scale=self.context_scale,
+        work = self.grabcut_size(tuple(image.shape[1:]), size)
+        if tuple(image.shape[1:]) != work:
+            image = F.interpolate(image[None], size=work, mode="bilinear", align_corners=False)[0]
+        masks, boxes = inst.pred_masks, inst.pred_boxes.tensor
+        if work != size:
+            masks = F.interpolate(masks[:, None].float(), size=work, mode="area")[:, 0] >= 0.5
+            boxes = boxes * boxes.new_tensor([work[1] / size[1], work[0] / size[0]] * 2)
+        refined = grabcut_masks(
+            image, boxes, masks, iterations=self.grabcut_iters, context_scale=self.context_scale
         )
+        if work != size:
+            # the masks GrabCut changed back at the full size; the others stay as they were
+            changed = (refined != masks).flatten(1).any(dim=1)
+            up = F.interpolate(
+                refined[changed][:, None].float(), size=size, mode="bilinear", align_corners=False
+            )
+            refined = inst.pred_masks.clone()
+            refined[changed] = up[:, 0] >= 0.5
+        inst.pred_masks = refined
         return assign_pixels(inst)
+
+    def grabcut_size(self, input_size, size):
+        """
+        The (h, w) GrabCut works at for masks of ``size`` (H, W) and an input image of
+        ``input_size``: ``size``, or where its shorter side is more than ``grabcut_max_upscale``
+        × the input's, ``size`` scaled down to that.
+        """
+        limit = self.grabcut_max_upscale * min(input_size)
+        if self.grabcut_max_upscale <= 0 or min(size) <= limit:
+            return tuple(size)
+        factor = limit / min(size)
+        return max(1, round(size[0] * factor)), max(1, round(size[1] * factor))
 
     def forward(
         self,

@@ -372,7 +372,12 @@ class CCGRRounds:
         path = os.path.join(folder, f"{self.train_set}.pkl")
         generator = SelectiveSearchProposals(max_proposals=self.cfg.MODEL.CCGR.ROUNDS.PROPOSAL_MAX)
         stats = distributed_proposal_file(
-            path, self.dicts, generator, workers=self.cfg.MODEL.CCGR.ROUNDS.WORKERS
+            path,
+            self.dicts,
+            generator,
+            workers=self.cfg.MODEL.CCGR.ROUNDS.WORKERS,
+            # selective search segments at its min_size: a large JPEG needs no full decode
+            decode_short_side=generator.min_size if self.cfg.INPUT.REDUCED_DECODE else 0,
         )
         self._serial.append(stats["serial_seconds"])
         return {"proposal_images_per_s": stats["images_per_s"]}

@@ -11,13 +11,14 @@ The dataset-level steps of a CCGR round, each a function of a trained model and 
 
 import logging
 import time
-from typing import Callable, Dict, Iterable, Iterator, List, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.image_io import read_image_reduced
 from ..data.proposals import save_proposal_file, score_to_logit
 from .labels import class_map_cues
 from ..utils.progress import progress
@@ -91,24 +92,38 @@ def compute_cues(model, data_loader: Iterable[List[Dict]], params: Dict) -> Dict
     return cues
 
 
+def _read_rgb(file_name: str, format: Optional[str] = None) -> np.ndarray:
+    """(H, W, 3) RGB uint8 by OpenCV (EXIF orientation applied), the proposal stage's reader."""
+    image = cv2.imread(file_name, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"cannot read image {file_name}")
+    return np.ascontiguousarray(image[:, :, ::-1])
+
+
 class _ProposalJob(torch.utils.data.Dataset):
     """Image i -> (index, boxes, scores, generator seconds); run in data-loader workers."""
 
-    def __init__(self, dataset_dicts: List[Dict], generator: Callable[[np.ndarray], tuple]):
+    def __init__(
+        self,
+        dataset_dicts: List[Dict],
+        generator: Callable[[np.ndarray], tuple],
+        decode_short_side: int = 0,
+    ):
         self.dicts = dataset_dicts
         self.generator = generator
+        self.decode_short_side = int(decode_short_side)
 
     def __len__(self):
         return len(self.dicts)
 
     def __getitem__(self, i):
         d = self.dicts[i]
-        image = cv2.imread(d["file_name"], cv2.IMREAD_COLOR)
-        if image is None:
-            raise ValueError(f"cannot read image {d['file_name']}")
-        rgb = np.ascontiguousarray(image[:, :, ::-1])
+        rgb, scale = read_image_reduced(d["file_name"], "RGB", self.decode_short_side, _read_rgb)
         start = time.perf_counter()
         boxes, scores = self.generator(rgb)
+        if scale is not None:  # decoded reduced: boxes back to the full image's pixels
+            boxes = scale.inverse().apply_box(np.asarray(boxes, dtype=np.float64))
+            boxes = boxes.astype(np.float32)
         return i, boxes, scores, time.perf_counter() - start
 
 
@@ -117,6 +132,7 @@ def proposals_of(
     generator: Callable[[np.ndarray], tuple],
     workers: int = 0,
     log_every: int = 200,
+    decode_short_side: int = 0,
 ) -> Tuple[List[np.ndarray], List[np.ndarray], float]:
     """
     Run ``generator`` (RGB uint8 image -> (boxes XYXY, scores in [0, 1])) over the images.
@@ -124,6 +140,10 @@ def proposals_of(
     Args:
         workers: processes that run the generator in parallel, one image each at a time
             (a torch DataLoader's workers, one thread each); 0: in this process.
+        decode_short_side: large JPEGs are decoded reduced for a generator that works at this
+            shorter side (:func:`wsis_d2.data.image_io.read_image_reduced`; e.g. the
+            ``min_size`` of :class:`SelectiveSearchProposals`), the boxes mapped back to the full
+            image; 0: full decode.
 
     Returns:
         boxes: per image (R_i, 4) XYXY; logits: per image (R_i,) logit(score); seconds: wall time
@@ -132,7 +152,7 @@ def proposals_of(
     n = len(dataset_dicts)
     boxes, logits = [None] * n, [None] * n
     loader = torch.utils.data.DataLoader(
-        _ProposalJob(dataset_dicts, generator),
+        _ProposalJob(dataset_dicts, generator, decode_short_side),
         batch_size=None,
         num_workers=int(workers),
         collate_fn=lambda x: x,
@@ -152,17 +172,21 @@ def make_proposal_file(
     generator: Callable[[np.ndarray], tuple],
     workers: int = 0,
     log_every: int = 200,
+    decode_short_side: int = 0,
 ) -> Dict[str, float]:
     """
     Run ``generator`` (RGB uint8 image -> (boxes XYXY, scores in [0, 1])) over the images and write
-    detectron2's proposal file ``path`` (objectness logits = logit(score)); :func:`proposals_of`.
+    detectron2's proposal file ``path`` (objectness logits = logit(score)); :func:`proposals_of`
+    (``decode_short_side`` as there).
 
     Returns:
         {"images", "seconds" (wall time of the whole run, image reading included),
         "images_per_s", "boxes_per_image"}.
     """
     n = len(dataset_dicts)
-    boxes, logits, seconds = proposals_of(dataset_dicts, generator, workers, log_every)
+    boxes, logits, seconds = proposals_of(
+        dataset_dicts, generator, workers, log_every, decode_short_side
+    )
     save_proposal_file(path, [d["image_id"] for d in dataset_dicts], boxes, logits)
     return {
         "images": n,

@@ -10,7 +10,7 @@ images less than twice as large as the input are decoded exactly as ``read_image
 """
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -26,7 +26,10 @@ REDUCE_MARGIN = 2.0
 
 
 def read_image_reduced(
-    file_name: str, format: Optional[str] = None, min_short_side: int = 0
+    file_name: str,
+    format: Optional[str] = None,
+    min_short_side: int = 0,
+    read_full: Optional[Callable[[str, Optional[str]], np.ndarray]] = None,
 ) -> Tuple[np.ndarray, Optional[T.ScaleTransform]]:
     """
     ``detectron2.data.detection_utils.read_image``, but a JPEG whose shorter side is at least
@@ -37,6 +40,8 @@ def read_image_reduced(
         format: as in ``read_image`` ("BGR", "RGB", "L", ...).
         min_short_side: the shorter side of the model's input after resizing (the largest of
             the training sizes); 0: always decode at full size.
+        read_full: ``(file_name, format) -> image`` for the images decoded at full size
+            (default ``read_image``), e.g. a stage's own reader, so that they stay as they were.
 
     Returns:
         image: (H', W', C) uint8 array in ``format``, EXIF orientation applied.
@@ -44,8 +49,10 @@ def read_image_reduced(
             (H, W), the frame of the dataset dict's "height" / "width" and annotations, to
             (H', W'); prepend it to the augmentations' transforms for annotations and proposals.
     """
+    if read_full is None:
+        read_full = utils.read_image
     if min_short_side <= 0:
-        return utils.read_image(file_name, format=format), None
+        return read_full(file_name, format), None
     with PathManager.open(file_name, "rb") as f:
         image = Image.open(f)
         full_w, full_h = image.size
@@ -59,7 +66,7 @@ def read_image_reduced(
             image = ImageOps.exif_transpose(image)
             array = utils.convert_PIL_to_numpy(image, format)
     if image is None:
-        return utils.read_image(file_name, format=format), None
+        return read_full(file_name, format), None
     if (reduced_w, reduced_h) == (full_w, full_h):
         return array, None
     if array.shape[:2] != (reduced_h, reduced_w):  # EXIF turned it by 90 degrees
