@@ -455,7 +455,9 @@ class ImageLevelCounter(nn.Module):
             inp: one model input dict.
             counts: optional (C,) counts that replace the predicted ones (for example ground truth,
                 to evaluate the instance masks with oracle counts, or to time the PRMs of a given
-                number of peaks); classes with a count > 0 are then the present ones.
+                number of peaks); classes with a count > 0 are then the counted ones (the extra
+                peaks of ``MODEL.LC.PRM.EXTRA_PEAKS`` still go to the classes with σ(s_c) above
+                the threshold).
             decoder: the instance decoder to use instead of ``self.decoder``, e.g. a variant
                 built from another config (``PRMInstanceDecoder(cfg)``) on the same weights.
         """

@@ -33,6 +33,7 @@ from detectron2.config import configurable
 from detectron2.structures import BitMasks, Boxes, Instances
 
 from ..layers import graph_segment, prominent_peaks
+from ..utils.checks import check_number
 
 __all__ = [
     "PRMInstanceDecoder",
@@ -454,6 +455,12 @@ def score_box_proposals(
     return score.to(prms.dtype)
 
 
+def _rank_in_class(cls: torch.Tensor) -> torch.Tensor:
+    """(P,) position of each row among the rows of its class, for (P,) class ids sorted
+    ascending (rows of one class contiguous, in their order)."""
+    return torch.arange(cls.numel(), device=cls.device) - torch.searchsorted(cls, cls)
+
+
 class PRMInstanceDecoder(nn.Module):
     """
     LC / ILC's instances from the retained peaks of one image (paper Sec. 3.3; the PRM of Zhou et
@@ -548,14 +555,10 @@ class PRMInstanceDecoder(nn.Module):
         self.max_batch = int(max_batch)
         self.group_distance = float(group_distance)
         self.density_weight = float(density_weight)
+        check_number("MODEL.LC.PRM.EXTRA_PEAKS", extra_peaks, 0, integer=True)
+        check_number("MODEL.LC.PRM.EXTRA_SCORE_FACTOR", extra_score_factor, 0.0, 1.0, low_open=True)
         self.extra_peaks = int(extra_peaks)
-        if self.extra_peaks < 0 or self.extra_peaks != extra_peaks:
-            raise ValueError(f"MODEL.LC.PRM.EXTRA_PEAKS must be an integer >= 0, got {extra_peaks}")
         self.extra_score_factor = float(extra_score_factor)
-        if not 0.0 < self.extra_score_factor <= 1.0:
-            raise ValueError(
-                f"MODEL.LC.PRM.EXTRA_SCORE_FACTOR must be in (0, 1], got {extra_score_factor}"
-            )
         self.proposal_balance = float(proposal_balance)
         self.proposal_bg_penalty = float(proposal_bg_penalty)
         self.proposal_bg_threshold = float(proposal_bg_threshold)
@@ -631,9 +634,7 @@ class PRMInstanceDecoder(nn.Module):
         order = order[torch.argsort(indices[order, 1], stable=True)]  # by class, then as above
         idx = indices[order]
         cls = idx[:, 1].contiguous()
-        start = torch.searchsorted(cls, cls, right=False)
-        rank = torch.arange(cls.numel(), device=cls.device) - start
-        return idx[rank < counts.to(torch.long)[cls]]
+        return idx[_rank_in_class(cls) < counts.to(torch.long)[cls]]
 
     def instance_peaks(
         self,
@@ -659,8 +660,7 @@ class PRMInstanceDecoder(nn.Module):
         total = counts + self.extra_peaks * present.to(counts.dtype)
         keep = self.retained_peaks(class_maps, indices, total, map_size)
         cls = keep[:, 1].contiguous()
-        rank = torch.arange(cls.numel(), device=cls.device) - torch.searchsorted(cls, cls)
-        return keep, rank < counts.to(torch.long)[cls]
+        return keep, _rank_in_class(cls) < counts.to(torch.long)[cls]
 
     def group(self, points: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Backward-vector group of each peak (:func:`group_peaks`, strongest peaks first)."""
