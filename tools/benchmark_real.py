@@ -27,7 +27,9 @@ Everything takes the data set from the command line, so the same benchmark runs 
 The number of classes comes from the file's ``categories`` (``--num-classes`` checks it). The last
 line printed is one JSON object (also ``<output>/benchmark_real.json``) with ``supervised_*``,
 ``lc_*``, ``ccgr_rounds`` and the target ratios: ``ccgr_final_over_supervised_r50``,
-``lc_over_supervised_r50``, ``lc_mRMSE_over_baseline``.
+``lc_over_supervised_r50``, ``lc_mRMSE_over_baseline``. The file is also written after each
+finished method, with ``"unfinished"`` naming the methods still to run, so that a failure later
+keeps the figures of the methods before it.
 """
 
 import argparse
@@ -283,16 +285,26 @@ def main(argv=None):
                  "val_images": len(DatasetCatalog.get(val_set))}
     times = {}
     r2 = lambda v: round(float(v), 3)  # noqa: E731
+    result_file = os.path.join(args.output, "benchmark_real.json")
+
+    def save(done: str):
+        # after each method, so that a later method's failure keeps the finished ones' figures
+        left = [m for m in METHODS[METHODS.index(done) + 1:] if m in methods]
+        with open(result_file, "w") as f:
+            json.dump(dict(out, times_s=times, unfinished=left), f, indent=2)
+
     if "supervised" in methods:
         res, train_s, eval_s = run_supervised(args, train_set, val_set, is_opts)
         out.update({f"supervised_{m}": r2(v) for m, v in res.items()})
         times["supervised/train"], times["supervised/eval"] = round(train_s, 1), round(eval_s, 1)
+        save("supervised")
     if "lc" in methods:
         res, train_s, eval_s, iters = run_lc(args, train_set, val_set, len(classes))
         out.update({f"lc_{m}": r2(v) for m, v in res.items()})
         out["lc_mRMSE_over_baseline"] = r2(res["mRMSE"] / max(res["baseline_mRMSE"], 1e-9))
         out["lc_iters"] = iters
         times["lc/train"], times["lc/eval"] = round(train_s, 1), round(eval_s, 1)
+        save("lc")
     if "ccgr" in methods:
         rounds, stage_times = run_ccgr(args, train_set, len(classes), is_opts)
         out["ccgr_rounds"] = {str(k): {m: r2(v) for m, v in r.items()} for k, r in rounds.items()}
@@ -312,7 +324,7 @@ def main(argv=None):
     out["total_s"] = round(time.perf_counter() - start, 1)
     if args.resume:
         out["resumed"] = True  # total_s is this process's time only; stage times are complete
-    with open(os.path.join(args.output, "benchmark_real.json"), "w") as f:
+    with open(result_file, "w") as f:
         json.dump(out, f, indent=2)
     print(json.dumps(out))
     return out

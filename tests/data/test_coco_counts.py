@@ -155,6 +155,39 @@ def test_point_in_mask():
     assert c[y, x] and (y - ys.mean()) ** 2 + (x - xs.mean()) ** 2 == pytest.approx(d2.min())
 
 
+
+def _point_by_listing(mask):
+    """The definition, on the listed pixels: centroid pixel, else the nearest (first) mask pixel."""
+    ys, xs = np.nonzero(mask)
+    cy, cx = ys.mean(), xs.mean()
+    if mask[int(cy), int(cx)]:
+        return int(cx), int(cy)
+    k = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
+    return int(xs[k]), int(ys[k])
+
+
+def test_point_in_mask_matches_listing_pixels():
+    # rings, crescents and scattered blobs at random offsets, C- and Fortran-ordered (pycocotools)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:61, :83]
+    off_centroid = 0
+    for i in range(60):
+        cy, cx, r = rng.uniform(10, 50), rng.uniform(10, 72), rng.uniform(3, 12)
+        d = np.hypot(yy - cy, xx - cx)
+        if i % 3 == 0:
+            m = (d < r) & (d > r * rng.uniform(0.3, 0.8))
+        elif i % 3 == 1:
+            m = (d < r) & (np.hypot(yy - cy, xx - cx - r * 0.8) > r * 0.9)
+        else:
+            m = rng.random(yy.shape) < 0.02
+        if not m.any():
+            continue
+        for arr in (m, np.asfortranarray(m), m.astype(np.uint8)):
+            assert point_in_mask(arr) == _point_by_listing(m)
+        ys, xs = np.nonzero(m)
+        off_centroid += not m[int(ys.mean()), int(xs.mean())]
+    assert off_centroid >= 20  # the nearest-pixel branch is exercised
+
 MALFORMED = [
     ("no_images", lambda d: d.pop("images"), "'images'"),
     ("no_annotations", lambda d: d.pop("annotations"), "'annotations'"),

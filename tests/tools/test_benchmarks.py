@@ -80,3 +80,42 @@ class TestRealCCGRConfig(unittest.TestCase):
             self.assertEqual(cfg.MODEL.CCGR.ROUNDS.NUM, rounds, extra)  # configs/real: 2 rounds
             self.assertEqual(cfg.DATASETS.TRAIN, ("real_train",))
             self.assertEqual(cfg.MODEL.ROI_HEADS.NUM_CLASSES, 3)
+
+
+class TestRealPartialResults(unittest.TestCase):
+    def test_a_failing_method_keeps_the_figures_of_those_before_it(self):
+        import json
+        from unittest import mock
+
+        from detectron2.data import DatasetCatalog
+
+        tool = load_tool("benchmark_real")
+        for name in ("partial_train", "partial_val"):
+            if name not in DatasetCatalog.list():
+                DatasetCatalog.register(name, lambda: [{}])
+
+        def ccgr_fails(*args):
+            raise RuntimeError("CCGR stage failed")
+
+        with tempfile.TemporaryDirectory() as d, mock.patch.multiple(
+            tool,
+            prepare_data=lambda args: ("partial_train", "partial_val", ["a", "b"]),
+            run_supervised=lambda *a: ({"mAP_r50": 60.0}, 1.0, 2.0),
+            run_lc=lambda *a: ({"mRMSE": 1.0, "baseline_mRMSE": 2.0, "mAP_r50": 30.0}, 3.0, 4.0, 7),
+            run_ccgr=ccgr_fails,
+        ):
+            # run in the order supervised, lc, ccgr whatever the order given
+            argv = ["--json", "x.json", "--images", d, "--output", d, "--methods", "ccgr,lc,supervised"]
+            with self.assertRaisesRegex(RuntimeError, "CCGR stage failed"):
+                tool.main(argv)
+            with open(os.path.join(d, "benchmark_real.json")) as f:
+                saved = json.load(f)
+            self.assertEqual(saved["unfinished"], ["ccgr"])
+            self.assertEqual(saved["supervised_mAP_r50"], 60.0)
+            self.assertEqual(saved["lc_mRMSE_over_baseline"], 0.5)
+            self.assertEqual(saved["times_s"]["lc/train"], 3.0)
+            # a whole run leaves no "unfinished"
+            out = tool.main(argv[:-1] + ["supervised,lc"])
+            with open(os.path.join(d, "benchmark_real.json")) as f:
+                self.assertEqual(json.load(f), out)
+            self.assertNotIn("unfinished", out)
