@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """
 Benchmark of LC, CCGR and the fully supervised bound on a real data set in COCO format (instance
-masks, plus the image-level ``"image_labels"`` / ``"image_counts"`` that
-``register_coco_counts_instances`` reads), on this 2-core CPU:
+masks, plus the image-level ``"image_labels"`` that ``register_coco_counts_instances`` reads;
+LC's counts are those of the annotations), on this 2-core CPU:
 
 1. a seeded validation split, stratified by the set of classes an image shows
    (``--val-fraction`` of each stratum, ``--split-seed``), written to ``<output>/split/`` as two
@@ -44,7 +44,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog, build_detection_test_loader
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
 from detectron2.utils.logger import setup_logger
 
@@ -101,7 +101,7 @@ def split_coco(data: Dict, val_fraction: float, seed: int) -> Tuple[Dict, Dict]:
     rng = np.random.RandomState(seed)
     val_ids = set()
     for key in sorted(strata):
-        ids = sorted(strata[key])
+        ids = sorted(strata[key], key=lambda i: (isinstance(i, str), i))  # int and str ids
         order = rng.permutation(len(ids))
         n_val = int(round(val_fraction * len(ids))) if len(ids) > 1 else int(
             rng.rand() < val_fraction
@@ -138,6 +138,13 @@ def prepare_data(args) -> Tuple[str, str, List[str]]:
     if not 0 < args.val_fraction < 1:
         raise SystemExit(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     train, val = split_coco(data, args.val_fraction, args.split_seed)
+    for part, split in (("training", train), ("validation", val)):
+        if not split["images"]:  # before any training, not after the first method
+            raise SystemExit(
+                f"--val-fraction {args.val_fraction} leaves the {part} split of the "
+                f"{len(data['images'])} images in {args.json} empty (each set of classes "
+                "is split on its own); choose another fraction"
+            )
     folder = os.path.join(args.output, "split")
     os.makedirs(folder, exist_ok=True)
     names = []
@@ -148,6 +155,7 @@ def prepare_data(args) -> Tuple[str, str, List[str]]:
         name = f"{args.name}_{part}"
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)  # another file's classes may have been set there
         register_coco_counts_instances(name, {"thing_classes": classes}, path, args.images)
         names.append(name)
         logger.info(

@@ -15,6 +15,7 @@ from detectron2.structures import BoxMode
 from wsis_d2.data.datasets.coco_counts import (
     load_coco_counts_json,
     point_in_mask,
+    _compressed_rle_runs,
     register_coco_counts_instances,
 )
 
@@ -91,6 +92,10 @@ def _coco():
             {"id": 5, "image_id": 12, "category_id": 7, "bbox": [10.0, 20.0, 8.0, 6.0]},
         ],
     }
+
+
+def _rle5():
+    return mask_util.encode(np.asfortranarray(np.eye(5, dtype=np.uint8)))["counts"].decode()
 
 
 def _write(tmp_path, data, name="ann.json"):
@@ -214,6 +219,27 @@ MALFORMED = [
         lambda d: d["annotations"][2]["segmentation"].update(counts=3),
         "segmentation.counts",
     ),
+    (
+        "rle_counts_other_size",  # a 5 x 5 mask's string under the image's size
+        lambda d: d["annotations"][2]["segmentation"].update(counts=_rle5()),
+        "segmentation.counts",
+    ),
+    (
+        "rle_counts_not_ascii",
+        lambda d: d["annotations"][2]["segmentation"].update(counts="0\u00e9"),
+        "segmentation.counts",
+    ),
+    (
+        "rle_counts_truncated",  # last character says that more follow
+        lambda d: d["annotations"][2]["segmentation"].update(counts="Q"),
+        "segmentation.counts",
+    ),
+    (
+        "empty_mask_no_box",  # wholly outside the image: no pixel, no box, so no point
+        lambda d: d["annotations"][2].update(segmentation=[[W + 5, 0, W + 9, 0, W + 9, 4]]),
+        "cannot derive a 'point'",
+    ),
+    ("fractional_height", lambda d: d["images"][0].update(height=40.5), "height"),
     ("dup_image", lambda d: d["images"][1].update(id=10), "duplicate image id"),
     ("dup_category", lambda d: d["categories"][1].update(id=7), "duplicate category id"),
     ("dup_annotation", lambda d: d["annotations"][1].update(id=1), "duplicate annotation id"),
@@ -277,3 +303,42 @@ def test_image_level_labels_without_annotations(tmp_path):
     assert by_id[11]["image_labels"] == [0, 1]  # contiguous: dog (7) -> 1, cat (3) -> 0
     assert by_id[11]["class_counts"] == [0, 0] and by_id[11]["annotations"] == []
     assert "image_labels" not in by_id[10]
+
+
+def test_compressed_rle_runs_match_pycocotools():
+    rng = np.random.default_rng(1)
+    for shape, p in (((40, 60), 0.5), ((7, 3), 0.9), ((300, 200), 0.002), ((5, 5), 0.0)):
+        mask = rng.random(shape) < p
+        counts = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"]
+        flat = mask.flatten(order="F")
+        edges = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+        runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+        if flat[0]:
+            runs = [0] + runs
+        assert _compressed_rle_runs(counts) == runs
+    assert _compressed_rle_runs(b"0\x7f") is None  # outside "0".."o"
+    assert _compressed_rle_runs(b"Q") is None  # continuation bit on the last character
+
+
+def test_lenient_where_detectron2_is(tmp_path):
+    data = copy.deepcopy(_coco())
+    # a box-only export writes "segmentation": [] next to the box
+    data["annotations"][4]["segmentation"] = []
+    # a malformed piece (odd number of coordinates) beside a good one is dropped, as detectron2 does
+    data["annotations"][0]["segmentation"].append([1, 2, 3, 4, 5])
+    # a mask wholly outside the image, with a box: the point from the box, not a box at (0, 0)
+    data["annotations"].append(
+        {"id": 6, "image_id": 11, "category_id": 3, "bbox": [50.0, 30.0, 4.0, 2.0],
+         "segmentation": [[W + 5, 0, W + 9, 0, W + 9, 4]]}
+    )
+    data["images"][1].update(height=float(H), width=float(W))  # as some exporters write
+    dicts = load_coco_counts_json(_write(tmp_path, data), "/imgs")
+    square = dicts[0]["annotations"][0]
+    assert square["bbox"] == [2.0, 4.0, 12.0, 14.0] and square["point"] == [6.5, 8.5]
+    box_only = dicts[2]["annotations"][2]
+    assert "segmentation" not in box_only and box_only["point"] == [14.0, 23.0]
+    assert dicts[2]["class_counts"] == [1, 1]
+    outside = dicts[1]["annotations"][0]
+    assert outside["bbox"] == [50.0, 30.0, 54.0, 32.0] and outside["point"] == [52.0, 31.0]
+    assert (dicts[1]["height"], dicts[1]["width"]) == (H, W)
+    assert all(type(d[k]) is int for d in dicts for k in ("height", "width"))

@@ -142,6 +142,17 @@ class TestReadImageReduced(unittest.TestCase):
         self.assertEqual(image.shape[:2], (W // 4, H // 4))
         self.assertEqual((scale.h, scale.w), (W, H))
 
+    def test_exif_turn_of_a_nearly_square_photo(self):
+        # 1602 x 1601 stored, shown turned: reduced, both sides round up alike (a square)
+        path = os.path.join(self.tmp.name, "square.jpg")
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.new("RGB", (1602, 1601), (200, 30, 30)).save(path, quality=90, exif=exif)
+        image, scale = read_image_reduced(path, "BGR", 100)
+        self.assertEqual(image.shape[0], image.shape[1])
+        self.assertLess(image.shape[0], 1601)
+        self.assertEqual((scale.h, scale.w), (1602, 1601))  # the displayed full frame
+
     def test_decode_short_side_of_a_config(self):
         cfg = add_wsis_config(get_cfg())
         cfg.INPUT.MIN_SIZE_TRAIN = (112, 208, 160)

@@ -119,3 +119,42 @@ class TestRealPartialResults(unittest.TestCase):
             with open(os.path.join(d, "benchmark_real.json")) as f:
                 self.assertEqual(json.load(f), out)
             self.assertNotIn("unfinished", out)
+
+
+class TestRealDataPreparation(unittest.TestCase):
+    def _file(self, d, images, categories):
+        import json
+
+        path = os.path.join(d, "data.json")
+        with open(path, "w") as f:
+            json.dump({"images": images, "annotations": [], "categories": categories}, f)
+        return path
+
+    def test_an_empty_split_stops_before_training(self):
+        tool = load_tool("benchmark_real")
+        with tempfile.TemporaryDirectory() as d:
+            # 4 label sets of 2 images: a quarter of 2 rounds to 0 in each, so no validation
+            images = [{"id": i, "file_name": f"{i}.jpg", "height": 8, "width": 8,
+                       "image_labels": [1 + i % 4]} for i in range(8)]
+            path = self._file(d, images, [{"id": c, "name": f"c{c}"} for c in (1, 2, 3, 4)])
+            args = tool.argument_parser().parse_args(
+                ["--json", path, "--images", d, "--output", d, "--name", "empty_split"])
+            with self.assertRaisesRegex(SystemExit, "leaves the validation split .* empty"):
+                tool.prepare_data(args)
+
+    def test_another_file_with_other_classes_in_the_same_process(self):
+        from detectron2.data import MetadataCatalog
+
+        tool = load_tool("benchmark_real")
+        with tempfile.TemporaryDirectory() as d:
+            # int and str image ids mixed, as the loader allows
+            images = [{"id": i if i % 2 else f"im{i}", "file_name": f"{i}.jpg", "height": 8,
+                       "width": 8, "image_labels": [1]} for i in range(8)]
+            for names in (["a"], ["b"]):
+                path = self._file(d, images, [{"id": 1, "name": names[0]}])
+                args = tool.argument_parser().parse_args(
+                    ["--json", path, "--images", d, "--output", d, "--name", "two_files"])
+                train, val, classes = tool.prepare_data(args)
+                self.assertEqual(classes, names)
+                self.assertEqual(MetadataCatalog.get(train).thing_classes, names)
+                self.assertEqual(MetadataCatalog.get(val).thing_classes, names)

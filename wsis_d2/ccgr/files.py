@@ -114,6 +114,8 @@ def pseudo_label_annotations(
         dataset_dict: the image's dataset dict ("image_id", "height", "width").
         inst: Instances at the image's original size (pred_masks (R, H, W), pred_classes, scores).
         dataset_id_of_class: COCO category id of each contiguous class.
+
+    An instance whose mask holds no pixel gives no annotation.
     """
     d = dataset_dict
     if len(inst) == 0:
@@ -127,6 +129,8 @@ def pseudo_label_annotations(
     rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
     annotations = []
     for rle, c, s in zip(rles, inst.pred_classes.tolist(), inst.scores.tolist()):
+        if mask_util.area(rle) == 0:
+            continue  # no pixel: nothing to learn, and no place for its point
         x, y, w, h = mask_util.toBbox(rle).tolist()
         annotations.append(
             {

@@ -63,13 +63,16 @@ def read_image_reduced(
             # draft() picks the largest reduction that keeps the size >= the requested one
             image.draft(image.mode, (math.ceil(full_w / factor), math.ceil(full_h / factor)))
             reduced_w, reduced_h = image.size
+            # EXIF orientations 5-8 turn the picture by 90 degrees (read from the tag: a reduced
+            # size can round to a square where the full size is not)
+            turned = image.getexif().get(0x0112) in (5, 6, 7, 8)
             image = ImageOps.exif_transpose(image)
             array = utils.convert_PIL_to_numpy(image, format)
     if image is None:
         return read_full(file_name, format), None
     if (reduced_w, reduced_h) == (full_w, full_h):
         return array, None
-    if array.shape[:2] != (reduced_h, reduced_w):  # EXIF turned it by 90 degrees
+    if turned:
         full_w, full_h = full_h, full_w
     return array, T.ScaleTransform(full_h, full_w, array.shape[0], array.shape[1])
 

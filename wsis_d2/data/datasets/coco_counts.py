@@ -117,12 +117,15 @@ def _segmentation_to_rle(segm, height: int, width: int, chk: _Checker, where: st
                 where,
                 "field 'segmentation' is a list but not a list of polygons " "(lists of numbers)",
             )
-        if any(len(p) % 2 for p in segm):
-            chk.fail(where, "field 'segmentation' has a polygon with an odd number of coordinates")
-        # like detectron2, ignore degenerate pieces (< 3 points) but not a wholly degenerate mask
-        polygons = [[float(v) for v in p] for p in segm if len(p) >= 6]
+        # like detectron2, ignore malformed pieces (an odd number of coordinates or < 3 points)
+        # but not a wholly malformed mask
+        polygons = [[float(v) for v in p] for p in segm if len(p) >= 6 and len(p) % 2 == 0]
         if not polygons:
-            chk.fail(where, "field 'segmentation' has no polygon with at least 3 points")
+            chk.fail(
+                where,
+                "field 'segmentation' has no polygon with at least 3 points and an even number "
+                "of coordinates",
+            )
         rle = mask_util.merge(mask_util.frPyObjects(polygons, height, width))
     elif isinstance(segm, dict):
         size = segm.get("size")
@@ -144,9 +147,15 @@ def _segmentation_to_rle(segm, height: int, width: int, chk: _Checker, where: st
                 )
             rle = mask_util.frPyObjects({"size": [height, width], "counts": counts}, height, width)
         elif isinstance(counts, (str, bytes)):
-            rle = {"size": [height, width], "counts": counts}
-            if isinstance(counts, str):
-                rle["counts"] = counts.encode("ascii")
+            encoded = counts.encode("utf-8") if isinstance(counts, str) else bytes(counts)
+            runs = _compressed_rle_runs(encoded)  # a non-ASCII byte is outside "0".."o"
+            if runs is None or sum(runs) != height * width:
+                chk.fail(
+                    where,
+                    "field 'segmentation.counts' (compressed RLE) is not a valid encoding of "
+                    f"non-negative runs summing to height * width = {height * width}",
+                )
+            rle = {"size": [height, width], "counts": encoded}
         else:
             chk.fail(
                 where,
@@ -164,6 +173,35 @@ def _segmentation_to_rle(segm, height: int, width: int, chk: _Checker, where: st
         "size": [height, width],
         "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
     }
+
+
+def _compressed_rle_runs(counts: bytes) -> Optional[List[int]]:
+    """
+    The run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``: 5 bits per
+    character from "0" on, bit 0x20 = more characters follow, the last one sign-extended, and
+    runs from the fourth on stored as the difference to the run two before), or None when the
+    string is malformed (a character outside "0".."o", a truncated value, a negative run):
+    pycocotools itself decodes such a string without complaint, into undefined memory.
+    """
+    runs: List[int] = []
+    value, shift = 0, 0
+    for ch in counts:
+        c = ch - 48
+        if not 0 <= c < 64:
+            return None
+        value |= (c & 0x1F) << shift
+        shift += 5
+        if c & 0x20:
+            continue
+        if c & 0x10:
+            value -= 1 << shift  # sign extension of the last 5-bit group
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            return None
+        runs.append(value)
+        value, shift = 0, 0
+    return runs if shift == 0 else None
 
 
 def _parse_categories(data: dict, chk: _Checker) -> Tuple[List[int], List[str]]:
@@ -199,7 +237,12 @@ def _parse_images(data: dict, chk: _Checker) -> Dict[Any, dict]:
         where = f"images[{i}] (id={iid!r})"
         chk.field(img, "file_name", where, lambda v: isinstance(v, str) and v, "a non-empty str")
         for key in ("height", "width"):
-            chk.field(img, key, where, lambda v: _is_int(v) and v > 0, "a positive int")
+            size = chk.field(
+                img, key, where, lambda v: _is_number(v) and v > 0 and v == int(v),
+                "a positive whole number",
+            )
+            if not _is_int(size):  # 480.0, as some exporters write: detectron2 takes it too
+                img = {**img, key: int(size)}
         if iid in out:
             chk.fail(where, f"duplicate image id {iid!r}")
         out[iid] = img
@@ -233,7 +276,7 @@ def _parse_annotation(
     out = {"category_id": cat_to_contiguous[cat_id], "iscrowd": int(iscrowd)}
 
     rle = None
-    if "segmentation" in ann:
+    if "segmentation" in ann and ann["segmentation"] != []:  # [] next to a box: box-only export
         rle = _segmentation_to_rle(ann["segmentation"], height, width, chk, where)
         out["segmentation"] = rle
     if "bbox" in ann:
@@ -246,7 +289,7 @@ def _parse_annotation(
         if bbox[2] < 0 or bbox[3] < 0:
             chk.fail(where, f"field 'bbox' has a negative width or height: {bbox!r}")
         xywh = [float(v) for v in bbox]
-    elif rle is not None:
+    elif rle is not None and mask_util.area(_bytes_rle(rle)) > 0:  # toBbox: zeros when empty
         xywh = [float(v) for v in mask_util.toBbox(_bytes_rle(rle))]
     else:
         xywh = None
