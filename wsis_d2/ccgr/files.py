@@ -129,7 +129,8 @@ def pseudo_label_annotations(
     rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
     annotations = []
     for rle, c, s in zip(rles, inst.pred_classes.tolist(), inst.scores.tolist()):
-        if mask_util.area(rle) == 0:
+        area = float(mask_util.area(rle))
+        if area == 0:
             continue  # no pixel: nothing to learn, and no place for its point
         x, y, w, h = mask_util.toBbox(rle).tolist()
         annotations.append(
@@ -138,7 +139,7 @@ def pseudo_label_annotations(
                 "category_id": int(dataset_id_of_class[c]),
                 "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
                 "bbox": [x, y, w, h],
-                "area": float(mask_util.area(rle)),
+                "area": area,
                 "iscrowd": 0,
                 "score": float(s),
             }

@@ -75,10 +75,8 @@ def point_in_mask(mask: np.ndarray) -> Optional[Tuple[int, int]]:
     if mask[iy, ix]:
         return ix, iy
     # nearest mask pixel, searched in the mask's bounding box (row-major order: same tie-break)
-    y0, x0 = int(np.argmax(rows > 0)), int(np.argmax(cols > 0))
-    y1 = len(rows) - int(np.argmax(rows[::-1] > 0))
-    x1 = len(cols) - int(np.argmax(cols[::-1] > 0))
-    ys, xs = np.nonzero(mask[y0:y1, x0:x1])
+    (y0, y1), (x0, x1) = np.flatnonzero(rows)[[0, -1]], np.flatnonzero(cols)[[0, -1]]
+    ys, xs = np.nonzero(mask[y0 : y1 + 1, x0 : x1 + 1])
     k = int(np.argmin((ys + y0 - cy) ** 2 + (xs + x0 - cx) ** 2))
     return int(xs[k]) + x0, int(ys[k]) + y0
 
@@ -275,10 +273,10 @@ def _parse_annotation(
         chk.fail(where, "needs at least one of the fields 'bbox', 'segmentation', 'point'")
     out = {"category_id": cat_to_contiguous[cat_id], "iscrowd": int(iscrowd)}
 
-    rle = None
+    rle = None  # bytes counts, for pycocotools
     if "segmentation" in ann and ann["segmentation"] != []:  # [] next to a box: box-only export
-        rle = _segmentation_to_rle(ann["segmentation"], height, width, chk, where)
-        out["segmentation"] = rle
+        out["segmentation"] = _segmentation_to_rle(ann["segmentation"], height, width, chk, where)
+        rle = _bytes_rle(out["segmentation"])
     if "bbox" in ann:
         bbox = ann["bbox"]
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
@@ -289,8 +287,8 @@ def _parse_annotation(
         if bbox[2] < 0 or bbox[3] < 0:
             chk.fail(where, f"field 'bbox' has a negative width or height: {bbox!r}")
         xywh = [float(v) for v in bbox]
-    elif rle is not None and mask_util.area(_bytes_rle(rle)) > 0:  # toBbox: zeros when empty
-        xywh = [float(v) for v in mask_util.toBbox(_bytes_rle(rle))]
+    elif rle is not None and mask_util.area(rle) > 0:  # toBbox: zeros when empty
+        xywh = [float(v) for v in mask_util.toBbox(rle)]
     else:
         xywh = None
     if xywh is not None:
@@ -311,7 +309,7 @@ def _parse_annotation(
     else:
         xy = None
         if rle is not None:
-            xy = point_in_mask(mask_util.decode(_bytes_rle(rle)).astype(bool))
+            xy = point_in_mask(mask_util.decode(rle).astype(bool))
             if xy is not None:  # centre of that pixel, continuous coordinates
                 xy = (xy[0] + 0.5, xy[1] + 0.5)
         if xy is None and xywh is not None:
