@@ -135,6 +135,19 @@ def prepare_data(args) -> Tuple[str, str, List[str]]:
         raise SystemExit(
             f"--num-classes {args.num_classes}, but {args.json} has {len(classes)} categories"
         )
+    annotated = {a.get("image_id") for a in data.get("annotations", [])}
+    count_only = [
+        img.get("id") for img in data["images"]
+        if img.get("id") not in annotated and isinstance(img.get("image_counts"), dict)
+        and any(img["image_counts"].values())
+    ]
+    if count_only:  # the supervised bound and mAP need every counted object's mask
+        raise SystemExit(
+            f"{args.json}: {len(count_only)} images have 'image_counts' but no annotations (ids "
+            f"{count_only[:5]}{' ...' if len(count_only) > 5 else ''}); this benchmark needs "
+            "every object annotated with a mask. Train LC on count-only images with "
+            "tools/train_net.py (docs/lc.md)"
+        )
     if not 0 < args.val_fraction < 1:
         raise SystemExit(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     train, val = split_coco(data, args.val_fraction, args.split_seed)

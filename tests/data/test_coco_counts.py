@@ -252,6 +252,20 @@ MALFORMED = [
     ("image_labels_type", lambda d: d["images"][1].update(image_labels="dog"), "image_labels"),
     ("image_labels_unknown", lambda d: d["images"][1].update(image_labels=[7, 5]),
      "image_labels"),
+    ("image_counts_type", lambda d: d["images"][1].update(image_counts=[3]), "image_counts"),
+    ("image_counts_key", lambda d: d["images"][1].update(image_counts={"dog": 2}),
+     "image_counts"),
+    ("image_counts_unknown", lambda d: d["images"][1].update(image_counts={"5": 2}),
+     "unknown category id 5"),
+    ("image_counts_negative", lambda d: d["images"][1].update(image_counts={"7": -1}),
+     "image_counts"),
+    ("image_counts_fraction", lambda d: d["images"][1].update(image_counts={"7": 1.5}),
+     "image_counts"),
+    # image 10 has one dog and one cat annotated: counts must agree with them
+    ("image_counts_disagree", lambda d: d["images"][0].update(image_counts={"7": 3, "3": 1}),
+     "gives 3 for category 7 but the image's annotations hold 1"),
+    ("image_counts_missing_class", lambda d: d["images"][0].update(image_counts={"7": 1}),
+     "gives 0 for category 3"),
 ]
 
 
@@ -303,6 +317,19 @@ def test_image_level_labels_without_annotations(tmp_path):
     assert by_id[11]["image_labels"] == [0, 1]  # contiguous: dog (7) -> 1, cat (3) -> 0
     assert by_id[11]["class_counts"] == [0, 0] and by_id[11]["annotations"] == []
     assert "image_labels" not in by_id[10]
+
+
+def test_image_counts_of_count_only_images(tmp_path):
+    # image 11 has no annotation: its image_counts (json keys are strings) are its class counts;
+    # image 10's agree with its annotations; image 12's crowd dog is not counted
+    data = copy.deepcopy(_coco())
+    data["images"][1]["image_counts"] = {"7": 4, "3": 0}
+    data["images"][0]["image_counts"] = {"7": 1, "3": 1}
+    data["images"][2]["image_counts"] = {7: 1, 3: 1.0}  # int keys and whole floats as well
+    dicts = load_coco_counts_json(_write(tmp_path, data), str(tmp_path))
+    assert [d["class_counts"] for d in dicts] == [[1, 1], [0, 4], [1, 1]]
+    assert dicts[1]["annotations"] == []
+    assert all(isinstance(c, int) for d in dicts for c in d["class_counts"])
 
 
 def test_compressed_rle_runs_match_pycocotools():

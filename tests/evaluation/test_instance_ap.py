@@ -357,6 +357,13 @@ class TestEvaluatorBehaviour(_DatasetCase):
         ev.process([{"image_id": 0}], [outs[0]])
         with self.assertRaisesRegex(ValueError, "img0.png.*segmentation"):
             ev.evaluate()
+        # a count-only image (counts without annotations) cannot be scored: its objects have no mask
+        counted = record(0, self.H, self.W, [])
+        counted["class_counts"] = [0, 2]
+        ev = InstanceAPEvaluator(self.register([counted]), distributed=False)
+        ev.process([{"image_id": 0}], [outs[0]])
+        with self.assertRaisesRegex(ValueError, "img0.png.*counts 2 objects.*0 non-crowd"):
+            ev.evaluate()
 
 
 def reference_voc_ap(is_tp, num_pos):

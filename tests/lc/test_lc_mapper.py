@@ -142,6 +142,13 @@ class TestLCDatasetMapper(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, r"rgb\.png.*non-negative"):
             self._mapper()(self._dict(class_counts=[0, -1, 0]))
 
+    def test_count_only_image(self):
+        # counted but not annotated (a COCO image's "image_counts"): the counts are the targets
+        out = self._mapper(lower_count=5)(self._dict(annotations=[], class_counts=[0, 7, 2]))
+        self.assertEqual(out["labels"].tolist(), [0.0, 1.0, 1.0])
+        self.assertEqual(out["counts"].tolist(), [0, 5, 2])
+        self.assertEqual(out["count_ge"].tolist(), [False, True, False])
+
     def test_empty_image_all_zero_labels(self):
         for d in (
             self._dict(annotations=[], class_counts=[0, 0, 0]),

@@ -142,6 +142,17 @@ class TestRealDataPreparation(unittest.TestCase):
             with self.assertRaisesRegex(SystemExit, "leaves the validation split .* empty"):
                 tool.prepare_data(args)
 
+    def test_count_only_images_stop_before_training(self):
+        tool = load_tool("benchmark_real")
+        with tempfile.TemporaryDirectory() as d:
+            images = [{"id": i, "file_name": f"{i}.jpg", "height": 8, "width": 8,
+                       "image_counts": {"1": i % 3}} for i in range(8)]
+            path = self._file(d, images, [{"id": 1, "name": "a"}])
+            args = tool.argument_parser().parse_args(
+                ["--json", path, "--images", d, "--output", d, "--name", "count_only"])
+            with self.assertRaisesRegex(SystemExit, r"5 images have 'image_counts' but no annot"):
+                tool.prepare_data(args)
+
     def test_another_file_with_other_classes_in_the_same_process(self):
         from detectron2.data import MetadataCatalog
 

@@ -46,6 +46,9 @@ class CCGRDatasetMapper:
          "sem_seg": int64 Tensor (H, W) pseudo labels (C = background, 255 ignored)  # with cues}
     """
 
+    # targets from class counts / image labels: WSISTrainer keeps count-only images
+    reads_counts = True
+
     @configurable
     def __init__(
         self,

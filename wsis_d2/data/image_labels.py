@@ -4,12 +4,19 @@ instances in "annotations", optional "image_labels" and "class_counts"), read by
 mappers and CCGR's rounds.
 """
 
-from typing import Dict, Optional, Sequence
+import logging
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from detectron2.data import MetadataCatalog
 
-__all__ = ["add_image_labels", "class_counts_of", "image_labels_of", "num_classes_of"]
+__all__ = [
+    "add_image_labels",
+    "class_counts_of",
+    "filter_images_without_objects",
+    "image_labels_of",
+    "num_classes_of",
+]
 
 
 def class_counts_of(dataset_dict: Dict, num_classes: int) -> np.ndarray:
@@ -17,7 +24,9 @@ def class_counts_of(dataset_dict: Dict, num_classes: int) -> np.ndarray:
     Per-class object counts of one dataset dict.
 
     ``dataset_dict["class_counts"]`` is used when present; otherwise the non-crowd annotations
-    are counted. When both are present they must agree.
+    are counted. When both are present they must agree, unless ``annotations`` is empty: an image
+    whose objects are counted but not annotated (count-only data, e.g. a COCO image's
+    ``image_counts``).
 
     Args:
         dataset_dict: a dict of the shared convention (``file_name``, optional ``class_counts``
@@ -62,7 +71,7 @@ def class_counts_of(dataset_dict: Dict, num_classes: int) -> np.ndarray:
             f"{file_name}: 'class_counts' must hold non-negative integers, got {raw.tolist()}"
         )
     counts = raw.astype(np.int64)
-    if from_annotations is not None:
+    if from_annotations is not None and len(dataset_dict["annotations"]) > 0:
         bad = np.nonzero(counts != from_annotations)[0]
         if len(bad):
             c = int(bad[0])
@@ -111,3 +120,30 @@ def num_classes_of(dataset_names: Sequence[str]) -> Optional[int]:
     if len(set(found.values())) > 1:
         raise ValueError(f"datasets disagree on the number of classes (thing_classes): {found}")
     return next(iter(found.values()), None)
+
+
+def filter_images_without_objects(dataset_dicts: List[Dict]) -> List[Dict]:
+    """
+    detectron2's ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` for models trained on counts (LC, CCGR's
+    image-level stages): drop the images without a non-crowd annotation, as detectron2 does, but
+    keep those with a positive ``class_counts`` (count-only images, whose objects have no
+    annotations), which detectron2's filter would drop.
+
+    Args:
+        dataset_dicts: dicts of the shared convention.
+
+    Returns:
+        the kept dicts, in order.
+    """
+    def has_objects(d: Dict) -> bool:
+        if any(not a.get("iscrowd", 0) for a in d.get("annotations", ())):
+            return True
+        return bool(np.sum(d.get("class_counts", 0)) > 0)
+
+    kept = [d for d in dataset_dicts if has_objects(d)]
+    if len(kept) < len(dataset_dicts):
+        logging.getLogger(__name__).info(
+            f"Removed {len(dataset_dicts) - len(kept)} images without objects (neither a "
+            "non-crowd annotation nor a positive class count)."
+        )
+    return kept

@@ -15,8 +15,13 @@ from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, hoo
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 
+from ..data.image_labels import filter_images_without_objects
 from ..data.mapper_registry import build_dataset_mapper
 from ..solver import build_optimizer
 from .evaluators import build_evaluator
@@ -95,7 +100,16 @@ class WSISTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=build_dataset_mapper(cfg, is_train=True))
+        mapper = build_dataset_mapper(cfg, is_train=True)
+        dataset = None
+        if getattr(mapper, "reads_counts", False) and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+            # detectron2's filter would drop count-only images: for these models they are examples
+            proposals = cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None
+            dataset = get_detection_dataset_dicts(
+                cfg.DATASETS.TRAIN, filter_empty=False, proposal_files=proposals
+            )
+            dataset = filter_images_without_objects(dataset)
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

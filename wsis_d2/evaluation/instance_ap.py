@@ -266,6 +266,15 @@ def load_instance_ground_truth(dataset_name: str) -> Dict[object, dict]:
             boxes.append(box)
             rles.append(_rle_from_annotation(ann["segmentation"], height, width, ann_where))
             crowd.append(bool(ann.get("iscrowd", 0)))
+        counted = int(np.sum(record.get("class_counts", 0)))
+        if counted > len(crowd) - sum(crowd):
+            # count-only image (e.g. a COCO image's "image_counts"): its objects would score as
+            # false positives
+            raise ValueError(
+                f"{where}: 'class_counts' counts {counted} objects but the image has "
+                f"{len(crowd) - sum(crowd)} non-crowd annotations; mAP needs every object's mask "
+                "(score counts alone with metadata evaluator_type 'counting')"
+            )
         if record["image_id"] in gt:
             raise ValueError(f"{where}: duplicate 'image_id' {record['image_id']!r}")
         gt[record["image_id"]] = {

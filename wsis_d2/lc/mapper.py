@@ -82,6 +82,9 @@ class LCDatasetMapper:
     supervision never states exactly.
     """
 
+    # targets from class counts / image labels: WSISTrainer keeps count-only images
+    reads_counts = True
+
     @configurable
     def __init__(
         self,

@@ -1,7 +1,8 @@
 """
 User datasets in COCO instance format, loaded into the dataset dicts shared by wsis_d2.
 
-Every image dict carries ``"class_counts"`` (number of non-crowd instances per contiguous class)
+Every image dict carries ``"class_counts"`` (number of non-crowd instances per contiguous class,
+or the image's ``"image_counts"`` when it has no annotations: count-only data)
 and every annotation one ``"point"`` (the annotation's own ``"point"`` field when present, else the
 centre of a pixel inside its mask, else its box centre), so that the same file serves image-level
 (LC/ILC), point (density) and mask (Mask R-CNN) supervision. Masks are returned as compressed RLE
@@ -321,6 +322,49 @@ def _parse_annotation(
     return image_id, out
 
 
+def _image_counts(
+    raw, counts: List[int], anns: List[dict], cat_to_contiguous: Dict[int, int], chk, where: str
+) -> List[int]:
+    """
+    The per-class counts of an image's ``"image_counts"`` ({category id: count}, ids as ints or
+    as the strings json keys are; absent classes count 0).
+
+    An image without annotations takes them as they are (count-only data: LC's supervision); an
+    image with annotations must hold exactly that many non-crowd instances of each class.
+    """
+    if not isinstance(raw, dict):
+        chk.fail(
+            where, f"field 'image_counts' must be an object {{category id: count}}, got {raw!r:.80}"
+        )
+    given = [0] * len(counts)
+    for key, value in raw.items():
+        try:
+            cat = int(key)
+        except (TypeError, ValueError):
+            cat = None
+        if cat is None or str(cat) != str(key).strip():
+            chk.fail(where, f"field 'image_counts' has key {key!r}, expected a category id")
+        if cat not in cat_to_contiguous:
+            chk.fail(where, f"field 'image_counts' holds unknown category id {cat}")
+        if not (_is_number(value) and value >= 0 and value == int(value)):
+            chk.fail(
+                where,
+                f"field 'image_counts' of category {cat} must be a count >= 0, got {value!r:.80}",
+            )
+        given[cat_to_contiguous[cat]] = int(value)
+    if anns:
+        contiguous_to_cat = {c: k for k, c in cat_to_contiguous.items()}
+        for c, (n_given, n_annotated) in enumerate(zip(given, counts)):
+            if n_given != n_annotated:
+                chk.fail(
+                    where,
+                    f"field 'image_counts' gives {n_given} for category {contiguous_to_cat[c]} but "
+                    f"the image's annotations hold {n_annotated} non-crowd instances of it (an "
+                    "image with annotations must have all its counted objects annotated)",
+                )
+    return given
+
+
 def _bytes_rle(rle: dict) -> dict:
     counts = rle["counts"]
     return {
@@ -339,7 +383,9 @@ def load_coco_counts_json(
         json_file: path of the COCO json ("images", "annotations", "categories"; annotations may
             carry an extra "point": [x, y] in pixel coordinates; an image may carry
             "image_labels": [category id, ...], classes present without any annotation: image-level
-            labels for CCGR and the image-level classifier, which read nothing else of it).
+            labels for CCGR and the image-level classifier, which read nothing else of it; and
+            "image_counts": {category id: count}, the counts of an image without annotations,
+            e.g. count-only training images for LC).
         image_root: directory that the images' "file_name" are relative to.
         dataset_name: when given, sets ``thing_classes`` and ``thing_dataset_id_to_contiguous_id``
             in the dataset's metadata.
@@ -349,7 +395,8 @@ def load_coco_counts_json(
         "annotations": [{"bbox" (XYXY_ABS), "bbox_mode", "category_id" in 0..C-1,
         "segmentation" (RLE, counts str), "point": [x, y], "iscrowd"}]}``, one per image in file
         order, images without annotations included. Category ids are made contiguous in the order
-        of the json ids. Crowd annotations are kept (``iscrowd=1``) but not counted. Annotations
+        of the json ids. Crowd annotations are kept (``iscrowd=1``) but not counted; an image's
+        "image_counts" give its ``class_counts`` (with annotations they must agree). Annotations
         with neither "bbox" nor "segmentation" (point-only data) have neither key. An image with
         "image_labels" gets ``"image_labels"``: their contiguous ids (see
         :func:`wsis_d2.data.image_labels.image_labels_of`).
@@ -391,6 +438,9 @@ def load_coco_counts_json(
         for a in anns:
             if not a["iscrowd"]:
                 counts[a["category_id"]] += 1
+        if "image_counts" in img:
+            where = f"images[{list(images).index(iid)}] (id={iid!r})"
+            counts = _image_counts(img["image_counts"], counts, anns, cat_to_contiguous, chk, where)
         record = {
             "file_name": os.path.join(image_root, img["file_name"]),
             "height": img["height"],
