@@ -233,6 +233,21 @@ class TestCCGRRounds(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "CCGR round 1: .*pseudo_labels.json.*no pseudo"):
             CCGRRounds(cfg).run()
 
+    def _one_round_on(self, name: str, data: dict, tag: str):
+        """(output folder, frozen one-round config) on ``data`` (a COCO dict) registered as
+        ``name``."""
+        path = os.path.join(self.tmp.name, f"{tag}.json")
+        with open(path, "w") as f:
+            json.dump(data, f)
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        register_coco_counts_instances(name, {}, path, "")
+        out = os.path.join(self.tmp.name, tag)
+        cfg = _cfg(out, ["MODEL.CCGR.ROUNDS.NUM", "1", "DATASETS.TRAIN", f"('{name}',)"])
+        cfg.freeze()
+        return out, cfg
+
     def test_coco_json_with_image_labels_only(self):
         # a user's COCO json that says which classes each image shows and nothing else: no
         # annotation at all, "image_labels" per image (the README's "Your own data")
@@ -250,16 +265,7 @@ class TestCCGRRounds(unittest.TestCase):
             "annotations": [],
             "categories": [{"id": to_id[c], "name": n} for c, n in enumerate(meta.thing_classes)],
         }  # fmt: skip
-        path = os.path.join(self.tmp.name, "image_labels.json")
-        with open(path, "w") as f:
-            json.dump(data, f)
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        register_coco_counts_instances(name, {}, path, "")
-        out = os.path.join(self.tmp.name, "image_labels")
-        cfg = _cfg(out, ["MODEL.CCGR.ROUNDS.NUM", "1", "DATASETS.TRAIN", f"('{name}',)"])
-        cfg.freeze()
+        out, cfg = self._one_round_on(name, data, "image_labels")
         metrics = CCGRRounds(cfg).run()
         self.assertGreater(metrics[1]["pseudo_instances"], 0)
         self.assertNotIn("pseudo_mAP_r50", metrics[1])  # no masks to score them against
@@ -268,6 +274,36 @@ class TestCCGRRounds(unittest.TestCase):
         labels = {im["id"]: set(im["image_labels"]) for im in data["images"]}
         for a in pseudo["annotations"]:
             self.assertIn(a["category_id"], labels[a["image_id"]])  # present classes only
+
+    def test_coco_json_mixing_masks_and_count_only_images(self):
+        # half the images annotated with masks, half counted only ("image_counts"): CCGR trains
+        # on all, and scores its pseudo labels on the annotated half
+        name = "_test_ccgr_rounds_count_only"
+        src = DatasetCatalog.get("wsis_synth_mini_train")
+        meta = MetadataCatalog.get("wsis_synth_mini_train")
+        to_id = {v: k for k, v in meta.thing_dataset_id_to_contiguous_id.items()}
+        images, anns = [], []
+        for k, d in enumerate(src):
+            images.append({"id": d["image_id"], "file_name": d["file_name"],
+                           "height": d["height"], "width": d["width"]})
+            if k % 2:
+                images[-1]["image_counts"] = {
+                    str(to_id[c]): n for c, n in enumerate(d["class_counts"]) if n}
+            else:
+                anns += [{"id": len(anns) + i + 1, "image_id": d["image_id"],
+                          "iscrowd": a.get("iscrowd", 0), "segmentation": a["segmentation"],
+                          "category_id": to_id[a["category_id"]]}
+                         for i, a in enumerate(d["annotations"])]
+        data = {"images": images, "annotations": anns,
+                "categories": [{"id": to_id[c], "name": n}
+                               for c, n in enumerate(meta.thing_classes)]}  # fmt: skip
+        out, cfg = self._one_round_on(name, data, "count_only")
+        metrics = CCGRRounds(cfg).run(until="round1/pseudo_labels")
+        self.assertIn("pseudo_mAP_r50", metrics[1])
+        # the diagnostics count the objects of the annotated images only
+        annotated = [d for k, d in enumerate(src) if k % 2 == 0]
+        objects = sum(1 for d in annotated for a in d["annotations"] if not a.get("iscrowd", 0))
+        self.assertAlmostEqual(metrics[1]["diag_objects_per_image"], objects / len(annotated))
 
     def test_bad_configs(self):
         with self.assertRaisesRegex(ValueError, "MODEL.CCGR.ROUNDS.IS_CONFIG.*nowhere.yaml"):

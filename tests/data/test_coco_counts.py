@@ -261,6 +261,17 @@ MALFORMED = [
      "image_counts"),
     ("image_counts_fraction", lambda d: d["images"][1].update(image_counts={"7": 1.5}),
      "image_counts"),
+    ("image_counts_bool", lambda d: d["images"][1].update(image_counts={"7": True}),
+     "image_counts"),
+    ("image_counts_huge", lambda d: d["images"][1].update(image_counts={"7": 2**63}),
+     "count in 0..2147483647"),
+    ("image_counts_padded_key", lambda d: d["images"][1].update(image_counts={" 7": 1}),
+     "has key ' 7'"),
+    ("image_counts_zero_key", lambda d: d["images"][1].update(image_counts={"07": 1}),
+     "has key '07'"),
+    ("image_counts_vs_labels", lambda d: d["images"][1].update(image_counts={"7": 2, "3": 0},
+                                                               image_labels=[3]),
+     "'image_labels' names categories [3] that 'image_counts' count 0"),
     # image 10 has one dog and one cat annotated: counts must agree with them
     ("image_counts_disagree", lambda d: d["images"][0].update(image_counts={"7": 3, "3": 1}),
      "gives 3 for category 7 but the image's annotations hold 1"),
@@ -330,6 +341,11 @@ def test_image_counts_of_count_only_images(tmp_path):
     assert [d["class_counts"] for d in dicts] == [[1, 1], [0, 4], [1, 1]]
     assert dicts[1]["annotations"] == []
     assert all(isinstance(c, int) for d in dicts for c in d["class_counts"])
+    # a labelled class absent from image_counts is present but not counted
+    data["images"][1]["image_labels"] = [3]
+    data["images"][1]["image_counts"] = {"7": 4}
+    dicts = load_coco_counts_json(_write(tmp_path, data), str(tmp_path))
+    assert dicts[1]["class_counts"] == [0, 4] and dicts[1]["image_labels"] == [0]
 
 
 def test_compressed_rle_runs_match_pycocotools():

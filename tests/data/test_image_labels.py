@@ -34,6 +34,9 @@ def test_count_only_image():
     assert image_labels_of(d, 3).tolist() == [False, False, True]
     with pytest.raises(ValueError, match="b.jpg.*2 entries but the dataset has 3"):
         class_counts_of({**d, "class_counts": [0, 5]}, 3)
+    # beyond 2**31 - 1 int64 may wrap to a negative count
+    with pytest.raises(ValueError, match="b.jpg.*integers in 0..2147483647"):
+        class_counts_of({**d, "class_counts": [0, 0, 2**63]}, 3)
 
 
 def test_filter_keeps_count_only_images():

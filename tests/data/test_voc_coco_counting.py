@@ -18,7 +18,11 @@ from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
 import wsis_d2  # noqa: F401  (registers the builtin splits)
 from wsis_d2.testing import datasets_root
-from wsis_d2.data.datasets.coco_counting import register_coco_counting, restrict_to_voc
+from wsis_d2.data.datasets.coco_counting import (
+    coco_half_split,
+    register_coco_counting,
+    restrict_to_voc,
+)
 from wsis_d2.data.datasets.voc_counting import (
     VOC_CLASSES,
     register_voc_counting,
@@ -474,6 +478,16 @@ class TestCOCOCounting(_TmpRoot):
         # couch -> sofa, person -> person; the giraffe has no VOC class and is dropped
         self.assertEqual(out["image_labels"], sorted([VOC.index("sofa"), VOC.index("person")]))
         self.assertEqual(out["class_counts"], [0] * 20)
+
+    def test_count_only_images_keep_their_counts(self):
+        coco = ["person", "giraffe", "couch"]
+        d = {"file_name": "y.jpg", "image_id": 1, "annotations": [], "class_counts": [3, 2, 1]}
+        empty = {"file_name": "z.jpg", "image_id": 2, "annotations": [], "class_counts": [0, 0, 0]}
+        self.assertEqual(coco_half_split([empty, d], "test"), [d])  # counted, so in the split
+        (out,) = restrict_to_voc([d], coco)
+        expected = [0] * 20
+        expected[VOC.index("person")], expected[VOC.index("sofa")] = 3, 1
+        self.assertEqual(out["class_counts"], expected)
 
     def test_wrong_categories_raise(self):
         with self.assertRaisesRegex(ValueError, "few_categories.json"):

@@ -139,7 +139,7 @@ class TestLCDatasetMapper(unittest.TestCase):
             self._mapper(num_classes=4)(self._dict(class_counts=[0, 0, 3]))
         with self.assertRaisesRegex(ValueError, r"rgb\.png.*category_id 5"):
             self._mapper()(self._dict(annotations=[_ann(5)]))
-        with self.assertRaisesRegex(ValueError, r"rgb\.png.*non-negative"):
+        with self.assertRaisesRegex(ValueError, r"rgb\.png.*integers in 0\.\."):
             self._mapper()(self._dict(class_counts=[0, -1, 0]))
 
     def test_count_only_image(self):

@@ -131,6 +131,23 @@ class TestTrainNet(unittest.TestCase):
         kinds = {type(e) for e in evaluator._evaluators}
         self.assertEqual(kinds, {InstanceAPEvaluator, CountingEvaluator, FastCOCOEvaluator})
 
+        # a count-only image is refused when the evaluators are built, not after training
+        name = "wsis_test_count_only_val"
+        DatasetCatalog.register(name, lambda: [{"file_name": "c.jpg", "image_id": 0, "height": 8,
+                                               "width": 8, "annotations": [],
+                                               "class_counts": [2] + [0] * 7}])
+        MetadataCatalog.get(name).set(evaluator_type="wsis_instance",
+                                      thing_classes=list("abcdefgh"))
+        try:
+            with self.assertRaisesRegex(ValueError, "c.jpg.*evaluator_type 'counting'"):
+                WSISTrainer.build_evaluator(cfg, name)
+            MetadataCatalog.remove(name)
+            MetadataCatalog.get(name).set(evaluator_type="counting", thing_classes=list("abcdefgh"))
+            self.assertIsInstance(WSISTrainer.build_evaluator(cfg, name), CountingEvaluator)
+        finally:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+
         name = "wsis_test_unknown_evaluator_type"
         DatasetCatalog.register(name, lambda: [])
         MetadataCatalog.get(name).set(evaluator_type="no_such_type")

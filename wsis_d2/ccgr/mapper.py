@@ -46,8 +46,10 @@ class CCGRDatasetMapper:
          "sem_seg": int64 Tensor (H, W) pseudo labels (C = background, 255 ignored)  # with cues}
     """
 
-    # targets from class counts / image labels: WSISTrainer keeps count-only images
+    # image-level targets (counts / labels): WSISTrainer trains on count-only images too
     reads_counts = True
+    # image-level labels are its whole supervision
+    labels_suffice = True
 
     @configurable
     def __init__(

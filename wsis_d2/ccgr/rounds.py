@@ -51,7 +51,7 @@ from .files import (
     write_pseudo_label_json,
 )
 from ..data.datasets import register_coco_counts_instances
-from ..data.image_labels import image_labels_of
+from ..data.image_labels import image_labels_of, is_count_only
 from ..data.proposals import SelectiveSearchProposals, check_proposals, load_proposal_file
 from ..evaluation import CCGRStageDiagnostics, InstanceAPEvaluator
 from .labels import semantic_labels_from_instances
@@ -465,7 +465,8 @@ class CCGRRounds:
         model, loader = self._trained(
             self._mil_ss_cfg(k, self._dir(self._set_stage(k, "mil_ss", j))), self.train_set
         )
-        evaluator = InstanceAPEvaluator(self.train_set, distributed=True)
+        # count-only training images (objects counted, not annotated) are not scored
+        evaluator = InstanceAPEvaluator(self.train_set, distributed=True, skip_count_only=True)
         evaluator.reset()
         diagnostics = CCGRStageDiagnostics()
         by_id = {d["image_id"]: d for d in self.dicts}
@@ -476,9 +477,11 @@ class CCGRRounds:
             pseudo[inp["image_id"]] = pseudo_label_annotations(
                 by_id[inp["image_id"]], out["instances"], category_ids
             )
-            diagnostics.process(by_id[inp["image_id"]] if self.has_gt_masks else {
-                "height": inp["height"], "width": inp["width"]}, out)
-            if self.has_gt_masks:
+            record = by_id[inp["image_id"]]
+            if not self.has_gt_masks:
+                diagnostics.process({"height": inp["height"], "width": inp["width"]}, out)
+            elif not is_count_only(record):
+                diagnostics.process(record, out)
                 evaluator.process([inp], [out])
         # collectives, on every rank in this order: the pseudo labels, the diagnostics, the AP
         with serial_part(self._serial):

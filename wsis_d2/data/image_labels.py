@@ -15,8 +15,13 @@ __all__ = [
     "class_counts_of",
     "filter_images_without_objects",
     "image_labels_of",
+    "is_count_only",
+    "present_classes",
     "num_classes_of",
 ]
+
+# the largest object count accepted per (image, class)
+MAX_COUNT = 2**31 - 1
 
 
 def class_counts_of(dataset_dict: Dict, num_classes: int) -> np.ndarray:
@@ -66,9 +71,12 @@ def class_counts_of(dataset_dict: Dict, num_classes: int) -> np.ndarray:
             f"{file_name}: 'class_counts' has {raw.shape[0]} entries but the dataset has "
             f"{num_classes} classes"
         )
-    if raw.dtype.kind not in "iuf" or (raw < 0).any() or (raw != np.round(raw)).any():
+    if (
+        raw.dtype.kind not in "iuf" or (raw < 0).any() or (raw != np.round(raw)).any()
+        or (raw > MAX_COUNT).any()  # beyond it int64 wraps; no image holds that many
+    ):
         raise ValueError(
-            f"{file_name}: 'class_counts' must hold non-negative integers, got {raw.tolist()}"
+            f"{file_name}: 'class_counts' must hold integers in 0..{MAX_COUNT}, got {raw.tolist()}"
         )
     counts = raw.astype(np.int64)
     if from_annotations is not None and len(dataset_dict["annotations"]) > 0:
@@ -122,15 +130,37 @@ def num_classes_of(dataset_names: Sequence[str]) -> Optional[int]:
     return next(iter(found.values()), None)
 
 
-def filter_images_without_objects(dataset_dicts: List[Dict]) -> List[Dict]:
+def is_count_only(dataset_dict: Dict) -> bool:
+    """True for an image whose objects are counted (positive ``class_counts``) but not annotated:
+    it is neither a negative example nor scoreable by mAP."""
+    return not dataset_dict.get("annotations") and bool(
+        np.sum(dataset_dict.get("class_counts", 0)) > 0
+    )
+
+
+def present_classes(dataset_dict: Dict) -> List[int]:
+    """The contiguous ids of the classes an image shows: its non-crowd annotations', positive
+    ``class_counts`` and ``image_labels``."""
+    annotations = dataset_dict.get("annotations", ())
+    found = {int(a["category_id"]) for a in annotations if not a.get("iscrowd", 0)}
+    found.update(int(c) for c in np.nonzero(np.asarray(dataset_dict.get("class_counts", [])))[0])
+    found.update(int(c) for c in dataset_dict.get("image_labels", ()))
+    return sorted(found)
+
+
+def filter_images_without_objects(
+    dataset_dicts: List[Dict], labels_suffice: bool = False
+) -> List[Dict]:
     """
-    detectron2's ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` for models trained on counts (LC, CCGR's
-    image-level stages): drop the images without a non-crowd annotation, as detectron2 does, but
-    keep those with a positive ``class_counts`` (count-only images, whose objects have no
-    annotations), which detectron2's filter would drop.
+    detectron2's ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` for models trained on image-level targets
+    (LC, CCGR): drop the images without a non-crowd annotation, as detectron2 does, but keep those
+    with a positive ``class_counts`` (count-only images, whose objects have no annotations) and,
+    with ``labels_suffice`` (models that read image-level labels alone), those with
+    ``image_labels``.
 
     Args:
         dataset_dicts: dicts of the shared convention.
+        labels_suffice: also keep an image that only has ``image_labels``.
 
     Returns:
         the kept dicts, in order.
@@ -138,12 +168,15 @@ def filter_images_without_objects(dataset_dicts: List[Dict]) -> List[Dict]:
     def has_objects(d: Dict) -> bool:
         if any(not a.get("iscrowd", 0) for a in d.get("annotations", ())):
             return True
+        if labels_suffice and len(d.get("image_labels", ())) > 0:
+            return True
         return bool(np.sum(d.get("class_counts", 0)) > 0)
 
     kept = [d for d in dataset_dicts if has_objects(d)]
     if len(kept) < len(dataset_dicts):
         logging.getLogger(__name__).info(
             f"Removed {len(dataset_dicts) - len(kept)} images without objects (neither a "
-            "non-crowd annotation nor a positive class count)."
+            "non-crowd annotation nor a positive class count"
+            + (" nor image labels)." if labels_suffice else ").")
         )
     return kept

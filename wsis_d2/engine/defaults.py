@@ -8,6 +8,7 @@ the benchmarks all train with it.
 
 import logging
 import weakref
+from typing import Dict
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -20,15 +21,78 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
+from detectron2.data.samplers import RepeatFactorTrainingSampler
 
-from ..data.image_labels import filter_images_without_objects
+from ..data.image_labels import filter_images_without_objects, is_count_only, present_classes
 from ..data.mapper_registry import build_dataset_mapper
 from ..solver import build_optimizer
 from .evaluators import build_evaluator
 from .hooks import build_method_hooks
 from .train_loop import build_train_loop
 
-__all__ = ["WSISTrainer"]
+__all__ = ["WSISTrainer", "train_data"]
+
+logger = logging.getLogger(__name__)
+
+
+def train_data(cfg, reads_counts: bool, labels_suffice: bool = False) -> Dict:
+    """
+    The training images of ``DATASETS.TRAIN`` and their sampler, as detectron2 builds them, with
+    count-only images (objects counted, not annotated; :func:`is_count_only`) handled by model:
+
+    - models trained on image-level targets (``reads_counts``: LC, CCGR) train on them:
+      ``FILTER_EMPTY_ANNOTATIONS`` keeps an image with a positive count (or, with
+      ``labels_suffice``, image labels), and ``RepeatFactorTrainingSampler`` takes an image's
+      classes from its counts and labels too;
+    - the others (Mask R-CNN) would learn them as background: they are dropped, with a warning.
+
+    Returns:
+        {"dataset": list of dicts, "sampler": a sampler or None (detectron2's choice)}.
+    """
+    names = cfg.DATASETS.TRAIN
+    dataset = get_detection_dataset_dicts(
+        names,
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and not reads_counts,
+        min_keypoints=(
+            cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
+        ),
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+    )
+    count_only = sum(is_count_only(d) for d in dataset)
+    if reads_counts and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+        dataset = filter_images_without_objects(dataset, labels_suffice)
+    elif not reads_counts and count_only:
+        logger.warning(
+            f"DATASETS.TRAIN {tuple(names)}: {count_only} images have counted objects without "
+            "annotations; this model would learn them as background, so they are left out"
+        )
+        dataset = [d for d in dataset if not is_count_only(d)]
+    if not dataset:
+        raise ValueError(
+            f"DATASETS.TRAIN {tuple(names)}: no training image left (none with objects, see "
+            "DATALOADER.FILTER_EMPTY_ANNOTATIONS)"
+        )
+    sampler = None
+    name = cfg.DATALOADER.SAMPLER_TRAIN
+    if reads_counts and name == "RepeatFactorTrainingSampler":
+        # detectron2's factors from each image's classes, counted and labelled ones included
+        proxies = [{"annotations": [{"category_id": c} for c in present_classes(d)]}
+                   for d in dataset]  # fmt: skip
+        sqrt = {"sqrt": cfg.DATALOADER.REPEAT_SQRT} if "REPEAT_SQRT" in cfg.DATALOADER else {}
+        sampler = RepeatFactorTrainingSampler(
+            RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+                proxies, cfg.DATALOADER.REPEAT_THRESHOLD, **sqrt
+            )
+        )
+    elif reads_counts and count_only and name not in (
+        "TrainingSampler", "RandomSubsetTrainingSampler"
+    ):
+        raise ValueError(
+            f"DATALOADER.SAMPLER_TRAIN {name!r} reads classes from annotations only, and "
+            f"DATASETS.TRAIN has {count_only} count-only images: use TrainingSampler or "
+            "RepeatFactorTrainingSampler"
+        )
+    return {"dataset": dataset, "sampler": sampler}
 
 
 class WSISTrainer(DefaultTrainer):
@@ -101,15 +165,10 @@ class WSISTrainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         mapper = build_dataset_mapper(cfg, is_train=True)
-        dataset = None
-        if getattr(mapper, "reads_counts", False) and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
-            # detectron2's filter would drop count-only images: for these models they are examples
-            proposals = cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None
-            dataset = get_detection_dataset_dicts(
-                cfg.DATASETS.TRAIN, filter_empty=False, proposal_files=proposals
-            )
-            dataset = filter_images_without_objects(dataset)
-        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
+        reads_counts = getattr(mapper, "reads_counts", False)
+        labels_suffice = getattr(mapper, "labels_suffice", False)
+        data = train_data(cfg, reads_counts, labels_suffice)
+        return build_detection_train_loader(cfg, mapper=mapper, **data)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -2,10 +2,11 @@
 
 import os
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluators, PascalVOCDetectionEvaluator
 
 from ..data.datasets import thing_classes_of
+from ..data.image_labels import is_count_only
 from ..evaluation import CountingEvaluator, DensityEvaluator, FastCOCOEvaluator, InstanceAPEvaluator
 
 __all__ = ["build_evaluator"]
@@ -34,6 +35,15 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
     ):
         baseline = None
     if evaluator_type == "wsis_instance":
+        # now, not after a whole training's first evaluation: mAP needs every object's mask
+        count_only = [d.get("file_name", "?") for d in DatasetCatalog.get(dataset_name)
+                      if is_count_only(d)]  # fmt: skip
+        if count_only:
+            raise ValueError(
+                f"dataset {dataset_name!r}: {len(count_only)} images (e.g. {count_only[0]}) "
+                "have counted objects without annotations, which mAP cannot score; register it "
+                "with metadata evaluator_type 'counting' to score counts alone"
+            )
         # image-level-supervised models add counts; mask models are scored by both protocols
         evaluators.append(InstanceAPEvaluator(dataset_name, output_dir=output_folder))
         evaluators.append(

@@ -34,6 +34,7 @@ from detectron2.utils.logger import create_small_table
 
 from ..utils.checks import check_array, check_finite, check_number
 from ..data.datasets.metadata import thing_classes_of
+from ..data.image_labels import is_count_only
 from .gather import gather_predictions
 
 __all__ = [
@@ -233,12 +234,16 @@ def _rle_from_annotation(segm, height: int, width: int, where: str) -> dict:
     return rle
 
 
-def load_instance_ground_truth(dataset_name: str) -> Dict[object, dict]:
+def load_instance_ground_truth(
+    dataset_name: str, skip_count_only: bool = False
+) -> Dict[object, dict]:
     """
     Read the GT instances of a registered dataset (shared dataset-dict convention).
 
     Args:
         dataset_name: a name registered in DatasetCatalog whose metadata has ``thing_classes``.
+        skip_count_only: leave out the images whose objects are counted but not annotated
+            (:func:`wsis_d2.data.image_labels.is_count_only`) instead of raising ValueError.
 
     Returns:
         {image_id: {"file_name", "height", "width", "index" (position in the dataset),
@@ -267,6 +272,8 @@ def load_instance_ground_truth(dataset_name: str) -> Dict[object, dict]:
             rles.append(_rle_from_annotation(ann["segmentation"], height, width, ann_where))
             crowd.append(bool(ann.get("iscrowd", 0)))
         counted = int(np.sum(record.get("class_counts", 0)))
+        if skip_count_only and is_count_only(record):
+            continue
         if counted > len(crowd) - sum(crowd):
             # count-only image (e.g. a COCO image's "image_counts"): its objects would score as
             # false positives
@@ -310,6 +317,7 @@ class InstanceAPEvaluator(DatasetEvaluator):
         iou_thresholds: Sequence[float] = (0.25, 0.5, 0.75),
         *,
         box_iou_thresholds: Sequence[float] = (0.5,),
+        skip_count_only: bool = False,
     ):
         """
         Args:
@@ -318,6 +326,8 @@ class InstanceAPEvaluator(DatasetEvaluator):
             output_dir: if given, per-class APs are written to ``output_dir/instance_ap.json``.
             iou_thresholds: mask IoU thresholds of mAP^r.
             box_iou_thresholds: box IoU thresholds of mAP^b.
+            skip_count_only: the dataset's count-only images are not scored (their inputs must
+                not be processed); otherwise such an image is an error.
         """
         for t in list(iou_thresholds) + list(box_iou_thresholds):
             if not 0.0 < float(t) <= 1.0:
@@ -327,6 +337,7 @@ class InstanceAPEvaluator(DatasetEvaluator):
         self._output_dir = output_dir
         self._mask_thresholds = tuple(float(t) for t in iou_thresholds)
         self._box_thresholds = tuple(float(t) for t in box_iou_thresholds)
+        self._skip_count_only = bool(skip_count_only)
         self._class_names = thing_classes_of(dataset_name)
         self._gt = None  # loaded lazily, on the main process only
         self.reset()
@@ -409,7 +420,7 @@ class InstanceAPEvaluator(DatasetEvaluator):
             logger.warning("InstanceAPEvaluator: no predictions were processed.")
             return {}
         if self._gt is None:
-            self._gt = load_instance_ground_truth(self._dataset_name)
+            self._gt = load_instance_ground_truth(self._dataset_name, self._skip_count_only)
         ap_table, num_gt = self._compute_ap(predictions)
         results = self._summarize(ap_table)
         if self._output_dir:

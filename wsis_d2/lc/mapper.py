@@ -82,7 +82,7 @@ class LCDatasetMapper:
     supervision never states exactly.
     """
 
-    # targets from class counts / image labels: WSISTrainer keeps count-only images
+    # image-level targets (counts / labels): WSISTrainer trains on count-only images too
     reads_counts = True
 
     @configurable
@@ -173,6 +173,11 @@ class LCDatasetMapper:
                 else ""
             )
         )
+
+    @property
+    def labels_suffice(self) -> bool:
+        """Whether an image with image labels and no counts is a training example."""
+        return self.image_labels_only and self.mosaic_prob == 0
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import _get_coco_instances_meta
 
+from ..image_labels import is_count_only
 from .coco_counts import load_coco_counts_json
 from .voc_counting import VOC_CLASSES
 
@@ -78,7 +79,7 @@ _PREDEFINED_SPLITS_COCO_COUNTING: Dict[str, Tuple[Tuple[str, str], Optional[str]
 def coco_half_split(dicts: Sequence[Dict], half: str) -> List[Dict]:
     """
     One half of a COCO split for counting: the images with at least one annotation (crowd ones
-    included), sorted by image id; "val" = the first ``n // 2``, "test" = the others.
+    included) or, without annotations, a positive count (``image_counts``), sorted by image id; "val" = the first ``n // 2``, "test" = the others.
 
     Args:
         dicts: dataset dicts with "image_id" and "annotations".
@@ -89,7 +90,9 @@ def coco_half_split(dicts: Sequence[Dict], half: str) -> List[Dict]:
     """
     if half not in ("val", "test"):
         raise ValueError(f"coco_half_split: half must be 'val' or 'test', got {half!r}")
-    pool = sorted((d for d in dicts if d.get("annotations")), key=lambda d: d["image_id"])
+    pool = sorted(
+        (d for d in dicts if d.get("annotations") or is_count_only(d)), key=lambda d: d["image_id"]
+    )
     k = len(pool) // 2
     return pool[:k] if half == "val" else pool[k:]
 
@@ -97,7 +100,8 @@ def coco_half_split(dicts: Sequence[Dict], half: str) -> List[Dict]:
 def restrict_to_voc(dicts: List[Dict], coco_classes: Sequence[str]) -> List[Dict]:
     """
     COCO-VOC: keep the annotations of the 20 VOC classes (:data:`COCO_TO_VOC`), renumbered to
-    VOC order (:data:`VOC_CLASSES`), and recount ``class_counts`` (non-crowd). Modifies and
+    VOC order (:data:`VOC_CLASSES`), and recount ``class_counts`` (non-crowd; a count-only image's
+    counts are mapped). Modifies and
     returns ``dicts``; every image is kept.
 
     Args:
@@ -113,6 +117,10 @@ def restrict_to_voc(dicts: List[Dict], coco_classes: Sequence[str]) -> List[Dict
     for d in dicts:
         annotations = []
         counts = [0] * len(VOC_CLASSES)
+        if is_count_only(d):  # no annotations to recount: map the counts themselves
+            for i, n in enumerate(d["class_counts"]):
+                if i in to_voc:
+                    counts[to_voc[i]] += int(n)
         for a in d.get("annotations", []):
             if a["category_id"] not in to_voc:
                 continue

@@ -29,6 +29,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
+from ..image_labels import MAX_COUNT
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -338,18 +340,18 @@ def _image_counts(
         )
     given = [0] * len(counts)
     for key, value in raw.items():
-        try:
+        cat = key if _is_int(key) else None
+        if isinstance(key, str) and key.isdigit() and str(int(key)) == key:  # "7", not "07"
             cat = int(key)
-        except (TypeError, ValueError):
-            cat = None
-        if cat is None or str(cat) != str(key).strip():
+        if cat is None:
             chk.fail(where, f"field 'image_counts' has key {key!r}, expected a category id")
         if cat not in cat_to_contiguous:
             chk.fail(where, f"field 'image_counts' holds unknown category id {cat}")
-        if not (_is_number(value) and value >= 0 and value == int(value)):
+        if not (_is_number(value) and 0 <= value <= MAX_COUNT and value == int(value)):
             chk.fail(
                 where,
-                f"field 'image_counts' of category {cat} must be a count >= 0, got {value!r:.80}",
+                f"field 'image_counts' of category {cat} must be a count in 0..{MAX_COUNT}, got "
+                f"{value!r:.80}",
             )
         given[cat_to_contiguous[cat]] = int(value)
     if anns:
@@ -432,14 +434,14 @@ def load_coco_counts_json(
 
     num_classes = len(cat_ids)
     dataset_dicts = []
-    for iid, img in images.items():
+    for position, (iid, img) in enumerate(images.items()):
+        where = f"images[{position}] (id={iid!r})"
         anns = per_image[iid]
         counts = [0] * num_classes
         for a in anns:
             if not a["iscrowd"]:
                 counts[a["category_id"]] += 1
         if "image_counts" in img:
-            where = f"images[{list(images).index(iid)}] (id={iid!r})"
             counts = _image_counts(img["image_counts"], counts, anns, cat_to_contiguous, chk, where)
         record = {
             "file_name": os.path.join(image_root, img["file_name"]),
@@ -450,7 +452,6 @@ def load_coco_counts_json(
             "class_counts": counts,
         }
         if "image_labels" in img:
-            where = f"images[{list(images).index(iid)}] (id={iid!r})"
             labels = img["image_labels"]
             if not isinstance(labels, list) or not all(_is_int(c) for c in labels):
                 chk.fail(
@@ -461,6 +462,13 @@ def load_coco_counts_json(
             if unknown:
                 chk.fail(where, f"field 'image_labels' holds unknown category ids {unknown}")
             record["image_labels"] = sorted({cat_to_contiguous[c] for c in labels})
+            # a labelled class absent from image_counts is present but uncounted; counted 0, wrong
+            given = img.get("image_counts") or {}
+            zero = [c for c in labels if given.get(str(c), given.get(c)) == 0]
+            if zero:
+                chk.fail(
+                    where, f"'image_labels' names categories {zero} that 'image_counts' count 0"
+                )
         dataset_dicts.append(record)
     logger.info(
         f"Loaded {len(dataset_dicts)} images and {len(data['annotations'])} annotations "
