@@ -474,10 +474,8 @@ class CCGRRounds:
         pseudo = {}
         for inp, out in run_ccgr_inference(model, loader):
             # RLE annotations, not (H, W) masks: what is kept and sent to the main process
-            pseudo[inp["image_id"]] = pseudo_label_annotations(
-                by_id[inp["image_id"]], out["instances"], category_ids
-            )
             record = by_id[inp["image_id"]]
+            pseudo[inp["image_id"]] = pseudo_label_annotations(record, out["instances"], category_ids)
             if not self.has_gt_masks:
                 diagnostics.process({"height": inp["height"], "width": inp["width"]}, out)
             elif not is_count_only(record):

@@ -16,7 +16,6 @@ __all__ = [
     "filter_images_without_objects",
     "image_labels_of",
     "is_count_only",
-    "present_classes",
     "num_classes_of",
 ]
 
@@ -136,16 +135,6 @@ def is_count_only(dataset_dict: Dict) -> bool:
     return not dataset_dict.get("annotations") and bool(
         np.sum(dataset_dict.get("class_counts", 0)) > 0
     )
-
-
-def present_classes(dataset_dict: Dict) -> List[int]:
-    """The contiguous ids of the classes an image shows: its non-crowd annotations', positive
-    ``class_counts`` and ``image_labels``."""
-    annotations = dataset_dict.get("annotations", ())
-    found = {int(a["category_id"]) for a in annotations if not a.get("iscrowd", 0)}
-    found.update(int(c) for c in np.nonzero(np.asarray(dataset_dict.get("class_counts", [])))[0])
-    found.update(int(c) for c in dataset_dict.get("image_labels", ()))
-    return sorted(found)
 
 
 def filter_images_without_objects(

@@ -8,7 +8,9 @@ the benchmarks all train with it.
 
 import logging
 import weakref
-from typing import Dict
+from typing import Dict, Optional
+
+import numpy as np
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -23,7 +25,12 @@ from detectron2.data import (
 )
 from detectron2.data.samplers import RepeatFactorTrainingSampler
 
-from ..data.image_labels import filter_images_without_objects, is_count_only, present_classes
+from ..data.image_labels import (
+    filter_images_without_objects,
+    image_labels_of,
+    is_count_only,
+    num_classes_of,
+)
 from ..data.mapper_registry import build_dataset_mapper
 from ..solver import build_optimizer
 from .evaluators import build_evaluator
@@ -35,7 +42,9 @@ __all__ = ["WSISTrainer", "train_data"]
 logger = logging.getLogger(__name__)
 
 
-def train_data(cfg, reads_counts: bool, labels_suffice: bool = False) -> Dict:
+def train_data(
+    cfg, reads_counts: bool, labels_suffice: bool = False, num_classes: Optional[int] = None
+) -> Dict:
     """
     The training images of ``DATASETS.TRAIN`` and their sampler, as detectron2 builds them, with
     count-only images (objects counted, not annotated; :func:`is_count_only`) handled by model:
@@ -45,6 +54,9 @@ def train_data(cfg, reads_counts: bool, labels_suffice: bool = False) -> Dict:
       ``labels_suffice``, image labels), and ``RepeatFactorTrainingSampler`` takes an image's
       classes from its counts and labels too;
     - the others (Mask R-CNN) would learn them as background: they are dropped, with a warning.
+
+    Args:
+        num_classes: C of the image-level targets (default: the datasets' ``thing_classes``).
 
     Returns:
         {"dataset": list of dicts, "sampler": a sampler or None (detectron2's choice)}.
@@ -76,8 +88,11 @@ def train_data(cfg, reads_counts: bool, labels_suffice: bool = False) -> Dict:
     name = cfg.DATALOADER.SAMPLER_TRAIN
     if reads_counts and name == "RepeatFactorTrainingSampler":
         # detectron2's factors from each image's classes, counted and labelled ones included
-        proxies = [{"annotations": [{"category_id": c} for c in present_classes(d)]}
-                   for d in dataset]  # fmt: skip
+        num_classes = num_classes or num_classes_of(names)
+        proxies = [
+            {"annotations": [{"category_id": int(c)} for c in np.flatnonzero(labels)]}
+            for labels in (image_labels_of(d, num_classes) for d in dataset)
+        ]
         sqrt = {"sqrt": cfg.DATALOADER.REPEAT_SQRT} if "REPEAT_SQRT" in cfg.DATALOADER else {}
         sampler = RepeatFactorTrainingSampler(
             RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
@@ -167,7 +182,7 @@ class WSISTrainer(DefaultTrainer):
         mapper = build_dataset_mapper(cfg, is_train=True)
         reads_counts = getattr(mapper, "reads_counts", False)
         labels_suffice = getattr(mapper, "labels_suffice", False)
-        data = train_data(cfg, reads_counts, labels_suffice)
+        data = train_data(cfg, reads_counts, labels_suffice, getattr(mapper, "num_classes", None))
         return build_detection_train_loader(cfg, mapper=mapper, **data)
 
     @classmethod

@@ -79,7 +79,8 @@ _PREDEFINED_SPLITS_COCO_COUNTING: Dict[str, Tuple[Tuple[str, str], Optional[str]
 def coco_half_split(dicts: Sequence[Dict], half: str) -> List[Dict]:
     """
     One half of a COCO split for counting: the images with at least one annotation (crowd ones
-    included) or, without annotations, a positive count (``image_counts``), sorted by image id; "val" = the first ``n // 2``, "test" = the others.
+    included) or, without annotations, a positive count (``image_counts``), sorted by image id;
+    "val" = the first ``n // 2``, "test" = the others.
 
     Args:
         dicts: dataset dicts with "image_id" and "annotations".
