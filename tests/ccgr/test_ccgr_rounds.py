@@ -140,6 +140,19 @@ class TestCCGRRounds(unittest.TestCase):
                 self.assertIn(key, m)
             self.assertGreater(m["diag_bags_per_image"], 0)
         self.assertGreater(metrics[2]["seed_boxes_per_image"], 0)
+        self.assertEqual(metrics[2]["positives_seeded_below_threshold"], 0)
+        # round 2's cues again at a threshold no box reaches: no present class is seeded, but
+        # with IS_SEED_EVERY_CLASS each keeps its best box (of the IS branch's 10 per image)
+        for every in (False, True):
+            folder = os.path.join(self.tmp.name, f"cues_every_class_{every}")
+            os.makedirs(folder)
+            high = CCGRRounds(_cfg(out, ["MODEL.CCGR.ROUNDS.IS_SCORE_THRESHOLD", "1.01",
+                                         "MODEL.CCGR.ROUNDS.IS_SEED_EVERY_CLASS", str(every)]))
+            m = high._seed_cues(2, folder)
+            below, without = m["positives_seeded_below_threshold"], m["positives_without_seed"]
+            self.assertAlmostEqual(below + without, 1.0)
+            self.assertEqual(below > 0, every, m)
+            self.assertEqual(m["seed_boxes_per_image"] > 0, every, m)
         self.assertGreater(metrics[1]["peaks_per_image"], 0)
         with open(os.path.join(out, "rounds.json")) as f:
             self.assertEqual(sorted(json.load(f)), ["1", "2"])
@@ -366,6 +379,35 @@ class TestCCGRRounds(unittest.TestCase):
         self.assertEqual(int(sem[12, 20]), 2)
         self.assertEqual(int(sem[7, 7]), 255)  # both classes
         self.assertEqual(int(sem[18, 28]), 3)  # background
+
+    def test_seed_every_class(self):
+        # class 0: two boxes below the threshold (0.3 best); class 1: one above (0.8) and one
+        # below (0.1); class 2 present without any box; class 3 absent (0.05)
+        inst = Instances((40, 40))
+        inst.pred_boxes = Boxes(torch.tensor([
+            [0.0, 0, 10, 10], [20, 20, 30, 30], [5, 5, 15, 15], [25, 0, 35, 10], [0, 30, 8, 38]
+        ]))
+        inst.scores = torch.tensor([0.1, 0.3, 0.8, 0.1, 0.05])
+        inst.pred_classes = torch.tensor([0, 0, 1, 1, 3])
+        masks = torch.zeros(5, 40, 40, dtype=torch.bool)
+        masks[1, 20:30, 20:30] = True
+        masks[2, 5:15, 5:15] = True
+        inst.pred_masks = masks
+        labels = torch.tensor([1, 1, 1, 0])
+        _, sem, seeds = seed_cues_from_instances(inst, labels, 4, 0.5)
+        self.assertEqual(seeds[:, 0].tolist(), [1])
+        self.assertEqual(int(sem[25, 25]), 4)
+        peaks, sem, seeds = seed_cues_from_instances(inst, labels, 4, 0.5, every_class=True)
+        # class 0 keeps its best box only, class 1 its box above the threshold only
+        self.assertEqual(sorted(seeds[:, [0, 5]].tolist()),
+                         [[0.0, 0.30000001192092896], [1.0, 0.800000011920929]])
+        self.assertEqual(peaks[:, :3].tolist(), [[0, 25, 25], [1, 10, 10]])
+        self.assertEqual(int(sem[25, 25]), 0)  # its mask labels the class
+        self.assertEqual(int(sem[10, 10]), 1)
+        # nothing above the threshold, no box of a present class: both unchanged
+        none = seed_cues_from_instances(inst[[4]], labels, 4, 0.5, every_class=True)
+        self.assertEqual(len(none[2]), 0)
+        self.assertEqual(len(seed_cues_from_instances(inst[:0], labels, 4, 0.5, True, True)[2]), 0)
 
     def test_seed_centre_nms(self):
         # class 0: a whole object (0.7) with two parts, one better scored (0.9) and one worse

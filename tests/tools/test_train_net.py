@@ -141,6 +141,27 @@ class TestTrainNet(unittest.TestCase):
         try:
             with self.assertRaisesRegex(ValueError, "c.jpg.*evaluator_type 'counting'"):
                 WSISTrainer.build_evaluator(cfg, name)
+            # the check loads a split once per registration, not at every evaluation; the
+            # same name registered again is checked again
+            loads = []
+            val = [dict(d) for d in DatasetCatalog.get("wsis_synth_mini_val")]
+            no_coco = cfg.clone()
+            no_coco.defrost()
+            no_coco.TEST.WSIS_COCO_EVAL = False  # its evaluator converts the split once more
+            DatasetCatalog.remove(name)
+            DatasetCatalog.register(name, lambda: loads.append(1) or [dict(d) for d in val])
+            for _ in range(3):
+                WSISTrainer.build_evaluator(no_coco, name)
+            self.assertEqual(len(loads), 1)
+            DatasetCatalog.remove(name)
+            DatasetCatalog.register(name, lambda: loads.append(1) or [dict(val[0], annotations=[])])
+            with self.assertRaisesRegex(ValueError, "1 images"):
+                WSISTrainer.build_evaluator(no_coco, name)
+            self.assertEqual(len(loads), 2)
+            DatasetCatalog.remove(name)
+            DatasetCatalog.register(name, lambda: [{"file_name": "c.jpg", "image_id": 0, "height": 8,
+                                                   "width": 8, "annotations": [],
+                                                   "class_counts": [2] + [0] * 7}])
             MetadataCatalog.remove(name)
             MetadataCatalog.get(name).set(evaluator_type="counting", thing_classes=list("abcdefgh"))
             self.assertIsInstance(WSISTrainer.build_evaluator(cfg, name), CountingEvaluator)

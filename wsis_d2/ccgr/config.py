@@ -127,6 +127,11 @@ def add_ccgr_config(cfg):
     # (one seed per object, as PEAK_PROMINENCE gives round 1; parts of an object otherwise stay
     # separate bags and bar each other's boxes from growing). False: every box seeds (the paper)
     _C.MODEL.CCGR.ROUNDS.IS_SEED_CENTRE_NMS = False
+    # rounds k >= 2: a present class none of whose IS boxes reaches IS_SCORE_THRESHOLD keeps its
+    # best box as seed (OICR's top box per present class); otherwise its objects become
+    # background in round k's labels, and a weak IS branch leaves whole classes unseeded.
+    # False: only boxes above the threshold (the paper)
+    _C.MODEL.CCGR.ROUNDS.IS_SEED_EVERY_CLASS = False
     # rounds k >= 2: fine-tune the MIL + SS model of round k - 1 for FINETUNE_FRACTION of its
     # schedule (True), or train it again from MODEL.WEIGHTS (False)
     _C.MODEL.CCGR.ROUNDS.FINETUNE = True

@@ -110,6 +110,7 @@ def seed_cues_from_instances(
     num_classes: int,
     score_threshold: float,
     centre_nms: bool = False,
+    every_class: bool = False,
 ):
     """
     The cues of round k + 1 of one image from the IS branch's predictions of round k.
@@ -122,6 +123,10 @@ def seed_cues_from_instances(
         score_threshold: boxes scoring less are dropped.
         centre_nms: also drop a box whose centre lies in a better-scored kept box of its class
             (:func:`suppress_contained_centres`); its mask still joins the semantic labels.
+        every_class: a present class none of whose boxes reaches ``score_threshold`` keeps its
+            best-scored box (and mask) all the same, as OICR takes the top proposal of each
+            present class: the image label says the object is there, and without a seed it
+            would be background in both branches' labels.
 
     Returns:
         peaks (P, 4) rows (class, x, y, score): the kept boxes' centres;
@@ -133,6 +138,11 @@ def seed_cues_from_instances(
     height, width = inst.image_size
     present = torch.as_tensor(labels).reshape(-1).cpu() > 0.5
     keep = (inst.scores >= score_threshold) & present[inst.pred_classes]
+    if every_class and len(inst) > 0:
+        for c in torch.nonzero(present[: num_classes]).flatten().tolist():
+            of_c = inst.pred_classes == c
+            if of_c.any() and not (keep & of_c).any():
+                keep[torch.argmax(torch.where(of_c, inst.scores, -torch.inf))] = True
     inst = inst[keep]
     seeds_of = inst
     if centre_nms and len(inst) > 0:
@@ -576,6 +586,11 @@ class CCGRRounds:
         """Round k's cues from the IS branch of round k − 1."""
         cfg = self._is_cfg(k - 1)
         cfg.DATASETS.TEST = (self.train_set,)
+        threshold = self.cfg.MODEL.CCGR.ROUNDS.IS_SCORE_THRESHOLD
+        every_class = self.cfg.MODEL.CCGR.ROUNDS.IS_SEED_EVERY_CLASS
+        if every_class:
+            # every box the IS branch has for a class, so that a present one keeps its best
+            cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
         model, loader = self._trained(cfg, self.train_set)
         by_id = {d["image_id"]: d for d in self.dicts}
         cues, seeds = {}, {}
@@ -588,8 +603,9 @@ class CCGRRounds:
                         out["instances"],
                         labels,
                         self.num_classes,
-                        self.cfg.MODEL.CCGR.ROUNDS.IS_SCORE_THRESHOLD,
+                        threshold,
                         centre_nms=self.cfg.MODEL.CCGR.ROUNDS.IS_SEED_CENTRE_NMS,
+                        every_class=every_class,
                     )
                     cues[inp["image_id"]] = (peaks, encode_label_map(sem))
                     seeds[inp["image_id"]] = sb
@@ -598,9 +614,22 @@ class CCGRRounds:
             path = os.path.join(folder, "cues.pkl")
             write_cues(path, cues, self.num_classes, seed_boxes=seeds)
             n = sum(len(s) for s in seeds.values())
+            positives = positive_pairs(self._labels)
+            # (image, present class) pairs seeded only below the threshold (IS_SEED_EVERY_CLASS)
+            # and not at all: the image labels' objects that round k cannot find
+            below = unseeded = 0
+            for image_id, s in seeds.items():
+                labels = image_labels_of(by_id[image_id], self.num_classes)
+                for c in range(self.num_classes):
+                    if labels[c] > 0.5:
+                        scores = s[s[:, 0] == c, 5]
+                        unseeded += len(scores) == 0
+                        below += len(scores) > 0 and bool((scores < threshold).all())
             return {
                 "seed_boxes_per_image": n / max(1, len(seeds)),
-                "health_seeds_per_positive": n / max(1, positive_pairs(self._labels)),
+                "positives_seeded_below_threshold": below / max(1, positives),
+                "positives_without_seed": unseeded / max(1, positives),
+                "health_seeds_per_positive": n / max(1, positives),
             }
 
         with serial_part(self._serial):

@@ -11,6 +11,22 @@ from ..evaluation import CountingEvaluator, DensityEvaluator, FastCOCOEvaluator,
 
 __all__ = ["build_evaluator"]
 
+# dataset name -> (its registered loader, its count-only images): the check loads the split, so it
+# runs once per registration rather than at every evaluation of a training
+_COUNT_ONLY = {}
+
+
+def _count_only_images(dataset_name: str):
+    """File names of the images of ``dataset_name`` with counted objects and no annotations."""
+    loader = DatasetCatalog[dataset_name] if dataset_name in DatasetCatalog else None
+    cached = _COUNT_ONLY.get(dataset_name)
+    if loader is None or cached is None or cached[0] is not loader:
+        dicts = DatasetCatalog.get(dataset_name)  # names the registered datasets if unknown
+        cached = _COUNT_ONLY[dataset_name] = (
+            loader, [d.get("file_name", "?") for d in dicts if is_count_only(d)]
+        )
+    return cached[1]
+
 
 def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
     """
@@ -36,8 +52,7 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
         baseline = None
     if evaluator_type == "wsis_instance":
         # now, not after a whole training's first evaluation: mAP needs every object's mask
-        count_only = [d.get("file_name", "?") for d in DatasetCatalog.get(dataset_name)
-                      if is_count_only(d)]  # fmt: skip
+        count_only = _count_only_images(dataset_name)
         if count_only:
             raise ValueError(
                 f"dataset {dataset_name!r}: {len(count_only)} images (e.g. {count_only[0]}) "
