@@ -142,13 +142,17 @@ class TestCCGRRounds(unittest.TestCase):
         self.assertGreater(metrics[2]["seed_boxes_per_image"], 0)
         self.assertEqual(metrics[2]["positives_seeded_below_threshold"], 0)
         # round 2's cues again at a threshold no box reaches: no present class is seeded, but
-        # with IS_SEED_EVERY_CLASS each keeps its best box (of the IS branch's 10 per image)
+        # with IS_SEED_EVERY_CLASS each keeps its best box (of the IS branch's 10 per image),
+        # also where the IS config's own test threshold would drop it
         for every in (False, True):
             folder = os.path.join(self.tmp.name, f"cues_every_class_{every}")
             os.makedirs(folder)
-            high = CCGRRounds(_cfg(out, ["MODEL.CCGR.ROUNDS.IS_SCORE_THRESHOLD", "1.01",
-                                         "MODEL.CCGR.ROUNDS.IS_SEED_EVERY_CLASS", str(every)]))
-            m = high._seed_cues(2, folder)
+            high = _cfg(out, ["MODEL.CCGR.ROUNDS.IS_SCORE_THRESHOLD", "1.01",
+                              "MODEL.CCGR.ROUNDS.IS_SEED_EVERY_CLASS", str(every)])
+            is_opts = list(high.MODEL.CCGR.ROUNDS.IS_OPTS)
+            is_opts[is_opts.index("MODEL.ROI_HEADS.SCORE_THRESH_TEST") + 1] = "0.99"
+            high.MODEL.CCGR.ROUNDS.IS_OPTS = is_opts
+            m = CCGRRounds(high)._seed_cues(2, folder)
             below, without = m["positives_seeded_below_threshold"], m["positives_without_seed"]
             self.assertAlmostEqual(below + without, 1.0)
             self.assertEqual(below > 0, every, m)
