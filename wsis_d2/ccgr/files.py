@@ -258,6 +258,8 @@ def check_pseudo_label_json(
             f"{label}{where} holds no pseudo instance for any of its {len(images)} images, so "
             "there is nothing to train the IS branch on. Check the previous stage: its bags "
             "(peaks of the classifier or boxes of the IS branch above the score threshold) and "
-            "the MIL scores; a classifier that never predicts a present class gives no peaks."
+            "the MIL scores; a classifier that never predicts a present class gives no peaks, an "
+            "IS branch that scores no box above MODEL.CCGR.ROUNDS.IS_SCORE_THRESHOLD no seeds "
+            "(MODEL.CCGR.ROUNDS.IS_SEED_EVERY_CLASS keeps each present class's best box)."
         )
     return count

@@ -310,7 +310,8 @@ class CCGRRounds:
                 h.MIN_PER_POSITIVE,
                 float("inf"),
                 "The previous round's IS branch scores few boxes above MODEL.CCGR.ROUNDS.IS_SCORE_THRESHOLD "
-                f"for the classes the images hold; lower it or check that IS branch. {retrain}.",
+                "for the classes the images hold; lower it, set MODEL.CCGR.ROUNDS.IS_SEED_EVERY_CLASS "
+                f"(each present class keeps its best box) or check that IS branch. {retrain}.",
             ),
             "health_pseudo_per_positive": (
                 h.MIN_PER_POSITIVE,
