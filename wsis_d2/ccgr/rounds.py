@@ -138,8 +138,8 @@ def seed_cues_from_instances(
     height, width = inst.image_size
     present = torch.as_tensor(labels).reshape(-1).cpu() > 0.5
     keep = (inst.scores >= score_threshold) & present[inst.pred_classes]
-    if every_class and len(inst) > 0:
-        for c in torch.nonzero(present[: num_classes]).flatten().tolist():
+    if every_class:
+        for c in torch.nonzero(present).flatten().tolist():
             of_c = inst.pred_classes == c
             if of_c.any() and not (keep & of_c).any():
                 keep[torch.argmax(torch.where(of_c, inst.scores, -torch.inf))] = True
@@ -593,16 +593,14 @@ class CCGRRounds:
             # every box the IS branch has for a class, so that a present one keeps its best
             cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
         model, loader = self._trained(cfg, self.train_set)
-        by_id = {d["image_id"]: d for d in self.dicts}
+        labels_of = dict(zip(self._ids, self._labels))
         cues, seeds = {}, {}
         with torch.no_grad():
             for batch in progress(loader, "CCGR seed cues", unit="batch"):
                 for inp, out in zip(batch, model(batch)):
-                    d = by_id[inp["image_id"]]
-                    labels = torch.as_tensor(image_labels_of(d, self.num_classes))
                     peaks, sem, sb = seed_cues_from_instances(
                         out["instances"],
-                        labels,
+                        torch.as_tensor(labels_of[inp["image_id"]]),
                         self.num_classes,
                         threshold,
                         centre_nms=self.cfg.MODEL.CCGR.ROUNDS.IS_SEED_CENTRE_NMS,
@@ -620,12 +618,10 @@ class CCGRRounds:
             # and not at all: the image labels' objects that round k cannot find
             below = unseeded = 0
             for image_id, s in seeds.items():
-                labels = image_labels_of(by_id[image_id], self.num_classes)
-                for c in range(self.num_classes):
-                    if labels[c] > 0.5:
-                        scores = s[s[:, 0] == c, 5]
-                        unseeded += len(scores) == 0
-                        below += len(scores) > 0 and bool((scores < threshold).all())
+                for c in np.flatnonzero(labels_of[image_id] > 0.5):
+                    scores = s[s[:, 0] == c, 5]
+                    unseeded += len(scores) == 0
+                    below += len(scores) > 0 and bool((scores < threshold).all())
             return {
                 "seed_boxes_per_image": n / max(1, len(seeds)),
                 "positives_seeded_below_threshold": below / max(1, positives),
