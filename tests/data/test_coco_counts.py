@@ -15,6 +15,7 @@ from detectron2.structures import BoxMode
 from wsis_d2.data.datasets.coco_counts import (
     load_coco_counts_json,
     point_in_mask,
+    point_in_rle,
     _compressed_rle_runs,
     register_coco_counts_instances,
 )
@@ -358,9 +359,50 @@ def test_compressed_rle_runs_match_pycocotools():
         runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
         if flat[0]:
             runs = [0] + runs
-        assert _compressed_rle_runs(counts) == runs
+        assert _compressed_rle_runs(counts).tolist() == runs
     assert _compressed_rle_runs(b"0\x7f") is None  # outside "0".."o"
     assert _compressed_rle_runs(b"Q") is None  # continuation bit on the last character
+    assert _compressed_rle_runs(b"").tolist() == []
+    assert _compressed_rle_runs(b"P" * 12 + b"1") is None  # a 13-character value
+    # "O" is -1; from the fourth run on it is added to the run two before
+    assert _compressed_rle_runs(b"000O") is None  # 0 + (-1): a negative run
+    assert _compressed_rle_runs(b"010O").tolist() == [0, 1, 0, 0]
+    assert _compressed_rle_runs(b"1O") is None  # a negative second run
+
+
+def _rle_of(mask):
+    return mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+
+
+def test_point_in_rle_matches_point_in_mask():
+    # the point from the runs' moments equals the decoded mask's, also for masks whose runs wrap
+    # from one column to the next (touching the top and bottom rows) and off-centroid shapes
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[:47, :71]
+    off_centroid = 0
+    masks = [np.ones((5, 4), bool), np.pad(np.ones((1, 1), bool), ((3, 2), (0, 6)))]
+    for i in range(90):
+        cy, cx, r = rng.uniform(0, 47), rng.uniform(0, 71), rng.uniform(2, 30)
+        d = np.hypot(yy - cy, xx - cx)
+        kind = i % 4
+        if kind == 0:
+            m = (d < r) & (d > r * rng.uniform(0.3, 0.8))  # rings: centroid in the hole
+        elif kind == 1:
+            m = (d < r) & (np.hypot(yy - cy, xx - cx - r * 0.8) > r * 0.9)  # crescents
+        elif kind == 2:
+            m = rng.random(yy.shape) < rng.uniform(0.01, 0.9)  # scattered pixels
+        else:
+            m = np.abs(yy - cy) < r  # full-height bands: runs across columns
+        masks.append(m)
+    for m in masks:
+        assert point_in_rle(_rle_of(m)) == point_in_mask(m)
+        if m.any():
+            ys, xs = np.nonzero(m)
+            off_centroid += not m[int(ys.mean()), int(xs.mean())]
+    assert point_in_rle(_rle_of(np.zeros((6, 9), bool))) is None
+    assert off_centroid >= 10  # the decoded nearest-pixel branch is exercised
+    with pytest.raises(ValueError, match="malformed"):
+        point_in_rle({"size": [3, 3], "counts": b"Q"})
 
 
 def test_lenient_where_detectron2_is(tmp_path):

@@ -1,6 +1,7 @@
 """The real-data benchmarks: they stop at once, naming the missing path, when their data is absent;
 the CCGR config they build."""
 
+import json
 import os
 import subprocess
 import sys
@@ -169,3 +170,18 @@ class TestRealDataPreparation(unittest.TestCase):
                 self.assertEqual(classes, names)
                 self.assertEqual(MetadataCatalog.get(train).thing_classes, names)
                 self.assertEqual(MetadataCatalog.get(val).thing_classes, names)
+
+
+class TestCocoLoadingBenchmark(unittest.TestCase):
+    def test_generated_file_and_a_missing_one(self):
+        res = _run("tools/benchmark_coco_loading.py", "--images", "30", "--evaluations", "2")
+        self.assertEqual(res.returncode, 0, res.stderr[-2000:])
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        self.assertEqual(out["images"], 30)
+        self.assertGreater(out["annotations"], 30)
+        self.assertEqual(len(out["evaluation_s"]), 2)
+        with tempfile.TemporaryDirectory() as d:
+            missing = os.path.join(d, "instances_val2014.json")
+            res = _run("tools/benchmark_coco_loading.py", "--json", missing)
+            self.assertNotEqual(res.returncode, 0)
+            self.assertIn(missing, res.stderr)

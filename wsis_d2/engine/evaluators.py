@@ -8,24 +8,21 @@ from detectron2.evaluation import DatasetEvaluators, PascalVOCDetectionEvaluator
 from ..data.datasets import thing_classes_of
 from ..data.image_labels import is_count_only
 from ..evaluation import CountingEvaluator, DensityEvaluator, FastCOCOEvaluator, InstanceAPEvaluator
+from ..evaluation.gt_cache import cached_ground_truth
 
 __all__ = ["build_evaluator"]
-
-# dataset name -> (its registered loader, its count-only images): the check loads the split, so it
-# runs once per registration rather than at every evaluation of a training
-_COUNT_ONLY = {}
 
 
 def _count_only_images(dataset_name: str):
     """File names of the images of ``dataset_name`` with counted objects and no annotations."""
-    loader = DatasetCatalog[dataset_name] if dataset_name in DatasetCatalog else None
-    cached = _COUNT_ONLY.get(dataset_name)
-    if loader is None or cached is None or cached[0] is not loader:
-        dicts = DatasetCatalog.get(dataset_name)  # names the registered datasets if unknown
-        cached = _COUNT_ONLY[dataset_name] = (
-            loader, [d.get("file_name", "?") for d in dicts if is_count_only(d)]
-        )
-    return cached[1]
+    # cached: the check loads the split, and the trainer builds evaluators at every evaluation
+    return cached_ground_truth(
+        "count_only",
+        dataset_name,
+        lambda: [
+            d.get("file_name", "?") for d in DatasetCatalog.get(dataset_name) if is_count_only(d)
+        ],
+    )
 
 
 def build_evaluator(cfg, dataset_name: str, output_folder: str = None):

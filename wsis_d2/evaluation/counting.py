@@ -19,6 +19,7 @@ from detectron2.utils.logger import create_small_table
 
 from ..data.datasets.metadata import thing_classes_of
 from .gather import gather_predictions
+from .gt_cache import cached_ground_truth
 
 __all__ = ["CountingEvaluator", "counting_metrics", "load_count_ground_truth"]
 
@@ -234,6 +235,11 @@ class CountingEvaluator(DatasetEvaluator):
             lines.append(f"  image {image_ids[k]}: " + (", ".join(cells) or "none"))
         return "\n".join(lines)
 
+    def _mean_counts_of_baseline(self) -> np.ndarray:
+        """(C,) mean count of each class over the baseline dataset's images."""
+        train = load_count_ground_truth(self._baseline_dataset)
+        return np.mean([c for _, c in train.values()], axis=0)
+
     def evaluate(self):
         predictions = gather_predictions(self._predictions, self._distributed)
         if predictions is None:  # not the main process
@@ -242,7 +248,9 @@ class CountingEvaluator(DatasetEvaluator):
             logger.warning("CountingEvaluator: no predictions were processed.")
             return {}
         if self._gt is None:
-            self._gt = load_count_ground_truth(self._dataset_name)
+            self._gt = cached_ground_truth(
+                "counts", self._dataset_name, lambda: load_count_ground_truth(self._dataset_name)
+            )
 
         unique = {}
         for image_id, counts in predictions:
@@ -267,8 +275,9 @@ class CountingEvaluator(DatasetEvaluator):
         )
         if self._baseline_dataset is not None:
             if self._baseline_counts is None:
-                train = load_count_ground_truth(self._baseline_dataset)
-                self._baseline_counts = np.mean([c for _, c in train.values()], axis=0)
+                self._baseline_counts = cached_ground_truth(
+                    "mean_counts", self._baseline_dataset, self._mean_counts_of_baseline
+                )
             baseline = np.repeat(self._baseline_counts[None], gt.shape[0], axis=0)
             results["baseline_mRMSE"] = counting_metrics(baseline, gt)["mRMSE"]
             results["mRMSE/baseline"] = (

@@ -36,6 +36,7 @@ from ..utils.checks import check_array, check_finite, check_number
 from ..data.datasets.metadata import thing_classes_of
 from ..data.image_labels import is_count_only
 from .gather import gather_predictions
+from .gt_cache import cached_ground_truth
 
 __all__ = [
     "InstanceAPEvaluator",
@@ -420,7 +421,11 @@ class InstanceAPEvaluator(DatasetEvaluator):
             logger.warning("InstanceAPEvaluator: no predictions were processed.")
             return {}
         if self._gt is None:
-            self._gt = load_instance_ground_truth(self._dataset_name, self._skip_count_only)
+            self._gt = cached_ground_truth(
+                f"instances(skip_count_only={self._skip_count_only})",
+                self._dataset_name,
+                lambda: load_instance_ground_truth(self._dataset_name, self._skip_count_only),
+            )
         ap_table, num_gt = self._compute_ap(predictions)
         results = self._summarize(ap_table)
         if self._output_dir:

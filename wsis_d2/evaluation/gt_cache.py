@@ -1,0 +1,76 @@
+"""
+Ground truth derived from a registered split, kept across the evaluations of one process.
+
+detectron2's trainer builds new evaluators at every evaluation (``DefaultTrainer.test``), and each
+would load its split again; the counting baseline loads the training split too. On COCO a load
+takes minutes. What the evaluators derive from a split (counts, instance RLEs, the count-only
+images, mean counts) is kept here per registration: the same name registered again, its
+``json_file`` rewritten, its classes changed or ``$DETECTRON2_DATASETS`` changed loads it anew.
+Callers must not modify what they get.
+"""
+
+import os
+from collections import OrderedDict
+from typing import Callable, Optional, TypeVar
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+__all__ = ["cached_ground_truth", "clear_ground_truth_cache"]
+
+T = TypeVar("T")
+
+# a training run evaluates one or two splits; each keeps a few derived kinds (counts, instances,
+# the count-only check, the baseline's mean counts)
+MAX_ENTRIES = 8
+_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
+
+
+def _registration_key(dataset_name: str) -> Optional[tuple]:
+    """What a split's loaded dicts depend on, or None when ``dataset_name`` is not registered."""
+    if dataset_name not in DatasetCatalog:
+        return None
+    meta = MetadataCatalog.get(dataset_name)
+    json_file = meta.get("json_file", None)
+    stamp = None
+    if isinstance(json_file, str) and os.path.isfile(json_file):
+        st = os.stat(json_file)
+        stamp = (json_file, st.st_mtime_ns, st.st_size)
+    classes = meta.get("thing_classes", None)
+    return (
+        dataset_name,
+        DatasetCatalog[dataset_name],  # the loader itself: a new registration is a new object
+        stamp,
+        tuple(classes) if classes is not None else None,
+        os.environ.get("DETECTRON2_DATASETS"),  # built-in loaders resolve their paths with it
+    )
+
+
+def cached_ground_truth(kind: str, dataset_name: str, compute: Callable[[], T]) -> T:
+    """
+    ``compute()``, the ground truth of kind ``kind`` derived from ``dataset_name``, or the value
+    it returned for the same registration before.
+
+    Args:
+        kind: what ``compute`` derives, e.g. "counts" (one name per function and arguments).
+        dataset_name: the registered split ``compute`` loads; an unknown name is not cached
+            (``compute`` raises, naming the registered ones).
+        compute: loads the split and derives the value; called at most once per registration.
+    """
+    registration = _registration_key(dataset_name)
+    if registration is None:
+        return compute()
+    key = (kind,) + registration
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    value = compute()
+    # keyed as the split is now: loading it may have filled its classes in the metadata
+    _CACHE[(kind,) + (_registration_key(dataset_name) or registration)] = value
+    while len(_CACHE) > MAX_ENTRIES:
+        _CACHE.popitem(last=False)
+    return value
+
+
+def clear_ground_truth_cache() -> None:
+    """Forget every cached value (e.g. after editing a split's files in place)."""
+    _CACHE.clear()
