@@ -10,7 +10,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
 from wsis_d2.data.datasets import register_coco_counts_instances
-from wsis_d2.evaluation import CountingEvaluator, InstanceAPEvaluator
+from wsis_d2.evaluation import CountingEvaluator, DensityEvaluator, InstanceAPEvaluator
 from wsis_d2.evaluation import gt_cache
 from wsis_d2.evaluation.gt_cache import cached_ground_truth, clear_ground_truth_cache
 
@@ -104,3 +104,23 @@ def test_cache_keeps_the_most_recent_entries(split, monkeypatch):
     assert calls == ["a", "b", "c", "b"]
     assert cached_ground_truth("x", "wsis_no_such_split", lambda: 7) == 7  # not registered
     assert not any(key[1] == "wsis_no_such_split" for key in gt_cache._CACHE)
+
+
+def test_density_evaluators_share_the_loaded_split():
+    name = f"wsis_test_gt_cache_density_{uuid.uuid4().hex[:8]}"
+    loads = []
+    record = {"file_name": "a.png", "height": 4, "width": 4, "image_id": 0,
+              "points": [[1.0, 1.0]], "point_classes": [0]}
+    DatasetCatalog.register(name, lambda: loads.append(1) or [dict(record)])
+    MetadataCatalog.get(name).set(thing_classes=["cell"], evaluator_type="density")
+    try:
+        for _ in range(3):
+            ev = DensityEvaluator(name, distributed=False)
+            ev.reset()
+            ev.process([{"image_id": 0}], [{"density": torch.full((1, 4, 4), 2.0 / 16)}])
+            assert ev.evaluate()["density"]["MAE"] == pytest.approx(1.0)
+        assert len(loads) == 1
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+        clear_ground_truth_cache()

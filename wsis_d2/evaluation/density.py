@@ -20,6 +20,7 @@ from detectron2.utils.logger import create_small_table
 
 from ..utils.checks import check_array, check_finite, check_number
 from .gather import gather_predictions
+from .gt_cache import cached_ground_truth
 
 __all__ = ["DensityEvaluator", "game", "count_errors", "GAME_LEVELS"]
 
@@ -186,17 +187,21 @@ class DensityEvaluator(DatasetEvaluator):
         self._warned_missing = False
 
     def _ground_truth(self) -> Dict:
-        """{image_id: (index, record)} of the dataset, loaded once."""
+        """{image_id: (index, record)} of the dataset, loaded once per registration."""
         if self._gt is None:
-            self._gt = {}
-            for index, record in enumerate(DatasetCatalog.get(self._dataset_name)):
-                if "image_id" not in record or "points" not in record:
-                    raise ValueError(
-                        f"dataset '{self._dataset_name}', file {record.get('file_name', '?')}: "
-                        "a density dataset dict needs 'image_id' and 'points'"
-                    )
-                self._gt[record["image_id"]] = (index, record)
+            self._gt = cached_ground_truth("density_records", self._dataset_name, self._load)
         return self._gt
+
+    def _load(self) -> Dict:
+        gt = {}
+        for index, record in enumerate(DatasetCatalog.get(self._dataset_name)):
+            if "image_id" not in record or "points" not in record:
+                raise ValueError(
+                    f"dataset '{self._dataset_name}', file {record.get('file_name', '?')}: "
+                    "a density dataset dict needs 'image_id' and 'points'"
+                )
+            gt[record["image_id"]] = (index, record)
+        return gt
 
     def process(self, inputs: List[Dict], outputs: List[Dict]):
         """
