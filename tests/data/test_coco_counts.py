@@ -17,6 +17,7 @@ from wsis_d2.data.datasets.coco_counts import (
     point_in_mask,
     point_in_rle,
     _compressed_rle_runs,
+    _compressed_rle_runs_exact,
     register_coco_counts_instances,
 )
 
@@ -363,11 +364,58 @@ def test_compressed_rle_runs_match_pycocotools():
     assert _compressed_rle_runs(b"0\x7f") is None  # outside "0".."o"
     assert _compressed_rle_runs(b"Q") is None  # continuation bit on the last character
     assert _compressed_rle_runs(b"").tolist() == []
-    assert _compressed_rle_runs(b"P" * 12 + b"1") is None  # a 13-character value
+    assert _compressed_rle_runs(b"P" * 12 + b"1").tolist() == [2**60]  # 13 characters: exact
+    assert _compressed_rle_runs(b"P" * 13 + b"1") is None  # 2^65 pixels: beyond any image
     # "O" is -1; from the fourth run on it is added to the run two before
     assert _compressed_rle_runs(b"000O") is None  # 0 + (-1): a negative run
     assert _compressed_rle_runs(b"010O").tolist() == [0, 1, 0, 0]
     assert _compressed_rle_runs(b"1O") is None  # a negative second run
+
+
+def _encode_runs(runs):
+    """pycocotools' rleToString in Python ints (any run length, no int64 limits)."""
+    out = bytearray()
+    for i, x in enumerate(runs):
+        if i > 2:
+            x -= runs[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5  # arithmetic shift, as C's on a signed long
+            more = x != -1 if c & 0x10 else x != 0
+            out.append(48 + (c | 0x20 if more else c))
+    return bytes(out)
+
+
+def test_compressed_rle_runs_equal_the_definition():
+    rng = np.random.default_rng(3)
+    assert _compressed_rle_runs(_encode_runs([0, 5, 3, 2**40])).tolist() == [0, 5, 3, 2**40]
+    for _ in range(3000):  # random strings: valid, malformed, long values
+        n = int(rng.integers(0, 25))
+        p_more = rng.uniform(0, 1)
+        s = bytes(int(48 + (rng.integers(32, 64) if rng.random() < p_more else rng.integers(0, 32)))
+                  for _ in range(n))
+        exact = _compressed_rle_runs_exact(s)
+        if exact is not None and max(exact, default=0) >= 2**62:
+            exact = None  # beyond any image: refused
+        got = _compressed_rle_runs(s)
+        assert (None if got is None else got.tolist()) == exact, s
+    # a value padded with zero groups past 12 characters: 1, as pycocotools reads it
+    assert _compressed_rle_runs(b"0Q" + b"P" * 11 + b"0").tolist() == [0, 1]
+    # differences whose int64 sum would wrap to 12 (true sum 2^64 + 12): refused, not accepted
+    wrapping = _encode_runs([12, 2**58, 2**58] + [2**59] * 31)
+    runs = _compressed_rle_runs(wrapping)
+    assert runs is not None and sum(runs.tolist()) == 2**64 + 12
+
+
+def test_rle_whose_runs_overflow_is_refused(tmp_path):
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": 3, "width": 4}],
+            "categories": [{"id": 1, "name": "a"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": {
+                "size": [3, 4],
+                "counts": _encode_runs([12, 2**58, 2**58] + [2**59] * 31).decode()}}]}
+    with pytest.raises(ValueError, match=r"annotations\[0\].*summing to height \* width = 12"):
+        load_coco_counts_json(_write(tmp_path, data), str(tmp_path))
 
 
 def _rle_of(mask):
@@ -401,8 +449,16 @@ def test_point_in_rle_matches_point_in_mask():
             off_centroid += not m[int(ys.mean()), int(xs.mean())]
     assert point_in_rle(_rle_of(np.zeros((6, 9), bool))) is None
     assert off_centroid >= 10  # the decoded nearest-pixel branch is exercised
-    with pytest.raises(ValueError, match="malformed"):
+    # str counts (mask_to_rle's) as bytes; malformed or uncompressed counts are refused
+    m = masks[5]
+    rle = _rle_of(m)
+    assert point_in_rle({"size": rle["size"], "counts": rle["counts"].decode()}) == point_in_mask(m)
+    with pytest.raises(ValueError, match="not a compressed RLE of a 3 x 3 mask"):
         point_in_rle({"size": [3, 3], "counts": b"Q"})
+    with pytest.raises(ValueError, match="not a compressed RLE of a 3 x 3 mask"):
+        point_in_rle({"size": [3, 3], "counts": b"8"})  # 8 pixels, not 9
+    with pytest.raises(ValueError, match=r"\(bytes or str\), got list"):
+        point_in_rle({"size": [3, 3], "counts": [0, 9]})
 
 
 def test_lenient_where_detectron2_is(tmp_path):

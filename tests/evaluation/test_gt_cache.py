@@ -124,3 +124,18 @@ def test_density_evaluators_share_the_loaded_split():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
         clear_ground_truth_cache()
+
+
+def test_a_file_rewritten_during_the_load_is_not_kept(split):
+    name, path, _ = split
+    calls = []
+
+    def compute():
+        calls.append(1)
+        time.sleep(0.01)
+        path.write_text(json.dumps(_coco(len(calls) + 3)))  # another size: another stamp
+        return len(calls)
+
+    assert cached_ground_truth("k", name, compute) == 1
+    assert cached_ground_truth("k", name, compute) == 2  # the first value was of neither file
+    assert cached_ground_truth("k", name, lambda: 0) == 0  # nor was the second

@@ -4,12 +4,15 @@ Ground truth derived from a registered split, kept across the evaluations of one
 detectron2's trainer builds new evaluators at every evaluation (``DefaultTrainer.test``), and each
 would load its split again; the counting baseline loads the training split too. On COCO a load
 takes minutes. What the evaluators derive from a split (counts, instance RLEs, the count-only
-images, mean counts) is kept here per registration: the same name registered again, its
-``json_file`` rewritten, its classes changed or ``$DETECTRON2_DATASETS`` changed loads it anew.
-Callers must not modify what they get.
+images, mean counts, density records) is kept here per registration: the same name registered
+again, its metadata's ``json_file`` rewritten, its classes changed or ``$DETECTRON2_DATASETS``
+changed loads it anew. A loader whose result changes otherwise (files other than ``json_file``,
+data held in memory) needs :func:`clear_ground_truth_cache` after the change. Callers must not
+modify what they get.
 """
 
 import os
+import threading
 from collections import OrderedDict
 from typing import Callable, Optional, TypeVar
 
@@ -19,10 +22,11 @@ __all__ = ["cached_ground_truth", "clear_ground_truth_cache"]
 
 T = TypeVar("T")
 
-# a training run evaluates one or two splits; each keeps a few derived kinds (counts, instances,
-# the count-only check, the baseline's mean counts)
-MAX_ENTRIES = 8
+# a "wsis_instance" split keeps 3 kinds (count-only check, instances, counts), the baseline 1:
+# room for several test splits evaluated in turn, least recently used out first
+MAX_ENTRIES = 32
 _CACHE: "OrderedDict[tuple, object]" = OrderedDict()
+_LOCK = threading.Lock()
 
 
 def _registration_key(dataset_name: str) -> Optional[tuple]:
@@ -60,17 +64,23 @@ def cached_ground_truth(kind: str, dataset_name: str, compute: Callable[[], T]) 
     if registration is None:
         return compute()
     key = (kind,) + registration
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    value = compute()
-    # keyed as the split is now: loading it may have filled its classes in the metadata
-    _CACHE[(kind,) + (_registration_key(dataset_name) or registration)] = value
-    while len(_CACHE) > MAX_ENTRIES:
-        _CACHE.popitem(last=False)
+    with _LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    value = compute()  # outside the lock: minutes on COCO
+    after = _registration_key(dataset_name)
+    # keyed as the split is now (loading may have filled its classes in the metadata), unless
+    # anything else of the key (loader, json stamp, ...) changed during the load
+    if after is not None and after[:3] + after[4:] == registration[:3] + registration[4:]:
+        with _LOCK:
+            _CACHE[(kind,) + after] = value
+            while len(_CACHE) > MAX_ENTRIES:
+                _CACHE.popitem(last=False)
     return value
 
 
 def clear_ground_truth_cache() -> None:
-    """Forget every cached value (e.g. after editing a split's files in place)."""
-    _CACHE.clear()
+    """Forget every cached value (e.g. after a split's data changed under its registration)."""
+    with _LOCK:
+        _CACHE.clear()

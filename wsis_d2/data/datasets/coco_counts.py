@@ -161,7 +161,7 @@ def _segmentation_to_rle(segm, height: int, width: int, chk: _Checker, where: st
         elif isinstance(counts, (str, bytes)):
             encoded = counts.encode("utf-8") if isinstance(counts, str) else bytes(counts)
             runs = _compressed_rle_runs(encoded)  # a non-ASCII byte is outside "0".."o"
-            if runs is None or int(runs.sum()) != height * width:
+            if runs is None or sum(runs.tolist()) != height * width:  # exact: no int64 wrap
                 chk.fail(
                     where,
                     "field 'segmentation.counts' (compressed RLE) is not a valid encoding of "
@@ -187,17 +187,48 @@ def _segmentation_to_rle(segm, height: int, width: int, chk: _Checker, where: st
     }
 
 
+# a run of this many pixels or more is beyond any image (and int64 sums of such runs could wrap)
+_MAX_RUN = 1 << 62
+
+
+def _compressed_rle_runs_exact(counts: bytes) -> Optional[List[int]]:
+    """
+    The definition of :func:`_compressed_rle_runs`, one character at a time in Python ints: the
+    decoder of the strings the vectorised one leaves (values of more than 12 characters, sums
+    that could leave int64), and its reference in the tests.
+    """
+    runs: List[int] = []
+    value, shift = 0, 0
+    for ch in counts:
+        c = ch - 48
+        if not 0 <= c < 64:
+            return None
+        value |= (c & 0x1F) << shift
+        shift += 5
+        if c & 0x20:
+            continue
+        if c & 0x10:
+            value -= 1 << shift  # sign extension of the last 5-bit group
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            return None
+        runs.append(value)
+        value, shift = 0, 0
+    return runs if shift == 0 else None
+
+
 def _compressed_rle_runs(counts: bytes) -> Optional[np.ndarray]:
     """
     The run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``: 5 bits per
     character from "0" on, bit 0x20 = more characters follow, the last one sign-extended, and
     runs from the fourth on stored as the difference to the run two before), or None when the
-    string is malformed (a character outside "0".."o", a truncated value, a negative run, a value
-    of more than 12 characters, beyond any image): pycocotools itself decodes such a string
-    without complaint, into undefined memory.
+    string is malformed (a character outside "0".."o", a truncated value, a negative run, a run of
+    2^62 pixels or more): pycocotools itself decodes such a string without complaint, into
+    undefined memory.
 
     Returns:
-        (R,) int64 runs, background first (vectorised: a COCO file holds ~10^6 masks).
+        (R,) int64 runs, background first; vectorised (a COCO split holds ~10^6 masks).
     """
     c = np.frombuffer(counts, dtype=np.uint8).astype(np.int64) - 48
     if c.size == 0:
@@ -210,18 +241,20 @@ def _compressed_rle_runs(counts: bytes) -> Optional[np.ndarray]:
     ends = np.flatnonzero(last)
     starts = np.concatenate([[0], ends[:-1] + 1])
     lengths = ends - starts + 1
-    if lengths.max() > 12:  # 60 bits and more: int64 would overflow, no image is that large
+    if lengths.max() <= 12:  # at most 60 bits: int64 holds each value
+        pos = np.arange(c.size) - np.repeat(starts, lengths)  # 5-bit group within its value
+        values = np.add.reduceat((c & 0x1F) << (5 * pos), starts)
+        values -= np.where(c[ends] & 0x10, np.int64(1) << (5 * lengths), 0)  # sign extension
+        if int(np.abs(values).max()) * values.size < _MAX_RUN:  # no partial sum can wrap
+            runs = values.copy()
+            # run i >= 3 is stored as the difference to run i - 2: sums of odd and even runs
+            runs[1::2] = np.cumsum(values[1::2])
+            runs[2::2] = np.cumsum(values[2::2])
+            return None if (runs < 0).any() else runs
+    exact = _compressed_rle_runs_exact(counts)  # padded or huge values: Python ints
+    if exact is None or max(exact) >= _MAX_RUN:
         return None
-    pos = np.arange(c.size) - np.repeat(starts, lengths)  # 5-bit group index within its value
-    values = np.add.reduceat((c & 0x1F) << (5 * pos), starts)
-    values -= np.where(c[ends] & 0x10, np.int64(1) << (5 * lengths), 0)  # sign extension
-    runs = values.copy()
-    # run i >= 3 is stored as the difference to run i - 2: cumulative sums of odd and even runs
-    runs[1::2] = np.cumsum(values[1::2])
-    runs[2::2] = np.cumsum(values[2::2])
-    if (runs < 0).any():
-        return None
-    return runs
+    return np.asarray(exact, dtype=np.int64)
 
 
 def point_in_rle(rle: dict) -> Optional[Tuple[int, int]]:
@@ -231,15 +264,27 @@ def point_in_rle(rle: dict) -> Optional[Tuple[int, int]]:
     each to its full image cost most of the loading time).
 
     Args:
-        rle: ``{"size": [H, W], "counts": bytes}`` (compressed, as pycocotools returns it).
+        rle: a compressed RLE ``{"size": [H, W], "counts": bytes or str}`` (pycocotools' or
+            :func:`mask_to_rle`'s).
 
     Returns:
         ``(x, y)`` integer pixel indices inside the mask, or None for an empty mask.
     """
-    height = int(rle["size"][0])
-    runs = _compressed_rle_runs(rle["counts"])
-    if runs is None:
-        raise ValueError("point_in_rle: malformed compressed RLE counts")
+    height, width = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        counts = counts.encode("utf-8")  # a non-ASCII character is then outside "0".."o"
+    if not isinstance(counts, bytes):
+        raise ValueError(
+            f"point_in_rle: 'counts' must be a compressed RLE (bytes or str), got "
+            f"{type(counts).__name__}"
+        )
+    runs = _compressed_rle_runs(counts)
+    if runs is None or sum(runs.tolist()) != height * width:
+        raise ValueError(
+            f"point_in_rle: 'counts' is not a compressed RLE of a {height} x {width} mask"
+        )
+    rle = {"size": [height, width], "counts": counts}
     ends = np.cumsum(runs)
     fg_end, fg_len = ends[1::2], runs[1::2]  # foreground runs: odd positions, column-major
     fg_start = fg_end - fg_len
