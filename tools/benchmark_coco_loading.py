@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """
 Seconds to load a COCO instances json into wsis_d2's dataset dicts (``load_coco_counts_json``:
-validation, RLE masks, a point per object) and the evaluators' own cost per evaluation beyond the
-test loader's load (``build_evaluator`` for a "wsis_instance" split, with the split itself as the
-counting baseline, scoring empty predictions), as detectron2's trainer pays it at every
-evaluation: new evaluators each time.
+validation, RLE masks, a point per object), and what detectron2's trainer pays for it at every
+evaluation, where it builds a new test loader and new evaluators: ``WSISTrainer.build_test_loader``
+(images not read) and ``build_evaluator`` for a "wsis_instance" split, with the split itself as
+the counting baseline, scoring empty predictions.
 
 Without ``--json`` the file is generated (seeded) in a temporary folder: ``--images`` images of
 640 x 480 with Poisson(7) polygon objects of 24 vertices each, 80 classes, about COCO's density
@@ -31,10 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 
-from wsis_d2.config import get_cfg  # noqa: E402
+from wsis_d2 import get_wsis_cfg  # noqa: E402
 from wsis_d2.data.datasets import register_coco_counts_instances  # noqa: E402
 from wsis_d2.data.datasets.coco_counts import load_coco_counts_json  # noqa: E402
-from wsis_d2.engine import build_evaluator  # noqa: E402
+from wsis_d2.engine import WSISTrainer, build_evaluator  # noqa: E402
 
 
 def write_coco_like(path: str, num_images: int, seed: int = 0) -> None:
@@ -61,14 +61,21 @@ def write_coco_like(path: str, num_images: int, seed: int = 0) -> None:
 
 
 def time_evaluations(name: str, repeats: int):
-    """Seconds of each of ``repeats`` evaluations with new evaluators (empty predictions)."""
-    cfg = get_cfg()
+    """
+    Seconds of each of ``repeats`` evaluations: building the trainer's test loader (its images
+    are not read), and new evaluators scoring empty predictions.
+    """
+    cfg = get_wsis_cfg()
     cfg.DATASETS.TRAIN = (name,)
     cfg.TEST.WSIS_COCO_EVAL = False  # COCOeval reads the json itself
+    cfg.DATALOADER.NUM_WORKERS = 0
     records = [(d["image_id"], d["height"], d["width"]) for d in DatasetCatalog.get(name)]
     num_classes = len(DatasetCatalog.get(name)[0]["class_counts"]) if records else 0
-    seconds = []
+    loader_seconds, seconds = [], []
     for _ in range(repeats):
+        start = time.perf_counter()
+        WSISTrainer.build_test_loader(cfg, name)
+        loader_seconds.append(time.perf_counter() - start)
         start = time.perf_counter()
         evaluator = build_evaluator(cfg, name)
         evaluator.reset()
@@ -81,7 +88,7 @@ def time_evaluations(name: str, repeats: int):
             evaluator.process(inputs, [{"instances": inst, "counts": torch.zeros(num_classes)}])
         evaluator.evaluate()
         seconds.append(time.perf_counter() - start)
-    return seconds
+    return loader_seconds, seconds
 
 
 def main():
@@ -108,11 +115,13 @@ def main():
               f"({1e3 * load_s / max(num_anns, 1):.3f} ms per annotation)")
         name = "wsis_benchmark_coco_loading"
         register_coco_counts_instances(name, {}, path, tmp)
-        evals = time_evaluations(name, args.evaluations)
+        loaders, evals = time_evaluations(name, args.evaluations)
+        print("test loader's seconds per evaluation: " + ", ".join(f"{s:.1f}" for s in loaders))
         print("evaluators' own seconds per evaluation: " + ", ".join(f"{s:.1f}" for s in evals))
     print(json.dumps({
         "images": len(dicts), "annotations": num_anns, "load_s": round(load_s, 2),
         "ms_per_annotation": round(1e3 * load_s / max(num_anns, 1), 4),
+        "test_loader_s": [round(s, 2) for s in loaders],
         "evaluation_s": [round(s, 2) for s in evals],
     }))
 

@@ -12,6 +12,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from wsis_d2.engine import WSISTrainer
 from wsis_d2.engine.defaults import train_data
+from wsis_d2.evaluation.gt_cache import clear_ground_truth_cache
 from wsis_d2.testing import get_config, tiny_lc_config
 
 
@@ -110,3 +111,20 @@ def test_lc_loader_delivers_count_only_images(registered, tmp_path):
         for inp in batch:
             seen[inp["file_name"].rsplit("/", 1)[-1]] = inp["counts"].tolist()
     assert seen == {"annotated.png": [1, 0], "count_only.png": [0, 4], "count_only_2.png": [0, 2]}
+
+
+def test_test_loader_loads_its_split_once(registered, tmp_path):
+    records, loads = _records(tmp_path), []
+    name = registered(None)
+    DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: loads.append(1) or [dict(r) for r in records])
+    cfg = tiny_lc_config(2, ["DATALOADER.NUM_WORKERS", "0"])
+    clear_ground_truth_cache()
+    try:
+        for _ in range(3):  # the trainer builds one at every evaluation
+            seen = [inp["file_name"] for batch in WSISTrainer.build_test_loader(cfg, name)
+                    for inp in batch]
+            assert sorted(seen) == sorted(r["file_name"] for r in records)
+        assert len(loads) == 1
+    finally:
+        clear_ground_truth_cache()

@@ -32,6 +32,7 @@ from ..data.image_labels import (
     num_classes_of,
 )
 from ..data.mapper_registry import build_dataset_mapper
+from ..evaluation.gt_cache import cached_ground_truth
 from ..solver import build_optimizer
 from .evaluators import build_evaluator
 from .hooks import build_method_hooks
@@ -188,4 +189,15 @@ class WSISTrainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         mapper = build_dataset_mapper(cfg, is_train=False)
-        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        if cfg.MODEL.LOAD_PROPOSALS:  # the dicts carry the proposal file's boxes too
+            return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        # the trainer builds a loader at every evaluation: the split's dicts are loaded once per
+        # registration (the loader pickles each dict, so no mapper changes the kept list)
+        dicts = cached_ground_truth(
+            "test_loader_dicts",
+            dataset_name,
+            lambda: get_detection_dataset_dicts([dataset_name], filter_empty=False),
+        )
+        return build_detection_test_loader(
+            dicts, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS
+        )

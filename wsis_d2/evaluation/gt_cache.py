@@ -1,12 +1,12 @@
 """
 Ground truth derived from a registered split, kept across the evaluations of one process.
 
-detectron2's trainer builds new evaluators at every evaluation (``DefaultTrainer.test``), and each
-would load its split again; the counting baseline loads the training split too. On COCO a load
-takes minutes. What the evaluators derive from a split (counts, instance RLEs, the count-only
-images, mean counts, density records) is kept here per registration: the same name registered
-again, its metadata's ``json_file`` rewritten, its classes changed or ``$DETECTRON2_DATASETS``
-changed loads it anew. A loader whose result changes otherwise (files other than ``json_file``,
+detectron2's trainer builds a new test loader and new evaluators at every evaluation
+(``DefaultTrainer.test``), and each would load its split again; the counting baseline loads the
+training split too. On COCO a load takes minutes. What they derive from a split (the test
+loader's dicts, counts, instance RLEs, the count-only images, mean counts, density records) is
+kept here per registration: the same name registered again, its metadata's ``json_file``
+rewritten, its classes changed or ``$DETECTRON2_DATASETS`` changed loads it anew. A loader whose result changes otherwise (files other than ``json_file``,
 data held in memory) needs :func:`clear_ground_truth_cache` after the change. Callers must not
 modify what they get.
 """
