@@ -69,8 +69,9 @@ def time_evaluations(name: str, repeats: int):
     cfg.DATASETS.TRAIN = (name,)
     cfg.TEST.WSIS_COCO_EVAL = False  # COCOeval reads the json itself
     cfg.DATALOADER.NUM_WORKERS = 0
-    records = [(d["image_id"], d["height"], d["width"]) for d in DatasetCatalog.get(name)]
-    num_classes = len(DatasetCatalog.get(name)[0]["class_counts"]) if records else 0
+    dicts = DatasetCatalog.get(name)
+    records = [(d["image_id"], d["height"], d["width"]) for d in dicts]
+    num_classes = len(dicts[0]["class_counts"]) if dicts else 0
     loader_seconds, seconds = [], []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -103,7 +103,7 @@ def test_cache_keeps_the_most_recent_entries(split, monkeypatch):
     # "a" was used again before "c" came, so "b" was the oldest: evicted, then computed again
     assert calls == ["a", "b", "c", "b"]
     assert cached_ground_truth("x", "wsis_no_such_split", lambda: 7) == 7  # not registered
-    assert not any(key[1] == "wsis_no_such_split" for key in gt_cache._CACHE)
+    assert not any(key[1][0] == "wsis_no_such_split" for key in gt_cache._CACHE)
 
 
 def test_density_evaluators_share_the_loaded_split():

@@ -6,15 +6,15 @@ detectron2's trainer builds a new test loader and new evaluators at every evalua
 training split too. On COCO a load takes minutes. What they derive from a split (the test
 loader's dicts, counts, instance RLEs, the count-only images, mean counts, density records) is
 kept here per registration: the same name registered again, its metadata's ``json_file``
-rewritten, its classes changed or ``$DETECTRON2_DATASETS`` changed loads it anew. A loader whose result changes otherwise (files other than ``json_file``,
-data held in memory) needs :func:`clear_ground_truth_cache` after the change. Callers must not
-modify what they get.
+rewritten, its classes changed or ``$DETECTRON2_DATASETS`` changed loads it anew. A loader whose
+result changes otherwise (files other than ``json_file``, data held in memory) needs
+:func:`clear_ground_truth_cache` after the change. Callers must not modify what they get.
 """
 
 import os
 import threading
 from collections import OrderedDict
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, Tuple, TypeVar
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -29,8 +29,12 @@ _CACHE: "OrderedDict[tuple, object]" = OrderedDict()
 _LOCK = threading.Lock()
 
 
-def _registration_key(dataset_name: str) -> Optional[tuple]:
-    """What a split's loaded dicts depend on, or None when ``dataset_name`` is not registered."""
+def _registration(dataset_name: str) -> Optional[Tuple[tuple, Optional[tuple]]]:
+    """
+    What a split's loaded dicts depend on: (its registration, json stamp and
+    ``$DETECTRON2_DATASETS``; its classes), or None when ``dataset_name`` is not registered.
+    The classes apart: loading a split may fill them.
+    """
     if dataset_name not in DatasetCatalog:
         return None
     meta = MetadataCatalog.get(dataset_name)
@@ -40,13 +44,13 @@ def _registration_key(dataset_name: str) -> Optional[tuple]:
         st = os.stat(json_file)
         stamp = (json_file, st.st_mtime_ns, st.st_size)
     classes = meta.get("thing_classes", None)
-    return (
+    source = (
         dataset_name,
         DatasetCatalog[dataset_name],  # the loader itself: a new registration is a new object
         stamp,
-        tuple(classes) if classes is not None else None,
         os.environ.get("DETECTRON2_DATASETS"),  # built-in loaders resolve their paths with it
     )
+    return source, tuple(classes) if classes is not None else None
 
 
 def cached_ground_truth(kind: str, dataset_name: str, compute: Callable[[], T]) -> T:
@@ -60,19 +64,19 @@ def cached_ground_truth(kind: str, dataset_name: str, compute: Callable[[], T]) 
             (``compute`` raises, naming the registered ones).
         compute: loads the split and derives the value; called at most once per registration.
     """
-    registration = _registration_key(dataset_name)
-    if registration is None:
+    before = _registration(dataset_name)
+    if before is None:
         return compute()
-    key = (kind,) + registration
+    key = (kind,) + before
     with _LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
     value = compute()  # outside the lock: minutes on COCO
-    after = _registration_key(dataset_name)
-    # keyed as the split is now (loading may have filled its classes in the metadata), unless
-    # anything else of the key (loader, json stamp, ...) changed during the load
-    if after is not None and after[:3] + after[4:] == registration[:3] + registration[4:]:
+    after = _registration(dataset_name)
+    # keyed with the classes as they are now (loading may have filled them), unless the source
+    # (loader, json stamp, ...) changed during the load: then the value may be of neither
+    if after is not None and after[0] == before[0]:
         with _LOCK:
             _CACHE[(kind,) + after] = value
             while len(_CACHE) > MAX_ENTRIES:

@@ -160,8 +160,8 @@ def _segmentation_to_rle(segm, height: int, width: int, chk: _Checker, where: st
             rle = mask_util.frPyObjects({"size": [height, width], "counts": counts}, height, width)
         elif isinstance(counts, (str, bytes)):
             encoded = counts.encode("utf-8") if isinstance(counts, str) else bytes(counts)
-            runs = _compressed_rle_runs(encoded)  # a non-ASCII byte is outside "0".."o"
-            if runs is None or sum(runs.tolist()) != height * width:  # exact: no int64 wrap
+            # a non-ASCII byte is outside "0".."o"
+            if _sized_rle_runs(encoded, height, width) is None:
                 chk.fail(
                     where,
                     "field 'segmentation.counts' (compressed RLE) is not a valid encoding of "
@@ -257,6 +257,13 @@ def _compressed_rle_runs(counts: bytes) -> Optional[np.ndarray]:
     return np.asarray(exact, dtype=np.int64)
 
 
+def _sized_rle_runs(counts: bytes, height: int, width: int) -> Optional[np.ndarray]:
+    """The runs of a compressed RLE of a ``height`` x ``width`` mask, or None when malformed or
+    of another size (summed in Python ints: no int64 wrap)."""
+    runs = _compressed_rle_runs(counts)
+    return runs if runs is not None and sum(runs.tolist()) == height * width else None
+
+
 def point_in_rle(rle: dict) -> Optional[Tuple[int, int]]:
     """
     :func:`point_in_mask` of a compressed RLE's mask, from its runs without decoding the image:
@@ -279,8 +286,8 @@ def point_in_rle(rle: dict) -> Optional[Tuple[int, int]]:
             f"point_in_rle: 'counts' must be a compressed RLE (bytes or str), got "
             f"{type(counts).__name__}"
         )
-    runs = _compressed_rle_runs(counts)
-    if runs is None or sum(runs.tolist()) != height * width:
+    runs = _sized_rle_runs(counts, height, width)
+    if runs is None:
         raise ValueError(
             f"point_in_rle: 'counts' is not a compressed RLE of a {height} x {width} mask"
         )
